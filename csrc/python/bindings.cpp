@@ -1,0 +1,24 @@
+// torchlora._C: what Python needs beyond the operators (which load with libtorchlora).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <torchlora/build_info.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Native core of torchlora (operators are registered under torch.ops.torchlora)";
+  m.def(
+      "build_info",
+      [] {
+        const auto info = torchlora::build_info();
+        py::dict d;
+        d["version"] = info.version;
+        d["torch_version"] = info.torch_version;
+        d["cuda"] = info.cuda;
+        d["cuda_version"] = info.cuda_version;
+        d["cuda_architectures"] = info.cuda_architectures;
+        return d;
+      },
+      "What libtorchlora was built with: version, torch_version, cuda, cuda_version, cuda_architectures.");
+}

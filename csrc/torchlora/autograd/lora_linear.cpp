@@ -1,0 +1,65 @@
+// Autograd of lora_linear in C++, so C++ programs train too. Backward regenerates the
+// dropout mask from the seed; what it keeps is x (alive anyway) and the float32 [T, r] shrunk.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "../detail/op_handles.h"
+
+namespace torchlora::autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& base_out,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
+                            const std::optional<at::Tensor>& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, shrunk] =
+        detail::lora_linear_forward_op().call(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+    ctx->save_for_backward({x, shrunk, lora_A, lora_B, seed.value_or(at::Tensor())});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["has_bias"] = lora_bias.has_value() && lora_bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::optional<at::Tensor> seed = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3)};
+    at::Tensor grad_x, grad_A, grad_B, grad_bias;
+    if (mask[0] || mask[1] || mask[2] || has_bias) {
+      std::tie(grad_x, grad_A, grad_B, grad_bias) = detail::lora_linear_backward_op().call(
+          grads[0], saved[0], saved[1], saved[2], saved[3], has_bias, ctx->saved_data["scaling"].toDouble(),
+          ctx->saved_data["dropout_p"].toDouble(), seed, mask);
+    }
+    const at::Tensor undefined;
+    return {mask[0] ? grad_x : undefined,
+            ctx->needs_input_grad(1) ? grads[0] : undefined,
+            mask[1] ? grad_A : undefined,
+            mask[2] ? grad_B : undefined,
+            has_bias && ctx->needs_input_grad(4) ? grad_bias : undefined,
+            undefined,
+            undefined,
+            undefined};
+  }
+};
+
+at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                                const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  return LoraLinearFunction::apply(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchlora, Autograd, m) {
+  m.impl("lora_linear", &lora_linear_autograd);
+}
+
+}  // namespace torchlora::autograd

@@ -1,0 +1,49 @@
+// CPU kernel of dropout_apply: x * keep(seed, i) / (1 - p) over the row-major element index.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../detail/dropout_checks.h"
+#include "../detail/philox_dropout.h"
+
+namespace torchlora::cpu {
+namespace {
+
+at::Tensor dropout_apply_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  detail::check_dropout_apply(x, p, seed);
+  TORCH_CHECK(seed.device().is_cpu(), "torchlora.dropout_apply: seed for a CPU input must be on the CPU");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = xc.numel();
+  if (n == 0) return out;
+  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t threshold = detail::dropout_threshold(p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const int64_t quads = (n + 3) / 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torchlora_dropout_apply_cpu", [&] {
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, quads, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const uint32_t bits = detail::keep_bits4(key, static_cast<uint64_t>(q), threshold);
+        const int64_t first = 4 * q, last = std::min<int64_t>(first + 4, n);
+        for (int64_t i = first; i < last; ++i) {
+          using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          dst[i] = ((bits >> (i - first)) & 1u) ? static_cast<scalar_t>(static_cast<acc_t>(src[i]) * scale)
+                                                : static_cast<scalar_t>(0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchlora, CPU, m) {
+  m.impl("dropout_apply", &dropout_apply_cpu);
+}
+
+}  // namespace torchlora::cpu

@@ -1,0 +1,55 @@
+// Input validation and output shapes of the torchlora operators: one source for the CPU,
+// CUDA and Meta kernels so they cannot drift. Sizes are SymInts so the Meta kernels also
+// serve torch.compile with dynamic shapes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+
+namespace torchlora::detail {
+
+struct LinearDims {
+  c10::SymInt tokens, in_features, rank, out_features;
+};
+
+// x [..., in], base_out [..., out], lora_A [r, in], lora_B [out, r], lora_bias [out]
+LinearDims check_lora_linear(
+    const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed);
+
+struct EmbeddingDims {
+  c10::SymInt tokens, num_embeddings, rank, embedding_dim;
+};
+
+// ids [...], base_out [..., D], lora_A [r, V], lora_B [D, r]
+EmbeddingDims check_lora_embedding(
+    const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling);
+
+struct Conv2dDims {
+  c10::SymInt batch, in_channels, rank, out_channels, out_h, out_w;
+};
+
+// x [N, in, H, W], base_out [N, out, H', W'], lora_A [r, in, kh, kw], lora_B [out, r/groups, 1, 1]
+Conv2dDims check_lora_conv2d(
+    const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed);
+
+// dropout_p in [0, 1); when > 0 a one-element int64 seed on the CPU or on `device`.
+void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed, const at::Device& device,
+                   const char* op);
+
+void check_scaling(double scaling, const char* op);
+
+// The dtype the math runs in: float32 for float16/bfloat16 on the CPU, else the input's.
+at::ScalarType compute_dtype(const at::Tensor& t);
+
+}  // namespace torchlora::detail

@@ -1,0 +1,50 @@
+// Public C++ entry points of the torchlora operators. Each one calls the PyTorch dispatcher,
+// so C++ callers get autograd, device selection and the same kernels as Python.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <optional>
+
+#include <torchlora/export.h>
+
+namespace torchlora {
+
+// out = base_out + scaling * (dropout_p(x) @ lora_A^T) @ lora_B^T (+ scaling * lora_bias)
+//   x         [..., in]      lora_A [r, in]      lora_B [out, r]     lora_bias [out]
+//   base_out  [..., out]     (the frozen layer's output; its gradient passes through)
+//   seed      int64 tensor with one element; required when dropout_p > 0. The dropout mask
+//             is a function of (seed, element index), so backward regenerates it.
+TORCHLORA_API at::Tensor lora_linear(
+    const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
+    double dropout_p = 0.0, const std::optional<at::Tensor>& seed = std::nullopt);
+
+// out = base_out + scaling * embedding(ids, lora_A^T) @ lora_B^T
+//   ids [...] (int64/int32)   lora_A [r, num_embeddings]   lora_B [embedding_dim, r]
+//   base_out [..., embedding_dim]. padding_idx < 0 means none (already normalised).
+TORCHLORA_API at::Tensor lora_embedding(
+    const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, int64_t padding_idx = -1,
+    bool scale_grad_by_freq = false);
+
+// out = base_out + scaling * conv1x1(conv2d(dropout_p(x), lora_A, stride, padding, dilation),
+//                                     lora_B, lora_bias, groups)
+//   x [N, in, H, W]   lora_A [r, in, kh, kw]   lora_B [out, r / groups, 1, 1]
+//   base_out [N, out, H', W']
+TORCHLORA_API at::Tensor lora_conv2d(
+    const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    double scaling, double dropout_p = 0.0, const std::optional<at::Tensor>& seed = std::nullopt);
+
+// The inverted-dropout multiplier that the ops above apply: x * mask / (1 - p) where the mask
+// comes from (seed, row-major element index). Exposed for tests and custom kernels.
+TORCHLORA_API at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed);
+
+// A fresh seed tensor for the ops above, drawn from the default generator of `device`.
+TORCHLORA_API at::Tensor make_seed(c10::Device device);
+
+}  // namespace torchlora

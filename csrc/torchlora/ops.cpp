@@ -1,0 +1,116 @@
+// Schemas of the torchlora operators, their plain C++ entry points, and the backend-agnostic
+// kernels of the public ops (which run the private forward op and drop what only backward needs).
+#include <torchlora/ops.h>
+
+#include <ATen/ops/randint.h>
+#include <torch/library.h>
+
+#include "detail/op_handles.h"
+
+namespace torchlora {
+
+TORCH_LIBRARY(torchlora, m) {
+  m.def(
+      "lora_linear(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "float scaling, float dropout_p=0., Tensor? seed=None) -> Tensor");
+  m.def(
+      "_lora_linear_forward(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "float scaling, float dropout_p, Tensor? seed) -> (Tensor out, Tensor shrunk)");
+  m.def(
+      "_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrunk, Tensor lora_A, Tensor lora_B, "
+      "bool has_bias, float scaling, float dropout_p, Tensor? seed, bool[3] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_bias)");
+
+  m.def(
+      "lora_embedding(Tensor ids, Tensor base_out, Tensor lora_A, Tensor lora_B, float scaling, "
+      "int padding_idx=-1, bool scale_grad_by_freq=False) -> Tensor");
+  m.def(
+      "_lora_embedding_forward(Tensor ids, Tensor base_out, Tensor lora_A, Tensor lora_B, float scaling) "
+      "-> (Tensor out, Tensor gathered)");
+  m.def(
+      "_lora_embedding_backward(Tensor grad_out, Tensor ids, Tensor gathered, Tensor lora_A, "
+      "Tensor lora_B, float scaling, int padding_idx, bool scale_grad_by_freq, bool[2] output_mask) "
+      "-> (Tensor grad_A, Tensor grad_B)");
+
+  m.def(
+      "lora_conv2d(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float scaling, float dropout_p=0., "
+      "Tensor? seed=None) -> Tensor");
+  m.def(
+      "_lora_conv2d_forward(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float scaling, float dropout_p, "
+      "Tensor? seed) -> (Tensor out, Tensor shrunk)");
+  m.def(
+      "_lora_conv2d_backward(Tensor grad_out, Tensor x, Tensor shrunk, Tensor lora_A, Tensor lora_B, "
+      "bool has_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, float scaling, "
+      "float dropout_p, Tensor? seed, bool[3] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_bias)");
+
+  m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
+}
+
+namespace {
+
+at::Tensor lora_linear_composite(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                 double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  return std::get<0>(
+      detail::lora_linear_forward_op().call(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed));
+}
+
+at::Tensor lora_embedding_composite(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
+                                    const at::Tensor& lora_B, double scaling, int64_t /*padding_idx*/,
+                                    bool /*scale_grad_by_freq*/) {
+  return std::get<0>(detail::lora_embedding_forward_op().call(ids, base_out, lora_A, lora_B, scaling));
+}
+
+at::Tensor lora_conv2d_composite(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                                 const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                 int64_t groups, double scaling, double dropout_p,
+                                 const std::optional<at::Tensor>& seed) {
+  return std::get<0>(detail::lora_conv2d_forward_op().call(x, base_out, lora_A, lora_B, lora_bias, stride,
+                                                           padding, dilation, groups, scaling, dropout_p, seed));
+}
+
+}  // namespace
+
+// Without autograd (inference mode, or tensors that carry no autograd key) the public ops
+// are their forward op.
+TORCH_LIBRARY_IMPL(torchlora, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear_composite);
+  m.impl("lora_embedding", &lora_embedding_composite);
+  m.impl("lora_conv2d", &lora_conv2d_composite);
+}
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
+                       double dropout_p, const std::optional<at::Tensor>& seed) {
+  return detail::lora_linear_op().call(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+}
+
+at::Tensor lora_embedding(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
+                          const at::Tensor& lora_B, double scaling, int64_t padding_idx,
+                          bool scale_grad_by_freq) {
+  return detail::lora_embedding_op().call(ids, base_out, lora_A, lora_B, scaling, padding_idx,
+                                          scale_grad_by_freq);
+}
+
+at::Tensor lora_conv2d(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups, double scaling, double dropout_p,
+                       const std::optional<at::Tensor>& seed) {
+  return detail::lora_conv2d_op().call(x, base_out, lora_A, lora_B, lora_bias, stride, padding, dilation, groups,
+                                       scaling, dropout_p, seed);
+}
+
+at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed) {
+  return detail::dropout_apply_op().call(x, p, seed);
+}
+
+at::Tensor make_seed(c10::Device device) {
+  return at::randint(int64_t{0}, int64_t{1} << 62, {1}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+}  // namespace torchlora

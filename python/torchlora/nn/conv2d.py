@@ -1,0 +1,138 @@
+"""LoRA for ``nn.Conv2d``: ``lora_A`` is a conv with the base layer's kernel size, stride and
+padding (in -> r), ``lora_B`` a 1x1 conv (r -> out) with the base layer's groups."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Padding as two ints; 'valid' is 0 and 'same' works where it is symmetric."""
+    if not isinstance(conv.padding, str):
+        return int(conv.padding[0]), int(conv.padding[1])
+    if conv.padding == "valid":
+        return 0, 0
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise NotImplementedError(
+                f"padding='same' with kernel {conv.kernel_size} needs asymmetric padding, which torchlora does not support"
+            )
+        pads.append(total // 2)
+    return pads[0], pads[1]
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA around a ``nn.Conv2d``, computed by the native ``torchlora.lora_conv2d``.
+
+    ``y = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` with PEFT's parameters:
+    ``lora_A.<adapter>.weight`` [r, in, kh, kw], ``lora_B.<adapter>.weight``
+    [out, r / groups, 1, 1]. The rank must be divisible by the base layer's groups.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_layer)
+        reject_unknown_kwargs(kwargs)
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoraConv2d wraps torch.nn.Conv2d, got {type(base).__name__}")
+        if base.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+        self.in_features, self.out_features = base.in_channels, base.out_channels
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name``."""
+        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        base = self.get_base_layer()
+        if r % base.groups != 0:
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
+                "Currently, support is limited to conv layers where the rank is divisible by groups. "
+                "Either choose a different rank or do not target this specific layer."
+            )
+        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        """As for linear layers: A kaiming-uniform (or N(0, 1/r) for "gaussian"), B zero."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+        else:
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def _check_mergeable(self, adapter: str) -> None:
+        if self.get_base_layer().groups > 1:
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        if self.get_base_layer().weight.shape[2:4] == (1, 1):
+            delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2))[:, :, None, None]
+        else:
+            delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
+        delta = delta * self.scaling[adapter]
+        return delta.to(dtype) if cast else delta
+
+    def _delta_bias(self, adapter: str) -> Tensor | None:
+        if not self.lora_bias[adapter]:
+            return None
+        return self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+            return self._lora_update(name, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0)
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_A.weight.dtype)
+        p, seed = self._seed_for(name, x.device)
+        return ops.lora_conv2d(
+            x, result, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride, _explicit_padding(lora_A),
+            lora_A.dilation, lora_B.groups, self.scaling[name], p, seed,
+        )

@@ -1,0 +1,98 @@
+"""LoRA for ``nn.Embedding``: ``lora_embedding_A`` [r, num_embeddings] (zero-initialised) and
+``lora_embedding_B`` [embedding_dim, r]; the base layer's padding_idx, max_norm, norm_type and
+scale_grad_by_freq act on the low-rank gather exactly as ``F.embedding`` would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around a ``nn.Embedding``, computed by the native ``torchlora.lora_embedding``.
+
+    No dropout is applied (as in PEFT). Gradients of ``lora_embedding_A`` are dense, also when
+    the base embedding is ``sparse``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_layer)
+        reject_unknown_kwargs(kwargs)
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"LoraEmbedding wraps torch.nn.Embedding, got {type(base).__name__}")
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name``."""
+        if lora_bias:
+            raise ValueError(f"lora_bias={lora_bias} is not supported for {type(self).__name__}.")
+        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        """PEFT's initialisation: any init but False -> A zero, B standard normal; False keeps
+        both random (the adapter is not a no-op)."""
+        if init_lora_weights is False:
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.lower() != "gaussian":
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
+        nn.init.zeros_(self.lora_embedding_A[adapter_name])
+        nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        weight_A = self.lora_embedding_A[adapter]
+        weight_B = self.lora_embedding_B[adapter]
+        dtype = weight_A.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = (weight_B @ weight_A).T * self.scaling[adapter]
+        return delta.to(dtype) if cast else delta
+
+    def _holds(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_embedding_A
+
+    def _lora_update(self, name: str, ids: Tensor, result: Tensor) -> Tensor:
+        base = self.get_base_layer()
+        lora_A = self.lora_embedding_A[name]
+        if base.max_norm is not None:
+            # F.embedding(ids, A.T, max_norm=...) renormalises the looked-up rows of A.T in place
+            with torch.no_grad():
+                torch.embedding_renorm_(lora_A.T, ids, base.max_norm, base.norm_type)
+        return ops.lora_embedding(
+            ids, result, lora_A, self.lora_embedding_B[name], self.scaling[name], base.padding_idx,
+            base.scale_grad_by_freq,
+        )

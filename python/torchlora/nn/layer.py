@@ -1,0 +1,317 @@
+"""The adapter bookkeeping shared by every LoRA layer, with PEFT's attribute and parameter
+names (``lora_A.<adapter>``, ``lora_B.<adapter>``, ``lora_embedding_A.<adapter>``, ...), so
+state dicts map one to one between PEFT and torchlora."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+InitLoraWeights = Union[bool, str]
+
+_LAYER_INIT_CHOICES = (True, False, "gaussian")
+
+
+def check_adapter_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: Any) -> None:
+    """Validate the per-adapter options a layer accepts; errors name the option."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
+        raise TypeError(f"lora_dropout must be a number, got {type(lora_dropout).__name__}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not (isinstance(init_lora_weights, bool) or isinstance(init_lora_weights, str)):
+        raise TypeError(f"init_lora_weights must be a bool or a string, got {type(init_lora_weights).__name__}")
+
+
+def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
+    """Layers take PEFT's options; DoRA is not supported and anything else is a typo."""
+    for key, value in kwargs.items():
+        if key == "use_dora" and not value:
+            continue
+        if key == "use_dora":
+            raise NotImplementedError("use_dora=True (DoRA) is not supported by torchlora")
+        raise TypeError(f"unexpected argument {key!r}")
+
+
+class LoraLayer(nn.Module):
+    """Base of the LoRA layers: wraps ``base_layer`` and holds any number of named adapters.
+
+    Subclasses create their adapter parameters in ``update_layer`` and implement
+    ``get_delta_weight`` and ``forward``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_bias: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: str | list[str] = "default"
+
+    # ------------------------------------------------------------------ adapters
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (unwrapping nested LoRA layers)."""
+        base = self.base_layer
+        while isinstance(base, LoraLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in the order they were added."""
+        names: list[str] = []
+        for layer_name in ("lora_A", "lora_embedding_A"):
+            names.extend(k for k in getattr(self, layer_name).keys() if k not in names)
+        return names
+
+    def _scaling_for(self, r: int, lora_alpha: float, use_rslora: bool) -> float:
+        return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def _register_common(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, lora_bias: bool
+    ) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = self._scaling_for(r, lora_alpha, use_rslora)
+        self.use_rslora[adapter_name] = use_rslora
+        self.lora_bias[adapter_name] = lora_bias
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        """Put the new adapter on the base weight's device, and in its dtype when floating."""
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if adapter_name not in container:
+                continue
+            if isinstance(container, nn.ParameterDict):
+                old = container[adapter_name]
+                container[adapter_name] = nn.Parameter(
+                    old.data.to(weight.device, dtype=dtype or old.dtype), requires_grad=old.requires_grad
+                )
+            else:
+                container[adapter_name].to(weight.device, dtype=dtype)
+
+    def dropout_p(self, adapter_name: str) -> float:
+        """The dropout probability in effect now (0 in eval mode)."""
+        module = self.lora_dropout[adapter_name]
+        return float(module.p) if (self.training and isinstance(module, nn.Dropout)) else 0.0
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; their parameters become trainable (frozen
+        with ``inference_mode``) and every other adapter's are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            for key, item in container.items():
+                item.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = adapter_names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the adapters on or off (off: the base layer alone, adapters frozen)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for layer_name in self.adapter_layer_names:
+                getattr(self, layer_name).requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining one becomes active."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter '{adapter_name}' is merged; unmerge it before deleting it")
+        for attr in self.adapter_layer_names + self.other_param_names + ("lora_bias", "use_rslora"):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [n for n in self.active_adapters if n != adapter_name]
+            if not remaining:
+                remaining = self.adapter_names()[:1]
+            if remaining:
+                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+            else:
+                self._active_adapter = []
+
+    # ------------------------------------------------------------------ merging
+    def _adapters_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.adapter_names():
+                raise ValueError(f"adapter '{name}' does not exist in this layer; it has {self.adapter_names()}")
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already following adapters were merged {','.join(already)}. "
+                          f"You are now additionally merging {','.join(n for n in names if n not in already)}.")
+        return [n for n in names if n not in self.merged_adapters]
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """The change this adapter makes to the base weight, in the base weight's layout."""
+        raise NotImplementedError
+
+    def _delta_bias(self, adapter: str) -> Tensor | None:
+        return None
+
+    def _check_mergeable(self, adapter: str) -> None:
+        """Raise when this adapter cannot be merged into the base layer."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' deltas into the base weights (and lora_bias into the base bias).
+
+        With ``safe_merge`` the sum is formed on a copy and a ValueError is raised, leaving
+        the weights untouched, if any value is not finite.
+        """
+        base = self.get_base_layer()
+        for name in self._adapters_to_merge(adapter_names):
+            self._check_mergeable(name)
+            delta_w = self.get_delta_weight(name)
+            delta_b = self._delta_bias(name)
+            if delta_b is not None and getattr(base, "bias", None) is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+            if safe_merge:
+                new_w = base.weight.data + delta_w.to(base.weight.dtype)
+                new_b = None if delta_b is None else base.bias.data + delta_b.to(base.bias.dtype)
+                if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.weight.data.copy_(new_w)
+                if new_b is not None:
+                    base.bias.data.copy_(new_b)
+            else:
+                base.weight.data += delta_w.to(base.weight.dtype)
+                if delta_b is not None:
+                    base.bias.data += delta_b.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+            delta_b = self._delta_bias(name)
+            if delta_b is not None:
+                base.bias.data -= delta_b.to(base.bias.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def _holds(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_A
+
+    def _lora_update(self, adapter_name: str, x: Tensor, result: Tensor) -> Tensor:
+        """``result`` plus this adapter's low-rank term for input ``x``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The base layer's output plus every active adapter's low-rank term.
+
+        ``adapter_names=[...]`` (one name per sample, ``"__base__"`` for none) runs a mixed
+        batch at inference time, as in PEFT.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if self._holds(name):
+                result = self._lora_update(name, x, result)
+        return result.to(result_dtype)
+
+    def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
+        self._check_mixed_batch(adapter_names)
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in self._sub_batches(adapter_names, x.shape[0]).items():
+            if name == "__base__" or not self._holds(name):
+                continue
+            index = torch.tensor(rows, device=x.device)
+            updated = self._lora_update(name, x[index], result[index])
+            result = result.index_copy(0, index, updated.to(result.dtype))
+        return result
+
+    def _seed_for(self, adapter_name: str, device: torch.device) -> tuple[float, Tensor | None]:
+        p = self.dropout_p(adapter_name)
+        return p, (ops.make_seed(device) if p > 0.0 else None)
+
+    @staticmethod
+    def _sub_batches(adapter_names: list[str], batch: int) -> dict[str, list[int]]:
+        if len(adapter_names) != batch:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples"
+            )
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(index)
+        return groups
+
+    def _check_mixed_batch(self, adapter_names: list[str]) -> None:
+        if self.training:
+            raise ValueError("adapter_names (mixed-batch inference) cannot be used in training mode")
+        if self.merged:
+            raise ValueError("adapter_names (mixed-batch inference) cannot be used while adapters are merged")
+        known = set(self.adapter_names()) | {"__base__"}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; this layer has {self.adapter_names()}")
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.adapter_names()]
+        return "adapters(" + "; ".join(parts) + ")"

@@ -1,0 +1,118 @@
+"""LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 style, weight stored [in, out])."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+
+
+def linear_features(base_layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, weight_is_in_out) of a Linear or a transformers Conv1D."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "weight") and base_layer.weight.dim() == 2:
+        in_features, out_features = base_layer.weight.shape
+        return int(in_features), int(out_features), True
+    raise TypeError(
+        f"LoraLinear wraps torch.nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
+    )
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around a ``nn.Linear`` (or transformers ``Conv1D`` with ``fan_in_fan_out=True``).
+
+    ``y = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``, computed by the native
+    ``torchlora.lora_linear`` operator. Parameters are PEFT's: ``lora_A.<adapter>.weight``
+    [r, in], ``lora_B.<adapter>.weight`` [out, r] and, with ``lora_bias``,
+    ``lora_B.<adapter>.bias`` [out].
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_layer)
+        reject_unknown_kwargs(kwargs)
+        self.in_features, self.out_features, weight_is_in_out = linear_features(self.get_base_layer())
+        if fan_in_fan_out != weight_is_in_out:
+            raise ValueError(
+                f"fan_in_fan_out={fan_in_fan_out} does not fit {type(self.get_base_layer()).__name__}, whose weight is "
+                f"stored {'[in, out]' if weight_is_in_out else '[out, in]'}; use fan_in_fan_out={weight_is_in_out}"
+            )
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name``."""
+        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        """PEFT's initialisation: True -> A kaiming-uniform, B zero; "gaussian" -> A ~ N(0, 1/r),
+        B zero; False -> nn.Linear's default for both (the adapter is not a no-op)."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+        else:
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = (weight_B @ weight_A) * self.scaling[adapter]
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(dtype) if cast else delta
+
+    def _delta_bias(self, adapter: str) -> Tensor | None:
+        if not self.lora_bias[adapter]:
+            return None
+        return self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        lora_A = self.lora_A[name].weight
+        lora_B = self.lora_B[name]
+        x = x.to(lora_A.dtype)
+        p, seed = self._seed_for(name, x.device)
+        return ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
+

@@ -1,0 +1,100 @@
+"""Typed Python wrappers of the ``torch.ops.torchlora`` operators.
+
+Every operator is defined and implemented in C++ (CPU, CUDA, Meta and Autograd kernels);
+these functions only give them Python signatures and docstrings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _native  # noqa: F401  (registers the operators)
+
+__all__ = ["lora_linear", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
+
+_SEED_HIGH = 2**62
+
+
+def make_seed(device: torch.device | str | None = None) -> Tensor:
+    """A fresh dropout seed (one int64 element) drawn from torch's generator on ``device``.
+
+    Drawing it with ``torch.randint`` keeps ``torch.manual_seed`` reproducibility, works
+    inside ``torch.compile`` graphs and CUDA graphs (no host synchronisation).
+    """
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(
+    x: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """``base_out + scaling * (dropout_p(x) @ lora_A.T) @ lora_B.T (+ scaling * lora_bias)``.
+
+    Shapes: ``x [..., in]``, ``base_out [..., out]``, ``lora_A [r, in]``, ``lora_B [out, r]``,
+    ``lora_bias [out]``. ``seed`` (see :func:`make_seed`) is required when ``dropout_p > 0``;
+    backward regenerates the mask from it instead of storing it.
+    """
+    return torch.ops.torchlora.lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
+
+
+def lora_embedding(
+    ids: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+) -> Tensor:
+    """``base_out + scaling * embedding(ids, lora_A.T) @ lora_B.T``.
+
+    Shapes: ``ids [...]``, ``base_out [..., D]``, ``lora_A [r, V]``, ``lora_B [D, r]``.
+    ``padding_idx`` and ``scale_grad_by_freq`` act on the gradient of ``lora_A`` as in
+    ``torch.nn.functional.embedding``.
+    """
+    if padding_idx is None:
+        padding_idx = -1
+    elif padding_idx < 0:
+        padding_idx += lora_A.shape[1]
+    return torch.ops.torchlora.lora_embedding(ids, base_out, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq)
+
+
+def lora_conv2d(
+    x: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """``base_out + scaling * conv1x1(conv2d(dropout_p(x), lora_A), lora_B, lora_bias, groups)``.
+
+    Shapes: ``x [N, in, H, W]``, ``lora_A [r, in, kh, kw]`` (applied with ``stride``,
+    ``padding``, ``dilation``), ``lora_B [out, r / groups, 1, 1]``, ``base_out [N, out, H', W']``.
+    """
+    return torch.ops.torchlora.lora_conv2d(
+        x, base_out, lora_A, lora_B, lora_bias, list(stride), list(padding), list(dilation), groups, scaling,
+        dropout_p, seed,
+    )
+
+
+def dropout_apply(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """Inverted dropout with torchlora's counter-based mask: ``x * keep(seed, i) / (1 - p)``
+    where ``i`` is the row-major element index. The same (seed, shape) gives the same mask on
+    every device."""
+    return torch.ops.torchlora.dropout_apply(x, p, seed)
