@@ -49,6 +49,11 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed, cons
 
 void check_scaling(double scaling, const char* op);
 
+// The dtype of the saved low-rank intermediate: float32, or float64 for float64 inputs.
+inline at::ScalarType intermediate_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The dtype the math runs in: float32 for float16/bfloat16 on the CPU, else the input's.
 at::ScalarType compute_dtype(const at::Tensor& t);
 

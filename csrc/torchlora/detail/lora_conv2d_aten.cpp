@@ -30,7 +30,7 @@ TensorPair lora_conv2d_forward_aten(const at::Tensor& x, const at::Tensor& base_
   if (lora_bias.has_value() && lora_bias->defined()) bias = lora_bias->to(cd);
   const at::Tensor delta = at::conv2d(shrunk, lora_B.to(cd), bias, at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0},
                                         at::IntArrayRef{1, 1}, groups);
-  return {accumulate_into_base(base_out, delta, scaling), shrunk.to(at::kFloat)};
+  return {accumulate_into_base(base_out, delta, scaling), shrunk.to(intermediate_dtype(x))};
 }
 
 TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,

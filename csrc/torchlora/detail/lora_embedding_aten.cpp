@@ -24,7 +24,7 @@ TensorPair lora_embedding_forward_aten(const at::Tensor& ids, const at::Tensor& 
   } else {
     out2 = accumulate_into_base(base2, at::mm(gathered, lora_B.to(cd).t()), scaling);
   }
-  return {out2.view(base_out.sizes()), gathered.to(at::kFloat)};
+  return {out2.view(base_out.sizes()), gathered.to(intermediate_dtype(lora_A))};
 }
 
 TensorPair lora_embedding_backward_aten(const at::Tensor& grad_out, const at::Tensor& ids,

@@ -38,7 +38,7 @@ TensorPair lora_linear_forward_aten(const at::Tensor& x, const at::Tensor& base_
     if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(cd));
     out2 = accumulate_into_base(base2, delta, scaling);
   }
-  return {out2.view(base_out.sizes()), shrunk.to(at::kFloat)};
+  return {out2.view(base_out.sizes()), shrunk.to(intermediate_dtype(x))};
 }
 
 TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,

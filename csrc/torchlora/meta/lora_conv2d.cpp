@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_forward_meta(
                                            groups, scaling, dropout_p, seed);
   const auto format = x.suggest_memory_format();
   return {at::empty_symint(base_out.sym_sizes(), base_out.options().memory_format(base_out.suggest_memory_format())),
-          at::empty_symint({d.batch, d.rank, d.out_h, d.out_w}, x.options().dtype(at::kFloat).memory_format(format))};
+          at::empty_symint({d.batch, d.rank, d.out_h, d.out_w}, x.options().dtype(detail::intermediate_dtype(x)).memory_format(format))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_conv2d_backward_meta(

@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor> lora_embedding_forward_meta(const at::Tensor&
                                                                double scaling) {
   const auto dims = detail::check_lora_embedding(ids, base_out, lora_A, lora_B, scaling);
   return {at::empty_symint(base_out.sym_sizes(), base_out.options()),
-          at::empty_symint({dims.tokens, dims.rank}, lora_A.options().dtype(at::kFloat))};
+          at::empty_symint({dims.tokens, dims.rank}, lora_A.options().dtype(detail::intermediate_dtype(lora_A)))};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_embedding_backward_meta(

@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_meta(
     const std::optional<at::Tensor>& seed) {
   const auto dims = detail::check_lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   return {at::empty_symint(base_out.sym_sizes(), base_out.options()),
-          at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(at::kFloat))};
+          at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(detail::intermediate_dtype(x)))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_meta(
