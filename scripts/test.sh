@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The full test suite on a fresh machine: environment, build (with the CUDA kernels when
+# nvcc is present), the C++ tests (ctest) and the Python tests (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! dpkg -s libgtest-dev nlohmann-json3-dev >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev nlohmann-json3-dev >/dev/null
+  else
+    echo "note: install libgtest-dev and nlohmann-json3-dev (Debian) for the C++ tests" >&2
+  fi
+fi
+export TORCHLORA_BUILD_TESTS=ON
+scripts/setup-env.sh
+PY=${TORCHLORA_VENV:-.venv}/bin/python
+BUILD=${TORCHLORA_BUILD_DIR:-build/venv}
+echo "== C++ tests"
+"$PY" -c "import cmake, os, sys; os.execv(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'), ['ctest', '--test-dir', sys.argv[1], '--output-on-failure'])" "$BUILD"
+echo "== Python tests"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+"$PY" -m pytest tests -q -p no:cacheprovider "$@"
