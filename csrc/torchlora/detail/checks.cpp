@@ -29,6 +29,32 @@ void check_same_dtype(const at::Tensor& ref, const at::Tensor& t, const char* op
               " but ", ref_name, " has dtype ", ref.scalar_type(), " (cast the adapter or the input)");
 }
 
+// A, B and lora_bias on x's device and dtype; base_out on x's device; lora_bias of shape [out].
+void check_adapter_operands(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                            const c10::SymInt& out, const char* op) {
+  check_same_device(x, base_out, op, "x", "base_out");
+  check_same_device(x, lora_A, op, "x", "lora_A");
+  check_same_device(x, lora_B, op, "x", "lora_B");
+  check_same_dtype(x, lora_A, op, "x", "lora_A");
+  check_same_dtype(x, lora_B, op, "x", "lora_B");
+  if (lora_bias.has_value() && lora_bias->defined()) {
+    check_float(*lora_bias, op, "lora_bias");
+    TORCH_CHECK(lora_bias->dim() == 1 && lora_bias->sym_size(0) == out, op, ": lora_bias must be [", out,
+                "], got shape ", lora_bias->sym_sizes());
+    check_same_device(x, *lora_bias, op, "x", "lora_bias");
+    check_same_dtype(x, *lora_bias, op, "x", "lora_bias");
+  }
+}
+
+void check_floats(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
+                  const at::Tensor& lora_B, const char* op) {
+  check_float(x, op, "x");
+  check_float(base_out, op, "base_out");
+  check_float(lora_A, op, "lora_A");
+  check_float(lora_B, op, "lora_B");
+}
+
 }  // namespace
 
 void check_scaling(double scaling, const char* op) {
@@ -59,15 +85,12 @@ LinearDims check_lora_linear(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "torchlora.lora_linear";
-  check_float(x, op, "x");
-  check_float(base_out, op, "base_out");
-  check_float(lora_A, op, "lora_A");
-  check_float(lora_B, op, "lora_B");
+  check_floats(x, base_out, lora_A, lora_B, op);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., in_features]");
   TORCH_CHECK(lora_A.dim() == 2, op, ": lora_A must be 2-D [r, in_features], got shape ", lora_A.sym_sizes());
   TORCH_CHECK(lora_B.dim() == 2, op, ": lora_B must be 2-D [out_features, r], got shape ", lora_B.sym_sizes());
   const c10::SymInt in = x.sym_size(-1), r = lora_A.sym_size(0), out = lora_B.sym_size(0);
-  TORCH_CHECK(r > 0, op, ": the rank (lora_A.sym_size(0)) must be positive");
+  TORCH_CHECK(r > 0, op, ": the rank (lora_A.size(0)) must be positive");
   TORCH_CHECK(lora_A.sym_size(1) == in, op, ": lora_A is ", lora_A.sym_sizes(), " but x has ", in,
               " input features (last dimension)");
   TORCH_CHECK(lora_B.sym_size(1) == r, op, ": lora_B is ", lora_B.sym_sizes(), " but lora_A has rank ", r);
@@ -79,18 +102,7 @@ LinearDims check_lora_linear(
   }
   TORCH_CHECK(base_out.sym_size(-1) == out, op, ": base_out has ", base_out.sym_size(-1),
               " output features but lora_B has ", out, " rows");
-  check_same_device(x, base_out, op, "x", "base_out");
-  check_same_device(x, lora_A, op, "x", "lora_A");
-  check_same_device(x, lora_B, op, "x", "lora_B");
-  check_same_dtype(x, lora_A, op, "x", "lora_A");
-  check_same_dtype(x, lora_B, op, "x", "lora_B");
-  if (lora_bias.has_value() && lora_bias->defined()) {
-    check_float(*lora_bias, op, "lora_bias");
-    TORCH_CHECK(lora_bias->dim() == 1 && lora_bias->size(0) == out, op, ": lora_bias must be [", out,
-                "], got shape ", lora_bias->sizes());
-    check_same_device(x, *lora_bias, op, "x", "lora_bias");
-    check_same_dtype(x, *lora_bias, op, "x", "lora_bias");
-  }
+  check_adapter_operands(x, base_out, lora_A, lora_B, lora_bias, out, op);
   check_scaling(scaling, op);
   check_dropout(dropout_p, seed, x.device(), op);
   const c10::SymInt tokens = in == 0 ? c10::SymInt(0) : x.sym_numel() / in;
@@ -110,7 +122,7 @@ EmbeddingDims check_lora_embedding(
   TORCH_CHECK(lora_A.dim() == 2, op, ": lora_A must be 2-D [r, num_embeddings], got shape ", lora_A.sym_sizes());
   TORCH_CHECK(lora_B.dim() == 2, op, ": lora_B must be 2-D [embedding_dim, r], got shape ", lora_B.sym_sizes());
   const c10::SymInt r = lora_A.sym_size(0), vocab = lora_A.sym_size(1), dim = lora_B.sym_size(0);
-  TORCH_CHECK(r > 0, op, ": the rank (lora_A.sym_size(0)) must be positive");
+  TORCH_CHECK(r > 0, op, ": the rank (lora_A.size(0)) must be positive");
   TORCH_CHECK(lora_B.sym_size(1) == r, op, ": lora_B is ", lora_B.sym_sizes(), " but lora_A has rank ", r);
   TORCH_CHECK(base_out.dim() == ids.dim() + 1, op, ": base_out must be ids.shape + [embedding_dim], got ",
               base_out.sym_sizes(), " for ids ", ids.sym_sizes());
@@ -134,10 +146,7 @@ Conv2dDims check_lora_conv2d(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "torchlora.lora_conv2d";
-  check_float(x, op, "x");
-  check_float(base_out, op, "base_out");
-  check_float(lora_A, op, "lora_A");
-  check_float(lora_B, op, "lora_B");
+  check_floats(x, base_out, lora_A, lora_B, op);
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sym_sizes());
   TORCH_CHECK(base_out.dim() == 4, op, ": base_out must be 4-D [N, C_out, H', W'], got shape ",
               base_out.sym_sizes());
@@ -153,7 +162,7 @@ Conv2dDims check_lora_conv2d(
   }
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
   const c10::SymInt n = x.sym_size(0), cin = x.sym_size(1), r = lora_A.sym_size(0), cout = lora_B.sym_size(0);
-  TORCH_CHECK(r > 0, op, ": the rank (lora_A.sym_size(0)) must be positive");
+  TORCH_CHECK(r > 0, op, ": the rank (lora_A.size(0)) must be positive");
   TORCH_CHECK(lora_A.sym_size(1) == cin, op, ": lora_A is ", lora_A.sym_sizes(), " but x has ", cin, " channels");
   TORCH_CHECK(r % groups == 0, op, ": the rank ", r, " must be divisible by groups=", groups);
   TORCH_CHECK(cout % groups == 0, op, ": the output channels ", cout, " must be divisible by groups=", groups);
@@ -168,18 +177,7 @@ Conv2dDims check_lora_conv2d(
                   base_out.sym_size(3) == wo,
               op, ": base_out is ", base_out.sym_sizes(), " but the low-rank path gives [", n, ", ", cout, ", ",
               ho, ", ", wo, "]");
-  check_same_device(x, base_out, op, "x", "base_out");
-  check_same_device(x, lora_A, op, "x", "lora_A");
-  check_same_device(x, lora_B, op, "x", "lora_B");
-  check_same_dtype(x, lora_A, op, "x", "lora_A");
-  check_same_dtype(x, lora_B, op, "x", "lora_B");
-  if (lora_bias.has_value() && lora_bias->defined()) {
-    check_float(*lora_bias, op, "lora_bias");
-    TORCH_CHECK(lora_bias->dim() == 1 && lora_bias->size(0) == cout, op, ": lora_bias must be [", cout,
-                "], got shape ", lora_bias->sizes());
-    check_same_device(x, *lora_bias, op, "x", "lora_bias");
-    check_same_dtype(x, *lora_bias, op, "x", "lora_bias");
-  }
+  check_adapter_operands(x, base_out, lora_A, lora_B, lora_bias, cout, op);
   check_scaling(scaling, op);
   check_dropout(dropout_p, seed, x.device(), op);
   return Conv2dDims{n, cin, r, cout, ho, wo};
