@@ -77,7 +77,7 @@ def _make(kwargs):
     return lambda lib: lib.LoraConfig(init_lora_weights=False, **kwargs)
 
 
-@pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def case(request):
     _, builder, kwargs, inputs = request.param
     ref, ours = build_pair(builder, _make(kwargs))

@@ -40,6 +40,12 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    if isinstance(module, LoraLayer):
+        # an adapter that does not touch this layer leaves its rows as the base layer computes them
+        held = set(module.adapter_names())
+        adapter_names = [n if n in held else "__base__" for n in adapter_names]
+    elif isinstance(module, ModulesToSaveWrapper):
+        adapter_names = [n if n in module.modules_to_save else "__base__" for n in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
