@@ -422,3 +422,35 @@ def test_seq_cls_head_is_saved_whole():
     assert wrapper.weight is wrapper.modules_to_save["default"].weight
     assert ours.peft_config["default"].modules_to_save == ref.peft_config["default"].modules_to_save
     assert "base_model.model.classifier.weight" in torchlora.get_peft_model_state_dict(ours)
+
+
+def test_inference_mode_config_freezes_everything_like_peft():
+    ref, ours = build_pair(tm.llama, _cfg(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                          inference_mode=True))
+    assert trainable(ours) == trainable(ref)
+    assert ours.get_nb_trainable_parameters()[0] == 0
+
+
+def test_set_adapter_inference_mode_freezes_the_adapter():
+    ref, ours = _two_adapter_pair()
+    ours.set_adapter("other", inference_mode=True)
+    ref.set_adapter("other", inference_mode=True)
+    assert trainable(ours) == trainable(ref)
+    assert ours.get_nb_trainable_parameters()[0] == 0
+
+
+def test_base_model_set_adapter_with_several_adapters():
+    kwargs = dict(target_modules=["q_proj"], init_lora_weights=False)
+    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(**kwargs))
+    ours.add_adapter("b", torchlora.LoraConfig(**kwargs))
+    ref = peft.get_peft_model(tm.llama(), peft.LoraConfig(**kwargs))
+    ref.add_adapter("b", peft.LoraConfig(**kwargs))
+    sync_all_weights(ref, ours)
+    ours.base_model.set_adapter(["default", "b"])
+    ref.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ref.active_adapters == ["default", "b"]
+    assert trainable(ours) == trainable(ref)
+    _close(logits(ours(IDS)), logits(ref(IDS)))
+    ours.merge_adapter()
+    ref.merge_adapter()
+    _close(logits(ours(IDS)), logits(ref(IDS)), 1e-4)

@@ -8,13 +8,12 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from .config import LoraConfig, PeftType
 from .nn import LoraLayer
 from .tuners import LoraModel, ModulesToSaveWrapper
-from .tuners.lora_model import set_trainable_modules
+from .tuners.modules_to_save import set_trainable_modules
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 _QA_NAMES = ("qa_outputs",)
