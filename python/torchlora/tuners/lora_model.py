@@ -120,8 +120,14 @@ class LoraModel(nn.Module):
                           "Please check that exclude_modules was set correctly.")
         self._warn_unused_patterns(config, plan)
 
-        for key in plan:
-            self._create_and_replace(config, adapter_name, key, model)
+        undo: list = []
+        try:
+            for key in plan:
+                undo.append(self._create_and_replace(config, adapter_name, key, model))
+        except Exception:
+            for restore in reversed(undo):  # leave the model as it was before this adapter
+                restore()
+            raise
         for key in plan:
             if key not in self.targeted_module_names:
                 self.targeted_module_names.append(key)
@@ -164,18 +170,55 @@ class LoraModel(nn.Module):
                 warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module) -> None:
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module):
+        """Wrap (or extend) the module ``key``; returns a function that undoes it."""
         parent, target, target_name = get_submodules(model, key)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        # PiSSA / OLoRA replace the base weight's data; keep the original to restore on failure
+        weight = getattr(base, "weight", None)
+        original_data = weight.data if isinstance(weight, torch.Tensor) else None
+
+        def restore_weight() -> None:
+            if original_data is not None:
+                base.weight.data = original_data
+
         if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora, config.lora_bias)
-            return
-        new_module = create_lora_module(config, adapter_name, target, r, alpha)
+            try:
+                target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                                    config.use_rslora, config.lora_bias)
+            except Exception:
+                self._drop_partial_adapter(target, adapter_name)
+                restore_weight()
+                raise
+
+            def undo_update() -> None:
+                self._drop_partial_adapter(target, adapter_name)
+                restore_weight()
+
+            return undo_update
+        try:
+            new_module = create_lora_module(config, adapter_name, target, r, alpha)
+        except Exception:
+            restore_weight()
+            raise
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated
         setattr(parent, target_name, new_module)
+
+        def undo_create() -> None:
+            setattr(parent, target_name, target)
+            restore_weight()
+
+        return undo_create
+
+    @staticmethod
+    def _drop_partial_adapter(layer: LoraLayer, adapter_name: str) -> None:
+        for attr in layer.adapter_layer_names + layer.other_param_names + ("lora_bias", "use_rslora"):
+            container = getattr(layer, attr)
+            if adapter_name in container:
+                del container[adapter_name]
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         adapter_params: set[int] = set()
@@ -246,6 +289,8 @@ class LoraModel(nn.Module):
         """Remove an adapter from every layer and from ``peft_config``."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if any(adapter_name in layer.merged_adapters for layer in self._lora_layers()):
+            raise ValueError(f"Adapter '{adapter_name}' is merged; call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
         remaining = list(self.peft_config)
         new_active: list[str] = [n for n in self.active_adapters if n != adapter_name] or remaining[:1]
