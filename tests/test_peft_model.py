@@ -219,11 +219,26 @@ def test_mixed_batch_matches_peft():
         ours(input_ids=ids, adapter_names=names)
 
 
-def test_mixed_batch_generate():
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_mixed_batch_generate(num_beams):
     ref, ours = _two_adapter_pair()
-    ids = tm.input_ids(batch=2, length=4)
-    kwargs = dict(max_new_tokens=3, do_sample=False, adapter_names=["other", "__base__"])
+    ids = tm.input_ids(batch=3, length=4)
+    kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=num_beams,
+                  adapter_names=["other", "__base__", "default"])
     assert torch.equal(ours.generate(input_ids=ids, **kwargs), ref.generate(input_ids=ids, **kwargs))
+
+
+def test_mixed_batch_beam_search_encoder_decoder():
+    kwargs = dict(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM", init_lora_weights=False)
+    ref = peft.get_peft_model(tm.t5(), peft.LoraConfig(**kwargs))
+    ref.add_adapter("other", peft.LoraConfig(**kwargs))
+    ours = torchlora.get_peft_model(tm.t5(), torchlora.LoraConfig(**kwargs))
+    ours.add_adapter("other", torchlora.LoraConfig(**kwargs))
+    sync_all_weights(ref, ours)
+    ref.eval(), ours.eval()
+    gen = dict(max_new_tokens=3, num_beams=2, do_sample=False, adapter_names=["other", "__base__", "default"])
+    ids = tm.input_ids(batch=3, length=4)
+    assert torch.equal(ours.generate(input_ids=ids, **gen), ref.generate(input_ids=ids, **gen))
 
 
 def test_seq2seq_generate_matches_peft():

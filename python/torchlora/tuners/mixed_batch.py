@@ -72,6 +72,8 @@ def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
     if not callable(get_encoder):
         return None
     try:
-        return get_encoder()
+        encoder = get_encoder()
     except (AttributeError, NotImplementedError):
         return None
+    # transformers 5 returns the model itself when it has no separate encoder
+    return None if encoder is model else encoder
