@@ -92,6 +92,9 @@ def test_same_modules_ranks_and_trainable(case):
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     assert type(ours).__name__ == type(ref).__name__
     assert set(ours.state_dict()) == set(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert set(torchlora.get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(ref))
 
 
 def test_same_outputs_and_gradients(case):

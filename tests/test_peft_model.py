@@ -393,10 +393,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_torch_compile_matches_eager():
-    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=["q_proj", "v_proj"],
-                                                                     init_lora_weights=False))
+    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(
+        target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False))
     eager = logits(ours(IDS))
-    compiled = torch.compile(ours, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     _close(logits(compiled(IDS)), eager)
     loss = logits(compiled(IDS)).pow(2).mean()
     loss.backward()
