@@ -195,6 +195,11 @@ def test_no_match_error():
         torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=["nope"]))
 
 
+def test_empty_target_modules_error():
+    with pytest.raises(ValueError, match="No `target_modules` passed"):
+        torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=[]))
+
+
 def test_no_match_error_mentions_layers():
     config = torchlora.LoraConfig(target_modules=["q_proj"], layers_to_transform=[7])
     with pytest.raises(ValueError, match="layers_to_transform"):
