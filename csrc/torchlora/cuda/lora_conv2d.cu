@@ -37,13 +37,23 @@ __global__ void __launch_bounds__(kConvThreads)
   const int64_t co_begin = static_cast<int64_t>(blockIdx.y) * kConvChannelTile;
   const int64_t co_end = min64(Cout, co_begin + kConvChannelTile);
   const float* h_pixel = h + n * R * P + p;
-  for (int64_t co = co_begin; co < co_end; ++co) {
+  // all reads (base included) before the first store: out may alias base
+  float v[kConvChannelTile];
+#pragma unroll
+  for (int i = 0; i < kConvChannelTile; ++i) {
+    const int64_t co = co_begin + i;
+    v[i] = 0.f;
+    if (co >= co_end) continue;
     const float* h_group = h_pixel + (co / out_per_group) * rank_per_group * P;
     const scalar_t* b = B + co * rank_per_group;
     float acc = bias != nullptr ? static_cast<float>(bias[co]) : 0.f;
     for (int64_t j = 0; j < rank_per_group; ++j) acc += h_group[j * P] * static_cast<float>(b[j]);
-    const int64_t idx = (n * Cout + co) * P + p;
-    out[idx] = static_cast<scalar_t>(static_cast<float>(base[idx]) + alpha * acc);
+    v[i] = static_cast<float>(base[(n * Cout + co) * P + p]) + alpha * acc;
+  }
+#pragma unroll
+  for (int i = 0; i < kConvChannelTile; ++i) {
+    const int64_t co = co_begin + i;
+    if (co < co_end) out[(n * Cout + co) * P + p] = static_cast<scalar_t>(v[i]);
   }
 }
 

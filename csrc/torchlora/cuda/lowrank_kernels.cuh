@@ -57,7 +57,28 @@ __global__ void __launch_bounds__(kShrinkThreads)
     for (int r = 0; r < kRankTile; ++r) acc[i][r] = 0.f;
 
   for (int64_t kc = k_begin; kc < k_end; kc += kShrinkChunk) {
+    // This chunk's features of the warp's tokens, read (raw) before the barriers so the reads
+    // are in flight while the block fills w_s; converted and masked after.
+    const int64_t k = kc + 4 * lane;  // this lane's first feature
+    scalar_t xr[kShrinkTokensPerWarp][4];
+    uint32_t keep[kShrinkTokensPerWarp];
+#pragma unroll
+    for (int i = 0; i < kShrinkTokensPerWarp; ++i) {
+      const int64_t t = t_first + i;
+      keep[i] = 0xFu;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) xr[i][j] = static_cast<scalar_t>(0.f);
+      if (t < T) {
+        const scalar_t* row = X + t * K;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (k + j < k_end) xr[i][j] = row[k + j];
+        }
+        if (dropout.enabled) keep[i] = keep_bits_run4(key, static_cast<uint64_t>(t * K + k), dropout.threshold);
+      }
+    }
     __syncthreads();  // the previous chunk's readers are done with w_s
+#pragma unroll
     for (int idx = tid; idx < kRankTile * kShrinkChunk; idx += kShrinkThreads) {
       // walk the weight along its contiguous dimension so the global reads coalesce
       const int r = w_k_contiguous ? idx / kShrinkChunk : idx % kRankTile;
@@ -67,27 +88,11 @@ __global__ void __launch_bounds__(kShrinkThreads)
     }
     __syncthreads();
     if (warp_active) {
-      const int64_t k = kc + 4 * lane;  // this lane's first feature
       float xv[kShrinkTokensPerWarp][4];
 #pragma unroll
       for (int i = 0; i < kShrinkTokensPerWarp; ++i) {
-        const int64_t t = t_first + i;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) xv[i][j] = 0.f;
-        if (t < T) {
-          const scalar_t* row = X + t * K;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (k + j < k_end) xv[i][j] = static_cast<float>(row[k + j]);
-          }
-          if (dropout.enabled) {
-            const uint32_t keep = keep_bits_run4(key, static_cast<uint64_t>(t * K + k), dropout.threshold);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              if (!((keep >> j) & 1u)) xv[i][j] = 0.f;
-            }
-          }
-        }
+        for (int j = 0; j < 4; ++j) xv[i][j] = ((keep[i] >> j) & 1u) ? static_cast<float>(xr[i][j]) : 0.f;
       }
 #pragma unroll
       for (int r = 0; r < kRankTile; ++r) {
@@ -183,6 +188,7 @@ __global__ void __launch_bounds__(kExpandThreads)
 
   for (int64_t rc = 0; rc < R; rc += kExpandRankChunk) {
     __syncthreads();  // the previous chunk's readers are done with w_s / s_s
+#pragma unroll 4
     for (int idx = tid; idx < kExpandRankChunk * kExpandCols; idx += kExpandThreads) {
       const int r = w_c_contiguous ? idx / kExpandCols : idx % kExpandRankChunk;
       const int cc = w_c_contiguous ? idx % kExpandCols : idx / kExpandRankChunk;
@@ -220,6 +226,8 @@ __global__ void __launch_bounds__(kExpandThreads)
 #pragma unroll
   for (int j = 0; j < 4; ++j) b[j] = (bias != nullptr && c + j < C) ? static_cast<float>(bias[c + j]) : 0.f;
   const uint64_t key = dropout.enabled ? dropout_key(dropout) : 0;
+  // Every read of base comes before the first store: the reads can all be in flight at once
+  // (out may alias base, so a store would otherwise order the next read behind it).
 #pragma unroll
   for (int tt = 0; tt < kExpandTokens; ++tt) {
     const int64_t gt = t0 + tt;
@@ -229,11 +237,19 @@ __global__ void __launch_bounds__(kExpandThreads)
         dropout.enabled ? keep_bits_run4(key, static_cast<uint64_t>(row + c), dropout.threshold) : 0xFu;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if (c + j < C) {
-        float v = ((keep >> j) & 1u) ? alpha * (acc[tt][j] + b[j]) : 0.f;
-        if (base != nullptr) v += static_cast<float>(base[row + c + j]);
-        out[row + c + j] = static_cast<scalar_t>(v);
-      }
+      float v = ((keep >> j) & 1u) ? alpha * (acc[tt][j] + b[j]) : 0.f;
+      if (base != nullptr && c + j < C) v += static_cast<float>(base[row + c + j]);
+      acc[tt][j] = v;
+    }
+  }
+#pragma unroll
+  for (int tt = 0; tt < kExpandTokens; ++tt) {
+    const int64_t gt = t0 + tt;
+    if (gt >= T) break;
+    const int64_t row = gt * C;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c + j < C) out[row + c + j] = static_cast<scalar_t>(acc[tt][j]);
     }
   }
 }
@@ -287,7 +303,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     __syncthreads();
     if (c < C) {
       const int tokens = static_cast<int>(min64(kReduceTokenChunk, t_end - tc));
-      for (int tt = 0; tt < tokens; ++tt) {
+#pragma unroll 8
+      for (int tt = 0; tt < tokens; ++tt) {  // unrolled: the reads of several tokens in flight
         const int64_t row = (tc + tt) * C;
         float g[4];
 #pragma unroll
