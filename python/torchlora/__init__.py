@@ -1,12 +1,26 @@
 """torchlora: LoRA (low-rank adaptation) for PyTorch with a native core.
 
 The LoRA computations are PyTorch operators implemented in C++ and CUDA
-(``torch.ops.torchlora.*``); the Python API mirrors Hugging Face PEFT.
+(``torch.ops.torchlora.*``); the Python API mirrors Hugging Face PEFT, so
+``from peft import ...`` becomes ``from torchlora import ...``.
 """
 
 from ._native import build_info, cmake_prefix_path
 from . import ops
+from .config import LoraConfig, PeftType, TaskType
+from .mapping import get_peft_model, inject_adapter_in_model
 from .nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .tuners import LoraModel, ModulesToSaveWrapper
 
 __version__ = build_info()["version"]
 
@@ -14,6 +28,22 @@ __all__ = [
     "build_info",
     "cmake_prefix_path",
     "ops",
+    "LoraConfig",
+    "PeftType",
+    "TaskType",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "get_peft_model",
+    "inject_adapter_in_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
     "LoraLayer",
     "LoraLinear",
     "LoraEmbedding",

@@ -67,7 +67,10 @@ class LoraEmbedding(LoraLayer):
         both random (the adapter is not a no-op)."""
         if init_lora_weights is False:
             return
-        if isinstance(init_lora_weights, str) and init_lora_weights.lower() != "gaussian":
+        # PEFT gives embeddings the default init for "pissa*"/"olora" too (they only rewrite Linear weights)
+        if isinstance(init_lora_weights, str) and not (
+            init_lora_weights.lower() in ("gaussian", "olora") or init_lora_weights.startswith("pissa")
+        ):
             raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
         nn.init.zeros_(self.lora_embedding_A[adapter_name])
         nn.init.normal_(self.lora_embedding_B[adapter_name])

@@ -79,8 +79,15 @@ class LoraLinear(LoraLayer):
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
         """PEFT's initialisation: True -> A kaiming-uniform, B zero; "gaussian" -> A ~ N(0, 1/r),
-        B zero; False -> nn.Linear's default for both (the adapter is not a no-op)."""
+        B zero; False -> nn.Linear's default for both (the adapter is not a no-op); "pissa",
+        "pissa_niter_<K>" and "olora" factor the base weight and subtract the adapter from it."""
         if init_lora_weights is False:
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+            self.pissa_init(adapter_name, init_lora_weights)
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "olora":
+            self.olora_init(adapter_name)
             return
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
@@ -91,6 +98,51 @@ class LoraLinear(LoraLayer):
         nn.init.zeros_(self.lora_B[adapter_name].weight)
         if self.lora_bias[adapter_name]:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    def _base_weight_fp32(self) -> tuple[Tensor, torch.dtype]:
+        """The base weight as float32 in [out, in] layout, and its original dtype."""
+        weight = self.get_base_layer().weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"PiSSA/OLoRA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}"
+            )
+        w = weight.detach().to(torch.float32)
+        return (w.T if self.fan_in_fan_out else w), weight.dtype
+
+    def _set_factors_and_residual(self, adapter_name: str, lora_A: Tensor, lora_B: Tensor, weight: Tensor,
+                                  dtype: torch.dtype) -> None:
+        """Install the factors and keep ``W - scaling * B @ A`` as the base weight, so the
+        layer's output is unchanged at initialisation."""
+        self.lora_A[adapter_name].weight.data = lora_A.contiguous()
+        self.lora_B[adapter_name].weight.data = lora_B.contiguous()
+        residual = (weight - self.scaling[adapter_name] * lora_B @ lora_A).to(dtype)
+        self.get_base_layer().weight.data = residual.T if self.fan_in_fan_out else residual
+
+    def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:
+        """PiSSA: A and B from the top-r singular triplets of the base weight (exact SVD, or
+        ``torch.svd_lowrank`` with K iterations for "pissa_niter_K")."""
+        weight, dtype = self._base_weight_fp32()
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if init_lora_weights == "pissa":
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            Ur, Sr, Vhr = U[:, :r], S[:r] / scaling, Vh[:r]
+        else:
+            prefix, _, niter = init_lora_weights.partition("_niter_")
+            if prefix != "pissa" or not niter.isdigit():
+                raise ValueError(
+                    f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {init_lora_weights}"
+                )
+            Ur, Sr, V = torch.svd_lowrank(weight, r, niter=int(niter))
+            Sr, Vhr = Sr / scaling, V.t()
+        sqrt_s = torch.diag(torch.sqrt(Sr))
+        self._set_factors_and_residual(adapter_name, sqrt_s @ Vhr, Ur @ sqrt_s, weight, dtype)
+
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA: B and A from the first r columns / rows of the QR decomposition of the base weight."""
+        weight, dtype = self._base_weight_fp32()
+        r = self.r[adapter_name]
+        Q, R = torch.linalg.qr(weight)
+        self._set_factors_and_residual(adapter_name, R[:r], Q[:, :r], weight, dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         weight_A = self.lora_A[adapter].weight

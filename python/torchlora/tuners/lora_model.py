@@ -1,0 +1,474 @@
+"""``LoraModel``: injects LoRA layers into a model following a LoraConfig, and runs the
+model-wide adapter lifecycle (activate, disable, merge, unload, delete), as PEFT's LoraModel."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig, TaskType
+from ..nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from ..target_defaults import default_target_modules
+from .matching import Excluded, expand_all_linear, is_conv1d, is_target, pattern_value
+from .modules_to_save import ModulesToSaveWrapper
+
+_PEFT_SUPPORTED_ELSEWHERE = (nn.Conv1d, nn.Conv3d, nn.MultiheadAttention)
+
+
+class NoMatchingModuleError(ValueError):
+    """No module of the model was selected by the config."""
+
+
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    parent_name, _, target_name = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, model.get_submodule(key), target_name
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The transformers config of ``model`` as a dict (``{"model_type": "custom"}`` otherwise)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"model_type": "custom"}
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def create_lora_module(config: LoraConfig, adapter_name: str, target: nn.Module, r: int,
+                       lora_alpha: float) -> LoraLayer:
+    """A torchlora layer around ``target``; corrects ``config.fan_in_fan_out`` like PEFT does."""
+    common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
+                  init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                  lora_bias=config.lora_bias)
+    if config.lora_bias and getattr(target, "bias", None) is None:
+        warnings.warn(
+            f"`lora_bias=True` was passed but the targeted layer of type {type(target).__name__} has no bias. "
+            "This means that merging LoRA weights won't be possible."
+        )
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target, adapter_name, **common)
+    if isinstance(target, nn.Conv2d):
+        return LoraConv2d(target, adapter_name, **common)
+    if isinstance(target, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        return LoraLinear(target, adapter_name, fan_in_fan_out=False, **common)
+    if is_conv1d(target):
+        if not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        return LoraLinear(target, adapter_name, fan_in_fan_out=True, **common)
+    if isinstance(target, _PEFT_SUPPORTED_ELSEWHERE):
+        raise NotImplementedError(
+            f"LoRA on {type(target).__name__} is not supported by torchlora yet; supported are torch.nn.Linear, "
+            "torch.nn.Embedding, torch.nn.Conv2d and transformers Conv1D"
+        )
+    raise ValueError(
+        f"Target module {target} is not supported. Currently, only the following modules are supported: "
+        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
+    )
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted model (``self.model``) and the configs of its adapters (``peft_config``)."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, peft_config: Union[LoraConfig, dict[str, LoraConfig]],
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.targeted_module_names: list[str] = []
+        self.peft_config: dict[str, LoraConfig] = (
+            dict(peft_config) if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        )
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self.inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.forward(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # ------------------------------------------------------------------ injection
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"peft_config must be a torchlora LoraConfig, got {type(config).__name__}")
+        biased = [name for name, conf in self.peft_config.items() if conf.bias != "none"]
+        if len(self.peft_config) > 1 and len(biased) > 1:
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
+                             "set bias to 'none' for all adapters.")
+
+    def _prepare_config(self, config: LoraConfig, model: nn.Module) -> None:
+        if config.target_modules is None:
+            targets = default_target_modules(model_config_dict(model).get("model_type"))
+            if targets is None:
+                raise ValueError("Please specify `target_modules` in `peft_config`")
+            config.target_modules = targets
+        expand_all_linear(config, model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Wrap every module ``peft_config[adapter_name]`` targets with a LoRA layer."""
+        config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config)
+        self._prepare_config(config, model)
+
+        named_modules = list(model.named_modules())
+        lora_prefixes = [key + "." for key, module in named_modules if isinstance(module, LoraLayer)]
+        # adding an adapter must not change the trainability of what was there before
+        previous_requires_grad = []
+        if lora_prefixes:
+            seen = set()
+            for key, module in named_modules:
+                for pname, param in module.named_parameters(recurse=False):
+                    full = f"{key}.{pname}" if key else pname
+                    if id(param) in seen:
+                        continue
+                    seen.add(id(param))
+                    if f".{adapter_name}." not in full and not full.endswith(f".{adapter_name}"):
+                        previous_requires_grad.append((param, param.requires_grad))
+
+        plan, excluded, unmatched = [], [], []
+        for key, module in named_modules:
+            if not key or any(key.startswith(p) for p in lora_prefixes):
+                continue
+            found = is_target(config, key)
+            if isinstance(found, Excluded):
+                excluded.append(key)
+            elif found:
+                plan.append(key)
+            else:
+                unmatched.append(key)
+        if not plan:
+            self._raise_no_match(config, excluded, unmatched)
+        if config.exclude_modules and not excluded:
+            warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
+                          "Please check that exclude_modules was set correctly.")
+        self._warn_unused_patterns(config, plan)
+
+        for key in plan:
+            self._create_and_replace(config, adapter_name, key, model)
+        for key in plan:
+            if key not in self.targeted_module_names:
+                self.targeted_module_names.append(key)
+
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        if config.modules_to_save:
+            set_trainable_modules(model, adapter_name, config.modules_to_save, config.inference_mode,
+                                  activate=adapter_name in self.active_adapters)
+        for param, requires_grad in previous_requires_grad:
+            param.requires_grad = requires_grad
+        cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
+
+    @staticmethod
+    def _raise_no_match(config: LoraConfig, excluded: list[str], unmatched: list[str]) -> None:
+        layer_note = ""
+        if config.layers_to_transform is not None:
+            layer_note += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+        if config.layers_pattern is not None:
+            layer_note += f" You also specified 'layers_pattern': {config.layers_pattern}."
+        if excluded and not unmatched:
+            raise NoMatchingModuleError(
+                "All modules were excluded. This is likely unintended. "
+                "Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration.")
+        if not excluded:
+            raise NoMatchingModuleError(
+                f"Target modules {config.target_modules} not found in the base model. "
+                f"Please check the target modules and try again.{layer_note}")
+        raise NoMatchingModuleError(
+            "No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+            "modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. "
+            f"You may also have only targeted modules that are marked to be saved (`modules_to_save`).{layer_note}")
+
+    @staticmethod
+    def _warn_unused_patterns(config: LoraConfig, targeted: list[str]) -> None:
+        import re
+
+        for attr in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(config, attr)
+            unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted))
+            if unmatched:
+                warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                              f"{unmatched}.", RuntimeWarning)
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module) -> None:
+        parent, target, target_name = _get_submodules(model, key)
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                                config.use_rslora, config.lora_bias)
+            return
+        new_module = create_lora_module(config, adapter_name, target, r, alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until activated
+        setattr(parent, target_name, new_module)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        adapter_params: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for layer_name in module.adapter_layer_names:
+                    adapter_params.update(id(p) for p in getattr(module, layer_name).parameters())
+            elif isinstance(module, ModulesToSaveWrapper):
+                adapter_params.update(id(p) for p in module.parameters())
+        for param in model.parameters():
+            if id(param) not in adapter_params:
+                param.requires_grad = False
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias == "all":
+                for pname, param in model.named_parameters():
+                    if pname == "bias" or pname.endswith(".bias"):
+                        param.requires_grad = True
+            elif bias == "lora_only":
+                for module in model.modules():
+                    if isinstance(module, LoraLayer) and module.bias is not None:
+                        module.bias.requires_grad = True
+
+    # ------------------------------------------------------------------ adapters
+    def _lora_layers(self) -> Iterator[LoraLayer]:
+        return (m for m in self.model.modules() if isinstance(m, LoraLayer))
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name`` (a name or a list) on every layer; its weights become trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter {missing[0]} not found; the model has {list(self.peft_config)}")
+        for layer in self._lora_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+            layer.set_adapter(adapter_name, inference_mode=inference_mode)
+        wrapper_names = names if len(names) <= 1 else names[:1]
+        for wrapper in self._wrappers():
+            held = [n for n in wrapper_names if n in wrapper.modules_to_save]
+            wrapper.set_adapter(held, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn every adapter layer back on."""
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone (merged adapters are unmerged first)."""
+        for name in self.active_adapters:
+            if self.peft_config[name].bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be "
+                              f"'{self.peft_config[name].bias}' does not produce the same output as the base model "
+                              "would without adaption.")
+        self._set_adapter_layers(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer and from ``peft_config``."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        del self.peft_config[adapter_name]
+        remaining = list(self.peft_config)
+        new_active: list[str] = [n for n in self.active_adapters if n != adapter_name] or remaining[:1]
+        for layer in self._lora_layers():
+            layer.delete_adapter(adapter_name)
+            if new_active:
+                layer.set_adapter(new_active if len(new_active) > 1 else new_active[0])
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name, new_active[:1] or None)
+        self.active_adapter = (new_active[0] if len(new_active) == 1 else new_active)
+
+    # ------------------------------------------------------------------ merging / unloading
+    def _check_merge_allowed(self) -> None:
+        for layer in self._lora_layers():
+            base = layer.get_base_layer()
+            if getattr(base, "weight", None) is not None and base.weight.dtype not in (
+                    torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise ValueError(f"Cannot merge LoRA into a base weight of dtype {base.weight.dtype}")
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the active adapters (or ``adapter_names``) into the base weights."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        self._check_merge_allowed()
+        for layer in self._lora_layers():
+            names = [n for n in (adapter_names or layer.active_adapters) if layer._holds(n)]
+            if names:
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        """Undo ``merge_adapter`` on every layer."""
+        for layer in self._lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        keys = [key for key, _ in self.model.named_modules() if self.prefix not in key]
+        iterator: Any = keys
+        if progressbar:
+            from tqdm import tqdm
+
+            iterator = tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key in iterator:
+            try:
+                parent, target, target_name = _get_submodules(self.model, key)
+            except AttributeError:
+                continue  # inside a module already replaced
+            if isinstance(target, LoraLayer):
+                if merge:
+                    names = [n for n in (adapter_names or target.active_adapters) if target._holds(n)]
+                    if names:
+                        target.merge(safe_merge=safe_merge, adapter_names=names)
+                setattr(parent, target_name, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                setattr(parent, target_name, target.unwrapped_module())
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the model without LoRA layers."""
+        return self._unload_and_optionally_merge(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with the LoRA layers removed and nothing merged."""
+        return self._unload_and_optionally_merge(False)
+
+    # ------------------------------------------------------------------ mixed batches
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Pass ``adapter_names=[...]`` on to every LoRA layer and modules_to_save wrapper."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
+        known: set[str] = set()
+        for layer in self._lora_layers():
+            known.update(layer.adapter_names())
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        adapter_names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        original = adapter_names
+        if num_beams is not None and num_beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.model.modules():
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                    hook = partial(_adapter_names_hook, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            encoder = _get_encoder(self.model)
+            if adapter_names is not original and encoder is not None:
+                # the encoder sees the inputs before beams are expanded
+                for module in encoder.modules():
+                    if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                        hook = partial(_adapter_names_hook, adapter_names=original)
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
+    get_encoder = getattr(model, "get_encoder", None)
+    if not callable(get_encoder):
+        return None
+    try:
+        return get_encoder()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def set_trainable_modules(model: nn.Module, adapter_name: str, module_names: list[str], inference_mode: bool,
+                          activate: bool = True) -> list[ModulesToSaveWrapper]:
+    """Wrap every module whose name ends with one of ``module_names`` in a ModulesToSaveWrapper
+    (or add ``adapter_name`` to an existing wrapper)."""
+    wrappers = []
+    keys = [key for key, _ in model.named_modules(remove_duplicate=False)]
+    for key in keys:
+        if not any(key.endswith(name) for name in module_names):
+            continue
+        try:
+            parent, target, target_name = _get_submodules(model, key)
+        except AttributeError:
+            continue  # already replaced by a wrapper earlier in this loop
+        parts = key.split(".")
+        grandparent = model.get_submodule(".".join(parts[:-2])) if len(parts) >= 2 else None
+        if isinstance(grandparent, LoraLayer):
+            raise ValueError(
+                f"You are trying to target a module with ModulesToSaveWrapper that is a child of {type(grandparent)}. "
+                f"This is almost certainly not the intended behavior. Please ensure that the adapter name, "
+                f"'{adapter_name}', does not conflict with any of the targeted modules.")
+        if isinstance(grandparent, ModulesToSaveWrapper) or isinstance(parent, ModulesToSaveWrapper):
+            continue  # a module inside a wrapper (original_module / a copy)
+        if isinstance(target, ModulesToSaveWrapper):
+            target.update(adapter_name)
+            target.set_adapter(target.active_adapter, inference_mode=inference_mode)
+            wrappers.append(target)
+            continue
+        wrapper = ModulesToSaveWrapper(target, adapter_name)
+        wrapper.set_adapter(adapter_name if activate else [], inference_mode=inference_mode)
+        setattr(parent, target_name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Upcast this adapter's float16/bfloat16 LoRA weights to float32 (PEFT's default), which keeps
+    training stable; the layers compute in the adapter's dtype and return the base dtype."""
+    if not autocast_adapter_dtype:
+        return
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for layer_name in module.adapter_layer_names:
+            container = getattr(module, layer_name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(container, nn.ParameterDict):
+                if item.dtype in (torch.float16, torch.bfloat16):
+                    container[adapter_name] = nn.Parameter(item.data.float(), requires_grad=item.requires_grad)
+            else:
+                for param in item.parameters():
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
