@@ -14,11 +14,10 @@ adapter — never new weights under an old config.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +26,7 @@ from safetensors.torch import save as safetensors_save_bytes
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import LoraConfig
     from .peft_model import PeftModel
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,32 +50,6 @@ PEFT_LORA_CONFIG_KEYS = frozenset(
         "use_qalora", "use_rslora", "velora_config",
     }
 )  # fmt: skip
-
-# Keys PEFT writes for features torchlora does not implement. Reading a file is fine while they
-# hold these "off" values; any other value is refused rather than silently ignored.
-_UNSUPPORTED_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None, {}),
-    "layer_replication": (None, []),
-    "loftq_config": (None, {}),
-    "eva_config": (None, {}),
-    "corda_config": (None, {}),
-    "lora_ga_config": (None, {}),
-    "kasa_config": (None, {}, False),
-    "arrow_config": (None, {}),
-    "monteclora_config": (None, {}),
-    "velora_config": (None, {}),
-    "alora_invocation_tokens": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "target_parameters": (None, []),
-    "megatron_config": (None, {}),
-}
-# Keys that carry no meaning for torchlora's model (bookkeeping, distributed-training options).
-_IGNORED_KEYS = frozenset(
-    {"peft_type", "peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
-)
-
 
 # ---------------------------------------------------------------------------------- paths
 def adapter_folder(save_directory: str | os.PathLike[str], adapter_name: str) -> str:
@@ -221,32 +195,6 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def lora_config_kwargs(config_json: Mapping[str, Any], known_fields: Iterable[str], source: str) -> dict[str, Any]:
-    """Keyword arguments for torchlora's ``LoraConfig`` from an ``adapter_config.json`` dict.
-
-    ``known_fields`` are the config's field names. PEFT-only keys are accepted while they hold
-    their "off" value; an enabled feature torchlora lacks, or a key nobody knows, is an error
-    naming ``source`` and the key.
-    """
-    known = set(known_fields)
-    kwargs: dict[str, Any] = {}
-    for key, value in config_json.items():
-        if key in known and key not in ("peft_type", "peft_version"):
-            kwargs[key] = value
-        elif key in _IGNORED_KEYS:
-            continue
-        elif key in _UNSUPPORTED_OFF_VALUES:
-            if value not in _UNSUPPORTED_OFF_VALUES[key]:
-                raise ValueError(f"{source}: key {key!r} = {value!r} needs a PEFT feature torchlora does not support")
-        else:
-            raise ValueError(f"{source}: unknown key {key!r}")
-    if "target_modules" in kwargs and isinstance(kwargs["target_modules"], list):
-        kwargs["target_modules"] = set(kwargs["target_modules"])
-    if "modules_to_save" in kwargs and isinstance(kwargs["modules_to_save"], tuple):
-        kwargs["modules_to_save"] = list(kwargs["modules_to_save"])
-    return kwargs
-
-
 def adapter_weights_path(directory: str | os.PathLike[str]) -> str:
     """The weights file of an adapter folder: safetensors if present, else the legacy pickle."""
     directory = os.fspath(directory)
@@ -337,8 +285,233 @@ def check_adapter_weights(
     return out
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def config_from_json(config_json: Mapping[str, Any], source: str) -> "LoraConfig":
+    """torchlora's ``LoraConfig`` from an ``adapter_config.json`` dict; errors name ``source``."""
+    from .config import LoraConfig
+
+    data = {key: value for key, value in config_json.items() if key != "runtime_config"}
+    try:
+        return LoraConfig.from_dict(data)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------- models
+_SAVE_KWARGS = frozenset({"is_main_process", "save_embedding_layers", "state_dict"})
+_LOAD_KWARGS = frozenset({"subfolder", "torch_device", "autocast_adapter_dtype"})
+
+
+def _check_kwargs(kwargs: Mapping[str, Any], allowed: frozenset[str], function: str) -> None:
+    unexpected = sorted(set(kwargs) - allowed)
+    if unexpected:
+        raise TypeError(f"{function}() got unexpected arguments {unexpected} (supported: {sorted(allowed)})")
+
+
+def save_pretrained(
+    peft_model: "PeftModel",
+    save_directory: str | os.PathLike[str],
+    selected_adapters: list[str] | None = None,
+    safe_serialization: bool = True,
+    **kwargs: Any,
+) -> None:
+    """Save adapters in PEFT's format: "default" in ``save_directory``, others in ``<dir>/<name>``.
+
+    Extra keyword arguments (as in PEFT): ``is_main_process`` (False: write nothing),
+    ``save_embedding_layers`` ("auto", True or False) and ``state_dict`` (take the weights from
+    this state dict instead of the model).
+    """
+    from .state_dict import get_peft_model_state_dict
+
+    _check_kwargs(kwargs, _SAVE_KWARGS, "save_pretrained")
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save directory {save_directory!r} is a file, expected a folder")
+    configs = peft_model.peft_config
+    if selected_adapters is None:
+        selected_adapters = list(configs)
+    else:
+        if isinstance(selected_adapters, str) or not all(isinstance(n, str) for n in selected_adapters):
+            raise TypeError(f"selected_adapters must be a list of adapter names, got {selected_adapters!r}")
+        unknown = [name for name in selected_adapters if name not in configs]
+        if unknown:
+            raise ValueError(
+                f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(configs)} - but you passed {unknown}"
+            )
+    if not kwargs.get("is_main_process", True):
+        return
+
+    for adapter_name in selected_adapters:
+        config = configs[adapter_name]
+        tensors = get_peft_model_state_dict(
+            peft_model,
+            state_dict=kwargs.get("state_dict"),
+            adapter_name=adapter_name,
+            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"),
+        )
+        config_dict = config.to_dict()
+        if config_dict.get("base_model_name_or_path") is None:
+            config_dict["base_model_name_or_path"] = peft_model.get_base_model().__dict__.get("name_or_path") or None
+        config_dict["inference_mode"] = True  # a saved adapter is loaded for inference unless asked otherwise
+        write_adapter_files(
+            adapter_folder(save_directory, adapter_name),
+            config_to_peft_json(config_dict),
+            tensors,
+            safe_serialization=safe_serialization,
+        )
+
+
+def _adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
+    """Names of the parameters that belong to ``adapter_name`` (LoRA factors, modules_to_save copies)."""
+    from .nn import LoraLayer
+    from .tuners import ModulesToSaveWrapper
+
+    names = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, LoraLayer):
+            for layer_name in module.adapter_layer_names:
+                container = getattr(module, layer_name)
+                if adapter_name in container:
+                    item = container[adapter_name]
+                    if isinstance(item, nn.Parameter):
+                        names.append(f"{prefix}{layer_name}.{adapter_name}")
+                    else:
+                        names.extend(f"{prefix}{layer_name}.{adapter_name}.{n}" for n, _ in item.named_parameters())
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            copy = module.modules_to_save[adapter_name]
+            names.extend(f"{prefix}modules_to_save.{adapter_name}.{n}" for n, _ in copy.named_parameters())
+    return names
+
+
+def _expected_tensors(peft_model: "PeftModel", adapter_name: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(tensors the file must hold, tensors the file may hold): the second adds the base
+    embedding layers PEFT saves beside an adapter that targets them."""
+    import warnings
+
+    from .state_dict import get_peft_model_state_dict
+
+    required = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    allowed = dict(required)
+    if hasattr(peft_model.get_base_model(), "get_input_embeddings"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            allowed.update(
+                get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+            )
+    return required, allowed
+
+
+def load_weights_into(peft_model: "PeftModel", adapter_name: str, tensors: Mapping[str, Tensor], path: str) -> None:
+    """Load a file's tensors into an existing adapter, strictly (see ``check_adapter_weights``)."""
+    from .state_dict import set_peft_model_state_dict
+
+    required, allowed = _expected_tensors(peft_model, adapter_name)
+    optional = {key: allowed[key] for key in allowed if key not in required and key in tensors}
+    checked = check_adapter_weights(path, tensors, {**required, **optional})
+    result = set_peft_model_state_dict(peft_model, checked, adapter_name=adapter_name)
+    if result.missing_keys:  # every required key was checked above; anything left is a bug, not a warning
+        raise ValueError(f"{path}: adapter weights not loaded: {result.missing_keys[:5]}")
+
+
+def _set_adapter_trainable(peft_model: "PeftModel", adapter_name: str, trainable: bool) -> None:
+    params = dict(peft_model.named_parameters())
+    for name in _adapter_parameter_names(peft_model, adapter_name):
+        if name in params:
+            params[name].requires_grad_(trainable)
+
+
+def _read_folder(
+    model_id: str | os.PathLike[str], kwargs: Mapping[str, Any]
+) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
+    path = os.fspath(model_id)
+    if kwargs.get("subfolder"):
+        path = os.path.join(path, kwargs["subfolder"])
+    config_json = read_adapter_config(path)
+    tensors, weights_path = read_adapter_weights(path)
+    return path, config_json, tensors, weights_path
+
+
+def _move_tensors(tensors: dict[str, Tensor], device: Any) -> dict[str, Tensor]:
+    return tensors if device is None else {k: v.to(device) for k, v in tensors.items()}
+
+
+def load_adapter(
+    peft_model: "PeftModel",
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool = False,
+    **kwargs: Any,
+) -> None:
+    """Add ``adapter_name`` from the folder ``model_id`` (its config) and load its weights strictly.
+
+    The adapter is not activated (``set_adapter`` does that) and is frozen unless
+    ``is_trainable``. Files are read and checked before the model changes; if the weights do not
+    fit, the half-added adapter is removed again.
+    """
+    _check_kwargs(kwargs, _LOAD_KWARGS, "load_adapter")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+    path, config_json, tensors, weights_path = _read_folder(model_id, kwargs)
+    config = config_from_json(config_json, os.path.join(path, CONFIG_NAME))
+    config.inference_mode = not is_trainable
+    peft_model.add_adapter(
+        adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+    )
+    try:
+        load_weights_into(peft_model, adapter_name, _move_tensors(tensors, kwargs.get("torch_device")), weights_path)
+    except BaseException:
+        peft_model.delete_adapter(adapter_name)
+        raise
+    _set_adapter_trainable(peft_model, adapter_name, is_trainable)
+    if not is_trainable:
+        peft_model.eval()
+
+
+def from_pretrained(
+    cls: type["PeftModel"],
+    model: nn.Module,
+    model_id: str | os.PathLike[str],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    config: "LoraConfig | None" = None,
+    **kwargs: Any,
+) -> "PeftModel":
+    """Wrap ``model`` with the adapter saved in the folder ``model_id`` (PEFT's or torchlora's).
+
+    ``cls`` is ``PeftModel`` (then the task subclass comes from the config's ``task_type``) or a
+    task subclass. Loaded adapters are frozen and the model is in eval mode unless
+    ``is_trainable``. If the weights do not fit, ``model`` is restored before the error is raised.
+    """
+    from .config import LoraConfig
+    from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from .peft_model import PeftModel
+
+    _check_kwargs(kwargs, _LOAD_KWARGS, "from_pretrained")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path, config_json, tensors, weights_path = _read_folder(model_id, kwargs)
+    if config is None:
+        config = config_from_json(config_json, os.path.join(path, CONFIG_NAME))
+    elif not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a torchlora LoraConfig, got {type(config).__name__}")
+    config.inference_mode = not is_trainable
+    if cls is PeftModel:
+        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+    peft_model = cls(
+        model, config, adapter_name=adapter_name, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+    )
+    try:
+        load_weights_into(peft_model, adapter_name, _move_tensors(tensors, kwargs.get("torch_device")), weights_path)
+    except BaseException:
+        peft_model.unload()  # give the caller its model back without LoRA layers
+        raise
+    _set_adapter_trainable(peft_model, adapter_name, is_trainable)
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
 
 
 __all__ = [
@@ -353,7 +526,7 @@ __all__ = [
     "read_adapter_config",
     "read_adapter_weights",
     "adapter_weights_path",
-    "lora_config_kwargs",
+    "config_from_json",
     "check_adapter_weights",
     "save_pretrained",
     "load_adapter",
