@@ -384,31 +384,30 @@ def _adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
     return names
 
 
-def _expected_tensors(peft_model: "PeftModel", adapter_name: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(tensors the file must hold, tensors the file may hold): the second adds the base
-    embedding layers PEFT saves beside an adapter that targets them."""
+def _embedding_layer_tensors(peft_model: "PeftModel", adapter_name: str) -> dict[str, Tensor]:
+    """The base embedding layers PEFT saves beside an adapter that targets them (or after a
+    vocabulary resize); a file may hold them and they load into the base model."""
     import warnings
 
     from .state_dict import get_peft_model_state_dict
 
-    required = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
-    allowed = dict(required)
-    if hasattr(peft_model.get_base_model(), "get_input_embeddings"):
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            allowed.update(
-                get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
-            )
-    return required, allowed
+            return get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+    except NotImplementedError:  # a transformers model without input embeddings (vision models)
+        return {}
 
 
 def load_weights_into(peft_model: "PeftModel", adapter_name: str, tensors: Mapping[str, Tensor], path: str) -> None:
     """Load a file's tensors into an existing adapter, strictly (see ``check_adapter_weights``)."""
-    from .state_dict import set_peft_model_state_dict
+    from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
-    required, allowed = _expected_tensors(peft_model, adapter_name)
-    optional = {key: allowed[key] for key in allowed if key not in required and key in tensors}
-    checked = check_adapter_weights(path, tensors, {**required, **optional})
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    if any(key not in expected for key in tensors):
+        optional = _embedding_layer_tensors(peft_model, adapter_name)
+        expected.update({key: value for key, value in optional.items() if key in tensors})
+    checked = check_adapter_weights(path, tensors, expected)
     result = set_peft_model_state_dict(peft_model, checked, adapter_name=adapter_name)
     if result.missing_keys:  # every required key was checked above; anything left is a bug, not a warning
         raise ValueError(f"{path}: adapter weights not loaded: {result.missing_keys[:5]}")
