@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,7 +50,7 @@ class FinetuneConfig:
     model: str | None = None  # transformers model folder; None: the packaged all-MiniLM-L6-v2
     data: str | None = None  # JSONL with {"text": ..., "label": ...}; None: the packaged data set
     output_dir: str = "torchlora-finetune"
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 16
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
@@ -182,6 +183,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # deprecation notices from library internals say nothing about this job
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
 
 def load_classifier(model_path: str, labels: list[str], seed: int) -> nn.Module:
@@ -243,10 +246,12 @@ def plot_losses(losses: list[float], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = list(range(1, len(losses) + 1))
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss per step")
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-    ax.plot(steps, smooth, color="tab:blue", label=f"moving average ({window} steps)")
+    window = len(losses) // 10
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35 if window > 1 else 1.0, marker="." if window <= 1 else None,
+            label="loss per step")
+    if window > 1:  # a moving average only helps on longer runs
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", label=f"moving average ({window} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title)
@@ -264,7 +269,8 @@ def run_finetune(config: FinetuneConfig, log: Any = print) -> FinetuneResult:
     from transformers import AutoTokenizer
 
     from .config import LoraConfig, TaskType
-    from .peft_model import PeftModel, get_peft_model
+    from .mapping import get_peft_model
+    from .peft_model import PeftModel
 
     config.validate()
     started = time.perf_counter()
