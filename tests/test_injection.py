@@ -77,7 +77,7 @@ def _make(kwargs):
     return lambda lib: lib.LoraConfig(init_lora_weights=False, **kwargs)
 
 
-@pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def case(request):
     _, builder, kwargs, inputs = request.param
     ref, ours = build_pair(builder, _make(kwargs))
@@ -227,9 +227,32 @@ def test_second_adapter_with_bias_is_rejected():
 
 def test_failed_injection_leaves_model_untouched():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1))
+    weight = model[0].weight.detach().clone()
+    config = torchlora.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights="pissa")
     with pytest.raises(NotImplementedError):
-        torchlora.inject_adapter_in_model(torchlora.LoraConfig(target_modules=["1"]), model)
-    assert isinstance(model[0], torch.nn.Linear)
+        torchlora.inject_adapter_in_model(config, model)
+    assert type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.Conv1d
+    assert torch.equal(model[0].weight, weight)
+
+
+def test_failed_second_adapter_is_rolled_back():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(4, 4, 1, groups=2))
+    peft_model = torchlora.get_peft_model(model, torchlora.LoraConfig(r=2, target_modules=["0", "1"]))
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    with pytest.raises(ValueError, match="divisible by groups"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.add_adapter("odd", torchlora.LoraConfig(r=3, target_modules=["0", "1"]))
+    assert list(peft_model.peft_config) == ["default"]
+    assert set(peft_model.state_dict()) == set(state)
+    assert peft_model.base_model.model[0].adapter_names() == ["default"]
+
+
+def test_merged_adapter_cannot_be_deleted():
+    peft_model = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=["q_proj"]))
+    peft_model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        peft_model.delete_adapter("default")
+    assert list(peft_model.peft_config) == ["default"]
 
 
 def test_conv2d_rank_not_divisible_by_groups():

@@ -7,6 +7,7 @@ naming the field, and every PEFT option that torchlora does not implement raises
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import json
@@ -302,7 +303,7 @@ class LoraConfig:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """The config as a dict, with the keys and value types PEFT writes (sets stay sets)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         out.pop("runtime_config")
         out["loftq_config"] = {}
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in out.items()}

@@ -57,6 +57,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
                           f"overwriting with revision {revision}")
         peft_config.revision = revision
+    if adapter_name in "lora_":
+        warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix 'lora_'. "
+                      "This may lead to reinitialization of the adapter weights during loading.")
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)

@@ -8,13 +8,12 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from .config import LoraConfig, PeftType
 from .nn import LoraLayer
 from .tuners import LoraModel, ModulesToSaveWrapper
-from .tuners.lora_model import set_trainable_modules
+from .tuners.modules_to_save import set_trainable_modules
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 _QA_NAMES = ("qa_outputs",)
@@ -213,19 +212,64 @@ class PeftModel(nn.Module):
         return adapter_io.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
 
 
-class PeftModelForCausalLM(PeftModel):
+class _TaskForward(PeftModel):
+    """Task models with PEFT's explicit ``forward`` signature (the Trainer keeps only the dataset
+    columns a model's signature names)."""
+
+    def _task_forward(self, task_ids: Any, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        if task_ids is not None:
+            raise TypeError("task_ids is only used by multitask prompt methods, not by LoRA")
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model()(**named, **kwargs)
+
+
+class PeftModelForCausalLM(_TaskForward):
     """PeftModel for causal language models (``forward`` and ``generate`` pass through)."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+        return self._task_forward(task_ids, named, kwargs)
 
-class PeftModelForSeq2SeqLM(PeftModel):
+
+class PeftModelForSeq2SeqLM(_TaskForward):
     """PeftModel for encoder-decoder models (``forward`` and ``generate`` pass through)."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                     decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+        return self._task_forward(task_ids, named, kwargs)
 
-class PeftModelForFeatureExtraction(PeftModel):
+
+class PeftModelForFeatureExtraction(_TaskForward):
     """PeftModel for models that return hidden states."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+        return self._task_forward(task_ids, named, kwargs)
 
-class PeftModelForSequenceClassification(PeftModel):
+
+class _ClassifierForward(_TaskForward):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+        return self._task_forward(task_ids, named, kwargs)
+
+
+class PeftModelForSequenceClassification(_ClassifierForward):
     """PeftModel for sequence classification: the ``classifier`` / ``score`` head is trained
     and saved whole (added to ``modules_to_save``)."""
 
@@ -243,7 +287,7 @@ class PeftModelForSequenceClassification(PeftModel):
         super().add_adapter(adapter_name, peft_config, **kwargs)
 
 
-class _HeadAfterInjection(PeftModel):
+class _HeadAfterInjection(_TaskForward):
     """Task models whose head joins ``modules_to_save`` after injection (as PEFT does)."""
 
     head_names: tuple[str, ...] = ()
@@ -265,12 +309,22 @@ class PeftModelForTokenClassification(_HeadAfterInjection):
     """PeftModel for token classification (the ``classifier`` / ``score`` head is saved whole)."""
 
     head_names = _CLASSIFIER_NAMES
+    forward = _ClassifierForward.forward
 
 
 class PeftModelForQuestionAnswering(_HeadAfterInjection):
     """PeftModel for extractive question answering (the ``qa_outputs`` head is saved whole)."""
 
     head_names = _QA_NAMES
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+                     end_positions=end_positions, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states, return_dict=return_dict)
+        return self._task_forward(task_ids, named, kwargs)
 
 
 def _first_child_named(module: nn.Module, names: Optional[set[str]]) -> Optional[str]:

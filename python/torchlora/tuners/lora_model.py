@@ -3,32 +3,25 @@ model-wide adapter lifecycle (activate, disable, merge, unload, delete), as PEFT
 
 from __future__ import annotations
 
-import contextlib
+import re
 import warnings
 from collections.abc import Iterator
-from functools import partial
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from ..config import LoraConfig, TaskType
-from ..nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from ..config import LoraConfig
+from ..nn import LoraLayer
 from ..target_defaults import default_target_modules
-from .matching import Excluded, expand_all_linear, is_conv1d, is_target, pattern_value
-from .modules_to_save import ModulesToSaveWrapper
-
-_PEFT_SUPPORTED_ELSEWHERE = (nn.Conv1d, nn.Conv3d, nn.MultiheadAttention)
+from .dispatch import cast_adapter_dtype, create_lora_module
+from .matching import Excluded, expand_all_linear, is_target, pattern_value
+from .mixed_batch import adapter_names_hooks
+from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
 
 
 class NoMatchingModuleError(ValueError):
     """No module of the model was selected by the config."""
-
-
-def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
-    parent_name, _, target_name = key.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, model.get_submodule(key), target_name
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -37,49 +30,6 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     if config is None:
         return {"model_type": "custom"}
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
-
-
-def create_lora_module(config: LoraConfig, adapter_name: str, target: nn.Module, r: int,
-                       lora_alpha: float) -> LoraLayer:
-    """A torchlora layer around ``target``; corrects ``config.fan_in_fan_out`` like PEFT does."""
-    common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
-                  init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                  lora_bias=config.lora_bias)
-    if config.lora_bias and getattr(target, "bias", None) is None:
-        warnings.warn(
-            f"`lora_bias=True` was passed but the targeted layer of type {type(target).__name__} has no bias. "
-            "This means that merging LoRA weights won't be possible."
-        )
-    if isinstance(target, nn.Embedding):
-        return LoraEmbedding(target, adapter_name, **common)
-    if isinstance(target, nn.Conv2d):
-        return LoraConv2d(target, adapter_name, **common)
-    if isinstance(target, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                          "Setting fan_in_fan_out to False.")
-            config.fan_in_fan_out = False
-        return LoraLinear(target, adapter_name, fan_in_fan_out=False, **common)
-    if is_conv1d(target):
-        if not config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
-                          "Setting fan_in_fan_out to True.")
-            config.fan_in_fan_out = True
-        return LoraLinear(target, adapter_name, fan_in_fan_out=True, **common)
-    if isinstance(target, _PEFT_SUPPORTED_ELSEWHERE):
-        raise NotImplementedError(
-            f"LoRA on {type(target).__name__} is not supported by torchlora yet; supported are torch.nn.Linear, "
-            "torch.nn.Embedding, torch.nn.Conv2d and transformers Conv1D"
-        )
-    raise ValueError(
-        f"Target module {target} is not supported. Currently, only the following modules are supported: "
-        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
-    )
 
 
 class LoraModel(nn.Module):
@@ -170,8 +120,14 @@ class LoraModel(nn.Module):
                           "Please check that exclude_modules was set correctly.")
         self._warn_unused_patterns(config, plan)
 
-        for key in plan:
-            self._create_and_replace(config, adapter_name, key, model)
+        undo: list = []
+        try:
+            for key in plan:
+                undo.append(self._create_and_replace(config, adapter_name, key, model))
+        except Exception:
+            for restore in reversed(undo):  # leave the model as it was before this adapter
+                restore()
+            raise
         for key in plan:
             if key not in self.targeted_module_names:
                 self.targeted_module_names.append(key)
@@ -207,8 +163,6 @@ class LoraModel(nn.Module):
 
     @staticmethod
     def _warn_unused_patterns(config: LoraConfig, targeted: list[str]) -> None:
-        import re
-
         for attr in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(config, attr)
             unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted))
@@ -216,18 +170,55 @@ class LoraModel(nn.Module):
                 warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module) -> None:
-        parent, target, target_name = _get_submodules(model, key)
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module):
+        """Wrap (or extend) the module ``key``; returns a function that undoes it."""
+        parent, target, target_name = get_submodules(model, key)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        # PiSSA / OLoRA replace the base weight's data; keep the original to restore on failure
+        weight = getattr(base, "weight", None)
+        original_data = weight.data if isinstance(weight, torch.Tensor) else None
+
+        def restore_weight() -> None:
+            if original_data is not None:
+                base.weight.data = original_data
+
         if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora, config.lora_bias)
-            return
-        new_module = create_lora_module(config, adapter_name, target, r, alpha)
+            try:
+                target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                                    config.use_rslora, config.lora_bias)
+            except Exception:
+                self._drop_partial_adapter(target, adapter_name)
+                restore_weight()
+                raise
+
+            def undo_update() -> None:
+                self._drop_partial_adapter(target, adapter_name)
+                restore_weight()
+
+            return undo_update
+        try:
+            new_module = create_lora_module(config, adapter_name, target, r, alpha)
+        except Exception:
+            restore_weight()
+            raise
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated
         setattr(parent, target_name, new_module)
+
+        def undo_create() -> None:
+            setattr(parent, target_name, target)
+            restore_weight()
+
+        return undo_create
+
+    @staticmethod
+    def _drop_partial_adapter(layer: LoraLayer, adapter_name: str) -> None:
+        for attr in layer.adapter_layer_names + layer.other_param_names + ("lora_bias", "use_rslora"):
+            container = getattr(layer, attr)
+            if adapter_name in container:
+                del container[adapter_name]
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         adapter_params: set[int] = set()
@@ -269,9 +260,10 @@ class LoraModel(nn.Module):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
             layer.set_adapter(adapter_name, inference_mode=inference_mode)
-        wrapper_names = names if len(names) <= 1 else names[:1]
         for wrapper in self._wrappers():
-            held = [n for n in wrapper_names if n in wrapper.modules_to_save]
+            held = [n for n in names if n in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for modules_to_save, got {held}")
             wrapper.set_adapter(held, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
@@ -297,6 +289,8 @@ class LoraModel(nn.Module):
         """Remove an adapter from every layer and from ``peft_config``."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if any(adapter_name in layer.merged_adapters for layer in self._lora_layers()):
+            raise ValueError(f"Adapter '{adapter_name}' is merged; call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
         remaining = list(self.peft_config)
         new_active: list[str] = [n for n in self.active_adapters if n != adapter_name] or remaining[:1]
@@ -344,7 +338,7 @@ class LoraModel(nn.Module):
             iterator = tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model")
         for key in iterator:
             try:
-                parent, target, target_name = _get_submodules(self.model, key)
+                parent, target, target_name = get_submodules(self.model, key)
             except AttributeError:
                 continue  # inside a module already replaced
             if isinstance(target, LoraLayer):
@@ -367,108 +361,6 @@ class LoraModel(nn.Module):
         return self._unload_and_optionally_merge(False)
 
     # ------------------------------------------------------------------ mixed batches
-    @contextlib.contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """Pass ``adapter_names=[...]`` on to every LoRA layer and modules_to_save wrapper."""
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            yield
-            return
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
-        known: set[str] = set()
-        for layer in self._lora_layers():
-            known.update(layer.adapter_names())
-        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-        adapter_names = list(adapter_names)
-        num_beams = kwargs.get("num_beams")
-        original = adapter_names
-        if num_beams is not None and num_beams > 1:
-            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        handles = []
-        try:
-            for module in self.model.modules():
-                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                    hook = partial(_adapter_names_hook, adapter_names=adapter_names)
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            encoder = _get_encoder(self.model)
-            if adapter_names is not original and encoder is not None:
-                # the encoder sees the inputs before beams are expanded
-                for module in encoder.modules():
-                    if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                        hook = partial(_adapter_names_hook, adapter_names=original)
-                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
-    get_encoder = getattr(model, "get_encoder", None)
-    if not callable(get_encoder):
-        return None
-    try:
-        return get_encoder()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
-def set_trainable_modules(model: nn.Module, adapter_name: str, module_names: list[str], inference_mode: bool,
-                          activate: bool = True) -> list[ModulesToSaveWrapper]:
-    """Wrap every module whose name ends with one of ``module_names`` in a ModulesToSaveWrapper
-    (or add ``adapter_name`` to an existing wrapper)."""
-    wrappers = []
-    keys = [key for key, _ in model.named_modules(remove_duplicate=False)]
-    for key in keys:
-        if not any(key.endswith(name) for name in module_names):
-            continue
-        try:
-            parent, target, target_name = _get_submodules(model, key)
-        except AttributeError:
-            continue  # already replaced by a wrapper earlier in this loop
-        parts = key.split(".")
-        grandparent = model.get_submodule(".".join(parts[:-2])) if len(parts) >= 2 else None
-        if isinstance(grandparent, LoraLayer):
-            raise ValueError(
-                f"You are trying to target a module with ModulesToSaveWrapper that is a child of {type(grandparent)}. "
-                f"This is almost certainly not the intended behavior. Please ensure that the adapter name, "
-                f"'{adapter_name}', does not conflict with any of the targeted modules.")
-        if isinstance(grandparent, ModulesToSaveWrapper) or isinstance(parent, ModulesToSaveWrapper):
-            continue  # a module inside a wrapper (original_module / a copy)
-        if isinstance(target, ModulesToSaveWrapper):
-            target.update(adapter_name)
-            target.set_adapter(target.active_adapter, inference_mode=inference_mode)
-            wrappers.append(target)
-            continue
-        wrapper = ModulesToSaveWrapper(target, adapter_name)
-        wrapper.set_adapter(adapter_name if activate else [], inference_mode=inference_mode)
-        setattr(parent, target_name, wrapper)
-        wrappers.append(wrapper)
-    return wrappers
-
-
-def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-    """Upcast this adapter's float16/bfloat16 LoRA weights to float32 (PEFT's default), which keeps
-    training stable; the layers compute in the adapter's dtype and return the base dtype."""
-    if not autocast_adapter_dtype:
-        return
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for layer_name in module.adapter_layer_names:
-            container = getattr(module, layer_name)
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(container, nn.ParameterDict):
-                if item.dtype in (torch.float16, torch.bfloat16):
-                    container[adapter_name] = nn.Parameter(item.data.float(), requires_grad=item.requires_grad)
-            else:
-                for param in item.parameters():
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+        return adapter_names_hooks(self.model, self.training, *args, **kwargs)

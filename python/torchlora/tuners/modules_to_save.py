@@ -10,6 +10,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, attribute name in parent) of the submodule named ``key``."""
+    parent_name, _, target_name = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, model.get_submodule(key), target_name
+
+
 _MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -160,3 +167,39 @@ class ModulesToSaveWrapper(nn.Module):
         if not self.active_adapters:
             return self.original_module
         return self.modules_to_save[self.active_adapters[0]]
+
+
+def set_trainable_modules(model: nn.Module, adapter_name: str, module_names: list[str], inference_mode: bool,
+                          activate: bool = True) -> list[ModulesToSaveWrapper]:
+    """Wrap every module whose name ends with one of ``module_names`` in a ModulesToSaveWrapper
+    (or add ``adapter_name`` to an existing wrapper)."""
+    from ..nn import LoraLayer
+
+    wrappers = []
+    keys = [key for key, _ in model.named_modules(remove_duplicate=False)]
+    for key in keys:
+        if not any(key.endswith(name) for name in module_names):
+            continue
+        try:
+            parent, target, target_name = get_submodules(model, key)
+        except AttributeError:
+            continue  # already replaced by a wrapper earlier in this loop
+        parts = key.split(".")
+        grandparent = model.get_submodule(".".join(parts[:-2])) if len(parts) >= 2 else None
+        if isinstance(grandparent, LoraLayer):
+            raise ValueError(
+                f"You are trying to target a module with ModulesToSaveWrapper that is a child of {type(grandparent)}. "
+                f"This is almost certainly not the intended behavior. Please ensure that the adapter name, "
+                f"'{adapter_name}', does not conflict with any of the targeted modules.")
+        if isinstance(grandparent, ModulesToSaveWrapper) or isinstance(parent, ModulesToSaveWrapper):
+            continue  # a module inside a wrapper (original_module / a copy)
+        if isinstance(target, ModulesToSaveWrapper):
+            target.update(adapter_name)
+            target.set_adapter(target.active_adapter, inference_mode=inference_mode)
+            wrappers.append(target)
+            continue
+        wrapper = ModulesToSaveWrapper(target, adapter_name)
+        wrapper.set_adapter(adapter_name if activate else [], inference_mode=inference_mode)
+        setattr(parent, target_name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers

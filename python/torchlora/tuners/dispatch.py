@@ -1,0 +1,74 @@
+"""Which torchlora layer wraps a matched module, and the adapter dtype policy."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .matching import is_conv1d
+
+_PEFT_SUPPORTED_ELSEWHERE = (nn.Conv1d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def create_lora_module(config: LoraConfig, adapter_name: str, target: nn.Module, r: int,
+                       lora_alpha: float) -> LoraLayer:
+    """A torchlora layer around ``target``; corrects ``config.fan_in_fan_out`` like PEFT does."""
+    common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
+                  init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                  lora_bias=config.lora_bias)
+    if config.lora_bias and getattr(target, "bias", None) is None:
+        warnings.warn(
+            f"`lora_bias=True` was passed but the targeted layer of type {type(target).__name__} has no bias. "
+            "This means that merging LoRA weights won't be possible."
+        )
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target, adapter_name, **common)
+    if isinstance(target, nn.Conv2d):
+        return LoraConv2d(target, adapter_name, **common)
+    if isinstance(target, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        return LoraLinear(target, adapter_name, fan_in_fan_out=False, **common)
+    if is_conv1d(target):
+        if not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        return LoraLinear(target, adapter_name, fan_in_fan_out=True, **common)
+    if isinstance(target, _PEFT_SUPPORTED_ELSEWHERE):
+        raise NotImplementedError(
+            f"LoRA on {type(target).__name__} is not supported by torchlora yet; supported are torch.nn.Linear, "
+            "torch.nn.Embedding, torch.nn.Conv2d and transformers Conv1D"
+        )
+    raise ValueError(
+        f"Target module {target} is not supported. Currently, only the following modules are supported: "
+        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
+    )
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Upcast this adapter's float16/bfloat16 LoRA weights to float32 (PEFT's default), which keeps
+    training stable; the layers compute in the adapter's dtype and return the base dtype."""
+    if not autocast_adapter_dtype:
+        return
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for layer_name in module.adapter_layer_names:
+            container = getattr(module, layer_name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(container, nn.ParameterDict):
+                if item.dtype in (torch.float16, torch.bfloat16):
+                    container[adapter_name] = nn.Parameter(item.data.float(), requires_grad=item.requires_grad)
+            else:
+                for param in item.parameters():
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()

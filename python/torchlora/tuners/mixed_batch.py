@@ -1,0 +1,79 @@
+"""Mixed-batch inference: ``model(..., adapter_names=[one per sample])`` reaches every LoRA
+layer and modules_to_save wrapper through forward pre-hooks, as in PEFT."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Optional
+
+from torch import nn
+
+from ..nn import LoraLayer
+from .modules_to_save import ModulesToSaveWrapper
+
+
+def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    if isinstance(module, LoraLayer):
+        # an adapter that does not touch this layer leaves its rows as the base layer computes them
+        held = set(module.adapter_names())
+        adapter_names = [n if n in held else "__base__" for n in adapter_names]
+    elif isinstance(module, ModulesToSaveWrapper):
+        adapter_names = [n if n in module.modules_to_save else "__base__" for n in adapter_names]
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+
+@contextlib.contextmanager
+def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: Any) -> Iterator[None]:
+    """While active, every forward of ``model`` routes sample i through ``adapter_names[i]``."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        yield
+        return
+    if training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
+    known: set[str] = set()
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        known.update(layer.adapter_names())
+    unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    adapter_names = list(adapter_names)
+    num_beams = kwargs.get("num_beams")
+    original = adapter_names
+    if num_beams is not None and num_beams > 1:
+        adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                hook = partial(_adapter_names_hook, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = _get_encoder(model)
+        if adapter_names is not original and encoder is not None:
+            # the encoder sees the inputs before beams are expanded
+            for module in encoder.modules():
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                    hook = partial(_adapter_names_hook, adapter_names=original)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
+    get_encoder = getattr(model, "get_encoder", None)
+    if not callable(get_encoder):
+        return None
+    try:
+        encoder = get_encoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    # transformers 5 returns the model itself when it has no separate encoder
+    return None if encoder is model else encoder
