@@ -408,3 +408,13 @@ def test_unknown_load_kwargs_are_errors(saved):
     folder, _ = saved
     with pytest.raises(TypeError, match="bogus"):
         torchlora.PeftModel.from_pretrained(tm.bert_seq_cls(), folder, bogus=True)
+
+
+def test_peft_legacy_bin_folder_loads(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(tm.bert_seq_cls(), peft.LoraConfig(
+            task_type="SEQ_CLS", target_modules=["query", "value"], r=4, init_lora_weights=False)).eval()
+    ref.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    torch.testing.assert_close(_out(_load(str(tmp_path))), _out(ref), rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ CASES = [
          {"target_modules": "all-linear", "r": 4, "lora_alpha": 16, "rank_pattern": {"q_proj": 2},
           "alpha_pattern": {"v_proj": 3}, "lora_bias": True, "use_rslora": True}),
     Case("llama-embeddings", tm.llama, _ids, {"target_modules": ["embed_tokens", "q_proj", "lm_head"], "r": 4}),
-    Case("gpt2-conv1d-bias-all", tm.gpt2, _ids,
+    Case("gpt2-conv1d-bias-lora-only", tm.gpt2, _ids,
          {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True, "r": 4, "bias": "lora_only"}),
     Case("t5-seq2seq", tm.t5, _t5_inputs, {"task_type": "SEQ_2_SEQ_LM", "r": 4, "lora_alpha": 12}),
     Case("bert-seq-cls-two-adapters", tm.bert_seq_cls, _ids,
