@@ -418,3 +418,14 @@ def test_peft_legacy_bin_folder_loads(tmp_path):
     ref.save_pretrained(str(tmp_path), safe_serialization=False)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
     torch.testing.assert_close(_out(_load(str(tmp_path))), _out(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_model_saves_and_loads(tmp_path):
+    model = _model().cuda()
+    model.save_pretrained(str(tmp_path))
+    loaded = torchlora.PeftModel.from_pretrained(tm.bert_seq_cls().cuda(), str(tmp_path))
+    assert all(p.is_cuda for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS.cuda()).logits, model(input_ids=IDS.cuda()).logits)
