@@ -429,3 +429,10 @@ def test_cuda_model_saves_and_loads(tmp_path):
     assert all(p.is_cuda for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS.cuda()).logits, model(input_ids=IDS.cuda()).logits)
+
+
+def test_resaving_a_loaded_task_adapter_keeps_modules_to_save_unique(saved, tmp_path):
+    folder, _ = saved
+    _load(folder).save_pretrained(str(tmp_path / "again"))
+    with open(tmp_path / "again" / "adapter_config.json") as f:
+        assert sorted(json.load(f)["modules_to_save"]) == ["classifier", "score"]

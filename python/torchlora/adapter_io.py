@@ -123,6 +123,9 @@ def config_to_peft_json(config_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {key: _to_json_value(value) for key, value in config_dict.items() if key in PEFT_LORA_CONFIG_KEYS}
     out.pop("peft_version", None)
     out["peft_type"] = "LORA"
+    if isinstance(out.get("modules_to_save"), list):
+        # task models add their head names on every load; one entry per module is enough
+        out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
     return out
 
 
