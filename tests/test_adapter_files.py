@@ -76,6 +76,16 @@ def test_config_keys_are_peft_keys(saved):
     assert sorted(config["target_modules"]) == ["query", "value"]
     assert sorted(config["modules_to_save"]) == ["classifier", "score"]
     peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})  # PEFT accepts the file
+    # no newer feature used: only long-standing keys, so older PEFT versions read the file too
+    assert set(config) <= adapter_io.PEFT_BASELINE_KEYS
+
+
+def test_newer_config_keys_are_written_when_used(tmp_path):
+    _model({"target_modules": ["query"], "exclude_modules": ["nothing"], "lora_bias": True, "r": 2},
+           builder=tm.bert).save_pretrained(str(tmp_path))
+    with open(tmp_path / "adapter_config.json") as f:
+        config = json.load(f)
+    assert config["lora_bias"] is True and config["exclude_modules"] == ["nothing"]
 
 
 def test_all_linear_is_written_as_module_names(tmp_path):

@@ -154,9 +154,10 @@ def test_same_files(case: Case, tmp_path):
     assert our_shapes == ref_shapes
     assert our_meta == ref_meta == {"format": "pt"}
     assert set(our_config) <= set(ref_config)
+    peft_defaults = peft.LoraConfig().to_dict()  # a key torchlora leaves out reads as PEFT's default
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "bias", "lora_bias", "use_rslora",
-                "fan_in_fan_out", "inference_mode", "peft_type", "task_type", "modules_to_save"):
-        assert _normal(our_config.get(key)) == _normal(ref_config.get(key)), key
+                "fan_in_fan_out", "inference_mode", "peft_type", "task_type", "modules_to_save", "auto_mapping"):
+        assert _normal(our_config.get(key, peft_defaults[key])) == _normal(ref_config.get(key)), key
     # "all-linear" is written out as module names; both sides must target the same modules
     assert _targets(our_config, folders["torchlora"]) == _targets(ref_config, folders["peft"])
 

@@ -35,8 +35,7 @@ WEIGHTS_NAME = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."
 SAFETENSORS_METADATA = {"format": "pt"}
 
-# Every key of a LoRA adapter_config.json that PEFT (0.21) knows. Older PEFT versions reject
-# unknown keys, so torchlora writes nothing outside this set.
+# Every key of a LoRA adapter_config.json that PEFT (0.21) knows; torchlora writes nothing else.
 PEFT_LORA_CONFIG_KEYS = frozenset(
     {
         "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
@@ -50,6 +49,20 @@ PEFT_LORA_CONFIG_KEYS = frozenset(
         "use_qalora", "use_rslora", "velora_config",
     }
 )  # fmt: skip
+
+# The keys PEFT has read for a long time (since about 0.10). Older PEFT versions refuse configs
+# with keys they do not know, so newer keys are written only when they differ from their default:
+# a file that uses no newer feature then loads in old and new PEFT alike.
+PEFT_BASELINE_KEYS = frozenset(
+    {
+        "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
+        "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+        "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
+        "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core",
+        "loftq_config", "use_dora", "layer_replication",
+    }
+)  # fmt: skip
+
 
 # ---------------------------------------------------------------------------------- paths
 def adapter_folder(save_directory: str | os.PathLike[str], adapter_name: str) -> str:
@@ -115,12 +128,21 @@ def _to_json_value(value: Any) -> Any:
     return value
 
 
-def config_to_peft_json(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+def config_to_peft_json(
+    config_dict: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``adapter_config.json`` content for a LoRA config given as a dict of its fields.
 
-    Keeps only keys PEFT knows, writes sets as lists, and sets ``peft_type`` to "LORA".
+    Keeps only keys PEFT knows, writes sets as lists, and sets ``peft_type`` to "LORA". Keys
+    outside ``PEFT_BASELINE_KEYS`` whose value equals ``defaults[key]`` are left out.
     """
-    out = {key: _to_json_value(value) for key, value in config_dict.items() if key in PEFT_LORA_CONFIG_KEYS}
+    defaults = defaults or {}
+    out = {
+        key: _to_json_value(value)
+        for key, value in config_dict.items()
+        if key in PEFT_LORA_CONFIG_KEYS
+        and (key in PEFT_BASELINE_KEYS or key not in defaults or _to_json_value(value) != _to_json_value(defaults[key]))
+    }
     out.pop("peft_version", None)
     out["peft_type"] = "LORA"
     if isinstance(out.get("modules_to_save"), list):
@@ -356,12 +378,31 @@ def save_pretrained(
         if config_dict.get("base_model_name_or_path") is None:
             config_dict["base_model_name_or_path"] = peft_model.get_base_model().__dict__.get("name_or_path") or None
         config_dict["inference_mode"] = True  # a saved adapter is loaded for inference unless asked otherwise
+        if config_dict.get("task_type") is None and config_dict.get("auto_mapping") is None:
+            # without a task type, PEFT's AutoPeftModel finds the model class from this entry
+            base = peft_model.get_base_model()
+            config_dict["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
         write_adapter_files(
             adapter_folder(save_directory, adapter_name),
-            config_to_peft_json(config_dict),
+            config_to_peft_json(config_dict, _config_defaults()),
             tensors,
             safe_serialization=safe_serialization,
         )
+
+
+def _config_defaults() -> dict[str, Any]:
+    """Default value of every ``LoraConfig`` field."""
+    import dataclasses
+
+    from .config import LoraConfig
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(LoraConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
@@ -521,6 +562,7 @@ __all__ = [
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "PEFT_LORA_CONFIG_KEYS",
+    "PEFT_BASELINE_KEYS",
     "adapter_folder",
     "atomic_write",
     "config_to_peft_json",
