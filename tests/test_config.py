@@ -214,3 +214,11 @@ def test_save_pretrained_into_a_file_fails(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="directory"):
         LoraConfig().save_pretrained(str(path))
+
+
+def test_public_names_mirror_peft():
+    for name in ("LoraConfig", "PeftConfig", "TaskType", "PeftType", "PeftModel", "PeftModelForCausalLM",
+                 "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+                 "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model",
+                 "inject_adapter_in_model", "get_peft_model_state_dict", "set_peft_model_state_dict"):
+        assert hasattr(peft, name) and hasattr(torchlora, name) and name in torchlora.__all__, name

@@ -49,6 +49,9 @@ CASES = [
     ("llama-rslora-dropout", tm.llama, dict(r=4, lora_alpha=6, use_rslora=True, lora_dropout=0.1,
                                             target_modules=["q_proj", "v_proj"]), _llama_inputs),
     ("llama-embedding", tm.llama, dict(r=4, target_modules=["embed_tokens", "lm_head", "q_proj"]), _llama_inputs),
+    ("llama-embedding-saved-head", tm.llama, dict(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                  modules_to_save=["lm_head"]), _llama_inputs),
+    ("gpt2-tied-embedding", tm.gpt2, dict(r=4, target_modules=["wte", "c_attn"]), _llama_inputs),
     ("llama-modules-to-save", tm.llama, dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
      _llama_inputs),
     ("llama-bias-all", tm.llama, dict(r=4, target_modules=["q_proj"], bias="all"), _llama_inputs),
@@ -67,6 +70,9 @@ CASES = [
                                                       modules_to_save=["pooler"]), _llama_inputs),
     ("bert-token-cls", tm.bert_token_cls, dict(r=4, task_type="TOKEN_CLS"), _llama_inputs),
     ("bert-qa", tm.bert_qa, dict(r=4, task_type="QUESTION_ANS", target_modules=["query", "key"]), _llama_inputs),
+    ("plain-all-linear", tm.plain_mlp, dict(r=2, target_modules="all-linear"), lambda: {"ids": IDS}),
+    ("plain-every-type", tm.plain_mlp, dict(r=2, target_modules=["emb", "conv", "lin0"], modules_to_save=["head"]),
+     lambda: {"ids": IDS}),
     ("resnet-conv", tm.resnet, dict(r=4, target_modules=["convolution"]), _pixels),
     ("resnet-conv-classifier", tm.resnet, dict(r=2, target_modules=r".*stages\.1.*convolution",
                                                modules_to_save=["classifier"]), _pixels),
@@ -92,6 +98,9 @@ def test_same_modules_ranks_and_trainable(case):
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
     assert type(ours).__name__ == type(ref).__name__
     assert set(ours.state_dict()) == set(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert set(torchlora.get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(ref))
 
 
 def test_same_outputs_and_gradients(case):
@@ -184,6 +193,11 @@ def test_default_targets_equal_peft(model_type):
 def test_no_match_error():
     with pytest.raises(ValueError, match=r"Target modules \{'nope'\} not found in the base model"):
         torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=["nope"]))
+
+
+def test_empty_target_modules_error():
+    with pytest.raises(ValueError, match="No `target_modules` passed"):
+        torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=[]))
 
 
 def test_no_match_error_mentions_layers():

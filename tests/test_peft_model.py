@@ -393,10 +393,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_torch_compile_matches_eager():
-    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(target_modules=["q_proj", "v_proj"],
-                                                                     init_lora_weights=False))
+    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(
+        target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False))
     eager = logits(ours(IDS))
-    compiled = torch.compile(ours, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     _close(logits(compiled(IDS)), eager)
     loss = logits(compiled(IDS)).pow(2).mean()
     loss.backward()
@@ -469,3 +470,15 @@ def test_base_model_set_adapter_with_several_adapters():
     ours.merge_adapter()
     ref.merge_adapter()
     _close(logits(ours(IDS)), logits(ref(IDS)), 1e-4)
+
+
+def test_peft_loads_our_state_dict():
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
+                  init_lora_weights=False)
+    ours = torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(tm.llama(), peft.LoraConfig(**kwargs))
+        result = peft.set_peft_model_state_dict(ref, torchlora.get_peft_model_state_dict(ours))
+    assert not result.unexpected_keys
+    _close(logits(ref(IDS)), logits(ours(IDS)))

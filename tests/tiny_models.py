@@ -126,3 +126,25 @@ def input_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
 def pixel_values(batch: int = 2, size: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g)
+
+
+class _Mixed(torch.nn.Module):
+    """A plain PyTorch model (no transformers) with an Embedding, a Conv2d and Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.lin0 = torch.nn.Linear(16, 16)
+        self.relu = torch.nn.ReLU()
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)[:, None, :4, :]  # [B, 1, 4, 8]
+        x = self.conv(x).flatten(2).mean(1)  # [B, 32] -> mean over channels -> [B, 32]
+        return self.head(self.relu(self.lin0(x[:, :16])))
+
+
+def plain_mlp(seed: int = 0):
+    _seeded(seed)
+    return _Mixed().eval()

@@ -7,7 +7,7 @@ The LoRA computations are PyTorch operators implemented in C++ and CUDA
 
 from ._native import build_info, cmake_prefix_path
 from . import ops
-from .config import LoraConfig, PeftType, TaskType
+from .config import LoraConfig, PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model, inject_adapter_in_model
 from .nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .peft_model import (
@@ -29,6 +29,7 @@ __all__ = [
     "cmake_prefix_path",
     "ops",
     "LoraConfig",
+    "PeftConfig",
     "PeftType",
     "TaskType",
     "LoraModel",

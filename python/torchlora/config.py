@@ -365,4 +365,5 @@ class LoraConfig:
         return cls.from_dict(data)
 
 
+# torchlora implements one method, so PEFT's generic config entry point is the LoRA config
 PeftConfig = LoraConfig

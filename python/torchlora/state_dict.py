@@ -65,16 +65,19 @@ def _without_other_adapters(state_dict: dict[str, Any], others: list[str]) -> di
             if not any(f".{n}." in k or k.endswith(f".{n}") for n in others)}
 
 
-def _embedding_layers_to_save(model: nn.Module, config: Any, save_embedding_layers: Union[bool, str]) -> bool:
-    if save_embedding_layers != "auto":
-        return bool(save_embedding_layers)
+def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
     targets = config.target_modules
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(targets, str):
-        targeted = any(re.fullmatch(targets, k) for k, _ in base.named_modules()
-                       if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
-    else:
-        targeted = bool(targets) and any(t in EMBEDDING_LAYER_NAMES for t in targets)
+        return any(re.fullmatch(targets, k) for k, _ in base.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(t in EMBEDDING_LAYER_NAMES for t in targets)
+
+
+def _embedding_layers_to_save(model: nn.Module, config: Any, save_embedding_layers: Union[bool, str],
+                              targeted: bool) -> bool:
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
     if targeted:
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
         return True
@@ -124,19 +127,27 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         if isinstance(module, ModulesToSaveWrapper):
             inner = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
             to_return.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, inner).items()})
-    if _embedding_layers_to_save(model, config, save_embedding_layers):
-        _add_embedding_layers(model, state_dict, to_return)
+    targeted = _embedding_is_targeted(model, config)
+    if _embedding_layers_to_save(model, config, save_embedding_layers, targeted):
+        _add_embedding_layers(model, state_dict, to_return, targeted)
     return {remove_adapter_name(k, adapter_name): v for k, v in to_return.items()}
 
 
-def _add_embedding_layers(model: nn.Module, state_dict: dict[str, Any], to_return: dict[str, Any]) -> None:
+def _add_embedding_layers(model: nn.Module, state_dict: dict[str, Any], to_return: dict[str, Any],
+                          targeted: bool) -> None:
+    """Add the input/output embedding weights: the base layers of LoRA-wrapped embeddings when
+    embeddings are targeted, the whole (resized) layers otherwise."""
     if not hasattr(model, "get_input_embeddings"):
         warnings.warn("Could not identify embedding layer(s) because the model is not a transformers model.")
         return
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
         if layer is None:
             continue
-        name = next((n for n, m in model.named_modules() if m is layer), None)
+        base_layer = getattr(layer, "base_layer", None)
+        if targeted and not isinstance(base_layer, (nn.Linear, nn.Embedding)):
+            continue
+        wanted = base_layer if targeted else layer
+        name = next((n for n, m in model.named_modules() if m is wanted), None)
         if name:
             to_return.update({k: v for k, v in state_dict.items() if k.startswith(f"{name}.")})
 

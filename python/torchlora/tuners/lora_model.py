@@ -152,6 +152,8 @@ class LoraModel(nn.Module):
             raise NoMatchingModuleError(
                 "All modules were excluded. This is likely unintended. "
                 "Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration.")
+        if not excluded and not config.target_modules:
+            raise NoMatchingModuleError("No `target_modules` passed. Please check the value of `target_modules`.")
         if not excluded:
             raise NoMatchingModuleError(
                 f"Target modules {config.target_modules} not found in the base model. "
