@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up the environment, build torchlora, and run it.
+# The main job on a fresh machine: set up the environment, build and install torchlora, then
+# fine-tune the real all-MiniLM-L6-v2 with LoRA on the packaged text-classification data set
+# (`torchlora finetune`; pass its options after the script name, see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
-PY=${TORCHLORA_VENV:-.venv}/bin/python
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-"$PY" examples/quickstart.py "$@"
+"${TORCHLORA_VENV:-.venv}/bin/torchlora" finetune "$@"
