@@ -4,6 +4,8 @@
 
 #include <torchlora/build_info.h>
 
+#include "cpp_api_bindings.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -21,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "What libtorchlora was built with: version, torch_version, cuda, cuda_version, cuda_architectures.");
+  torchlora_python::bind_cpp_api(m);
 }

@@ -1,0 +1,106 @@
+// LibTorch LoRA modules: the adapter bookkeeping shared by LoraLinear, LoraEmbedding and
+// LoraConv2d, with PEFT's parameter names (base_layer.weight, lora_A.<adapter>.weight,
+// lora_embedding_A.<adapter>, ...) and the same math as python/torchlora/nn.
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/nn/module.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include <torchlora/export.h>
+
+namespace torchlora::nn {
+
+// init_lora_weights: True (A kaiming-uniform, B zero; embeddings A zero, B normal),
+// "gaussian" (A ~ N(0, 1/r), B zero) or False (both random: the adapter is not a no-op).
+enum class LoraInit { Default, Gaussian, Random };
+
+struct TORCHLORA_API AdapterOptions {
+  // lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+  double scaling() const;
+
+  TORCH_ARG(int64_t, r) = 8;
+  TORCH_ARG(double, lora_alpha) = 8.0;
+  TORCH_ARG(double, lora_dropout) = 0.0;
+  TORCH_ARG(bool, use_rslora) = false;
+  TORCH_ARG(bool, lora_bias) = false;
+  TORCH_ARG(LoraInit, init) = LoraInit::Default;
+};
+
+// Name meaning "no adapter" in mixed-batch forwards.
+inline constexpr const char* kBaseAdapterName = "__base__";
+
+class TORCHLORA_API LoraLayer : public torch::nn::Module {
+ public:
+  // Adds (or replaces) adapter `name` with fresh weights initialised per options.init().
+  virtual void update_layer(const std::string& name, const AdapterOptions& options) = 0;
+  // The change adapter `name` makes to the base weight, in the base weight's layout.
+  virtual at::Tensor get_delta_weight(const std::string& name) const = 0;
+
+  std::vector<std::string> adapter_names() const { return order_; }
+  bool has_adapter(const std::string& name) const { return adapters_.count(name) > 0; }
+  const AdapterOptions& adapter_options(const std::string& name) const;
+  double scaling(const std::string& name) const;
+
+  const std::vector<std::string>& active_adapters() const { return active_; }
+  // Makes `names` the active adapters: their parameters become trainable (frozen with
+  // inference_mode), every other adapter's are frozen.
+  void set_adapter(const std::vector<std::string>& names, bool inference_mode = false);
+  void set_adapter(const std::string& name, bool inference_mode = false) { set_adapter(std::vector<std::string>{name}, inference_mode); }
+  // Off: the layer computes its base layer alone (unmerging first), adapters frozen.
+  void enable_adapters(bool enabled);
+  bool adapters_disabled() const { return disabled_; }
+  // Removes an adapter (not while merged); if it was active, the first remaining one becomes active.
+  void delete_adapter(const std::string& name);
+
+  bool merged() const { return !merged_.empty(); }
+  const std::vector<std::string>& merged_adapters() const { return merged_; }
+  // Adds the deltas of `names` (default: the active adapters) to the base weight (and
+  // lora_bias to the base bias). safe_merge forms the sums on copies and raises, leaving the
+  // weights untouched, if anything is not finite.
+  void merge(bool safe_merge = false, const std::vector<std::string>& names = {});
+  // Subtracts every merged adapter again, newest first.
+  void unmerge();
+
+  // Dropout probability of `name` in effect now (0 in eval mode).
+  double dropout_p(const std::string& name) const;
+
+ protected:
+  explicit LoraLayer(std::string name) : torch::nn::Module(std::move(name)) {}
+
+  // Registers the bookkeeping of adapter `name` (called by update_layer after checks).
+  void register_adapter(const std::string& name, const AdapterOptions& options);
+  static void check_adapter_name(const std::string& name);
+  static void check_options(const AdapterOptions& options);
+
+  virtual std::vector<at::Tensor> adapter_parameters(const std::string& name) const = 0;
+  virtual void remove_adapter_parameters(const std::string& name) = 0;
+  virtual at::Tensor base_weight() const = 0;
+  virtual at::Tensor base_bias() const = 0;  // undefined when the base layer has none
+  virtual at::Tensor delta_bias(const std::string& name) const { return {}; }
+  virtual void check_mergeable(const std::string& name) const {}
+  // `result` plus adapter `name`'s low-rank term for input `x`.
+  virtual at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) = 0;
+  // Puts adapter `name`'s parameters on the base weight's device (and dtype, if floating).
+  void move_adapter_to_base(const std::string& name);
+
+  // The shared forward logic: base output plus every active adapter (or the base alone when
+  // disabled / merged). `base_forward` is the wrapped layer's forward.
+  at::Tensor forward_adapters(const at::Tensor& x, const at::Tensor& base_out);
+  // Mixed batch: sample i uses adapter adapter_names[i] ("__base__": none). Inference only.
+  at::Tensor forward_mixed_batch(const at::Tensor& x, const at::Tensor& base_out,
+                                 const std::vector<std::string>& adapter_names);
+
+  bool disabled_ = false;
+
+ private:
+  std::vector<std::string> order_;
+  std::map<std::string, AdapterOptions> adapters_;
+  std::vector<std::string> active_;
+  std::vector<std::string> merged_;
+};
+
+}  // namespace torchlora::nn

@@ -1,0 +1,43 @@
+#pragma once
+
+#include <torch/nn/modules/container/moduledict.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <torchlora/nn/lora_layer.h>
+
+namespace torchlora::nn {
+
+// LoRA around a torch::nn::Linear: y = base_layer(x) + scaling * lora_B(lora_A(dropout(x))),
+// computed by torchlora::lora_linear. Parameters: base_layer.weight/bias,
+// lora_A.<adapter>.weight [r, in], lora_B.<adapter>.weight [out, r] (+ .bias with lora_bias).
+class TORCHLORA_API LoraLinearImpl : public LoraLayer {
+ public:
+  // A wrapper without adapters (it computes `base` until update_layer adds one).
+  explicit LoraLinearImpl(torch::nn::Linear base);
+  LoraLinearImpl(torch::nn::Linear base, const std::string& adapter_name, const AdapterOptions& options = {});
+
+  void update_layer(const std::string& name, const AdapterOptions& options) override;
+  at::Tensor get_delta_weight(const std::string& name) const override;
+  void reset() {}
+
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names);
+
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  torch::nn::Linear base_layer{nullptr};
+  torch::nn::ModuleDict lora_A{nullptr};
+  torch::nn::ModuleDict lora_B{nullptr};
+
+ protected:
+  std::vector<at::Tensor> adapter_parameters(const std::string& name) const override;
+  void remove_adapter_parameters(const std::string& name) override;
+  at::Tensor base_weight() const override { return base_layer->weight; }
+  at::Tensor base_bias() const override { return base_layer->bias; }
+  at::Tensor delta_bias(const std::string& name) const override;
+  at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) override;
+};
+TORCH_MODULE(LoraLinear);
+
+}  // namespace torchlora::nn

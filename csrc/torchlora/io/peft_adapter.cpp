@@ -1,0 +1,190 @@
+// PEFT state dicts <-> per-module LoRA weights, and the deltas they make to base weights.
+#include <torchlora/io/peft_adapter.h>
+
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/matmul.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+
+namespace torchlora::io {
+namespace {
+
+struct Suffix {
+  const char* text;
+  enum Role { A, B, Bias, EmbA, EmbB } role;
+};
+constexpr Suffix kSuffixes[] = {
+    {".lora_A.weight", Suffix::A},           {".lora_B.weight", Suffix::B},
+    {".lora_B.bias", Suffix::Bias},          {".lora_embedding_A", Suffix::EmbA},
+    {".lora_embedding_B", Suffix::EmbB},
+};
+
+struct Parts {
+  at::Tensor A, B, bias;
+  bool embedding = false;
+  bool other_kind = false;
+  std::string a_key, b_key;
+};
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void check_float(const at::Tensor& t, const std::string& source, const std::string& key) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "torchlora: ", source, ": tensor '", key,
+              "' must be floating point, got ", t.scalar_type());
+}
+
+LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
+                               const std::string& source) {
+  TORCH_CHECK(!p.other_kind, "torchlora: ", source, ": module '", path,
+              "' mixes lora_A/lora_B with lora_embedding_A/lora_embedding_B keys");
+  const char* a_name = p.embedding ? "lora_embedding_A" : "lora_A.weight";
+  const char* b_name = p.embedding ? "lora_embedding_B" : "lora_B.weight";
+  TORCH_CHECK(p.A.defined(), "torchlora: ", source, ": module '", path, "' has ", b_name, " but no ", a_name);
+  TORCH_CHECK(p.B.defined(), "torchlora: ", source, ": module '", path, "' has ", a_name, " but no ", b_name);
+  check_float(p.A, source, p.a_key);
+  check_float(p.B, source, p.b_key);
+  TORCH_CHECK(p.A.scalar_type() == p.B.scalar_type(), "torchlora: ", source, ": module '", path, "': ", a_name,
+              " is ", p.A.scalar_type(), " but ", b_name, " is ", p.B.scalar_type());
+
+  LoraModuleWeights w;
+  w.lora_A = p.A;
+  w.lora_B = p.B;
+  const int64_t r = p.A.dim() > 0 ? p.A.size(0) : 0;
+  if (p.embedding) {
+    w.kind = LoraKind::Embedding;
+    TORCH_CHECK(p.A.dim() == 2 && p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
+                "': embedding factors must be lora_embedding_A [r, num_embeddings] and lora_embedding_B "
+                "[embedding_dim, r], got ", shape_str(p.A), " and ", shape_str(p.B));
+  } else if (p.A.dim() == 2) {
+    w.kind = LoraKind::Linear;
+    TORCH_CHECK(p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
+                "': linear factors must be lora_A [r, in] and lora_B [out, r], got ", shape_str(p.A), " and ",
+                shape_str(p.B));
+  } else if (p.A.dim() == 4) {
+    w.kind = LoraKind::Conv2d;
+    TORCH_CHECK(p.B.dim() == 4 && p.B.size(2) == 1 && p.B.size(3) == 1 && p.B.size(1) > 0 && r % p.B.size(1) == 0,
+                "torchlora: ", source, ": module '", path,
+                "': conv factors must be lora_A [r, in, kh, kw] and lora_B [out, r / groups, 1, 1], got ",
+                shape_str(p.A), " and ", shape_str(p.B));
+  } else {
+    TORCH_CHECK(false, "torchlora: ", source, ": module '", path, "': lora_A must have 2 or 4 dimensions, got ",
+                shape_str(p.A));
+  }
+  const int64_t expected_r = config.rank_for(path);
+  TORCH_CHECK(r == expected_r, "torchlora: ", source, ": module '", path, "' has rank ", r,
+              " but adapter_config.json gives it r=", expected_r);
+  if (p.bias.defined()) {
+    check_float(p.bias, source, path + ".lora_B.bias");
+    TORCH_CHECK(!p.embedding, "torchlora: ", source, ": module '", path, "': embeddings have no lora_B.bias");
+    TORCH_CHECK(p.bias.dim() == 1 && p.bias.size(0) == p.B.size(0), "torchlora: ", source, ": module '", path,
+                "': lora_B.bias must be [", p.B.size(0), "], got ", shape_str(p.bias));
+    w.lora_bias = p.bias;
+  }
+  w.scaling = config.scaling_for(path);
+  return w;
+}
+
+}  // namespace
+
+PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::string, at::Tensor>& state_dict,
+                                    const std::string& source) {
+  config.validate();
+  std::map<std::string, Parts> parts;
+  PeftAdapter adapter;
+  const std::string prefix = kPeftKeyPrefix;
+  for (const auto& [key, tensor] : state_dict) {
+    TORCH_CHECK(tensor.defined(), "torchlora: ", source, ": tensor '", key, "' is undefined");
+    const std::string rel = key.starts_with(prefix) ? key.substr(prefix.size()) : key;
+    const Suffix* suffix = nullptr;
+    for (const auto& s : kSuffixes) {
+      if (rel.size() > std::string(s.text).size() && rel.ends_with(s.text)) {
+        suffix = &s;
+      }
+    }
+    if (suffix == nullptr) {
+      adapter.other_tensors.emplace(rel, tensor);
+      continue;
+    }
+    const std::string path = rel.substr(0, rel.size() - std::string(suffix->text).size());
+    auto& p = parts[path];
+    const bool is_embedding_key = suffix->role == Suffix::EmbA || suffix->role == Suffix::EmbB;
+    if (p.A.defined() || p.B.defined() || p.bias.defined()) {
+      p.other_kind = p.other_kind || (is_embedding_key != p.embedding);
+    }
+    p.embedding = is_embedding_key;
+    switch (suffix->role) {
+      case Suffix::A: case Suffix::EmbA: p.A = tensor; p.a_key = key; break;
+      case Suffix::B: case Suffix::EmbB: p.B = tensor; p.b_key = key; break;
+      case Suffix::Bias: p.bias = tensor; break;
+    }
+  }
+  TORCH_CHECK(!parts.empty(), "torchlora: ", source, ": no LoRA tensors (keys ending in .lora_A.weight, "
+              ".lora_B.weight, .lora_embedding_A, .lora_embedding_B) found");
+  for (const auto& [path, p] : parts) {
+    adapter.modules.emplace(path, check_module(config, path, p, source));
+  }
+  adapter.config = std::move(config);
+  return adapter;
+}
+
+std::map<std::string, at::Tensor> adapter_state_dict(const PeftAdapter& adapter) {
+  std::map<std::string, at::Tensor> out;
+  const std::string prefix = kPeftKeyPrefix;
+  for (const auto& [path, w] : adapter.modules) {
+    const bool emb = w.kind == LoraKind::Embedding;
+    out[prefix + path + (emb ? ".lora_embedding_A" : ".lora_A.weight")] = w.lora_A;
+    out[prefix + path + (emb ? ".lora_embedding_B" : ".lora_B.weight")] = w.lora_B;
+    if (w.lora_bias.defined()) {
+      out[prefix + path + ".lora_B.bias"] = w.lora_bias;
+    }
+  }
+  for (const auto& [path, t] : adapter.other_tensors) {
+    out[prefix + path] = t;
+  }
+  return out;
+}
+
+at::Tensor delta_weight(const LoraModuleWeights& w, bool fan_in_fan_out) {
+  // Half precision products are formed in float32 (as PEFT does on the CPU) and stay there;
+  // callers cast to the base weight's dtype.
+  const auto compute = c10::promoteTypes(w.lora_A.scalar_type(), at::kFloat);
+  const auto A = w.lora_A.to(compute);
+  const auto B = w.lora_B.to(compute);
+  at::Tensor delta;
+  switch (w.kind) {
+    case LoraKind::Linear:
+      delta = at::matmul(B, A);
+      if (fan_in_fan_out) {
+        delta = delta.t();
+      }
+      break;
+    case LoraKind::Embedding:
+      delta = at::matmul(B, A).t();
+      break;
+    case LoraKind::Conv2d: {
+      const int64_t groups = A.size(0) / B.size(1);
+      TORCH_CHECK(groups == 1, "torchlora: merging a conv adapter with groups=", groups, " is not supported");
+      if (A.size(2) == 1 && A.size(3) == 1) {
+        delta = at::matmul(B.flatten(1), A.flatten(1)).unsqueeze(2).unsqueeze(3);
+      } else {
+        delta = at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
+      }
+      break;
+    }
+  }
+  return delta.mul(w.scaling).contiguous();
+}
+
+at::Tensor delta_bias(const LoraModuleWeights& w) {
+  if (!w.lora_bias.defined()) {
+    return {};
+  }
+  return w.lora_bias.to(c10::promoteTypes(w.lora_bias.scalar_type(), at::kFloat)).mul(w.scaling);
+}
+
+}  // namespace torchlora::io

@@ -1,0 +1,174 @@
+#include <torchlora/nn/lora_conv2d.h>
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+#include <variant>
+
+#include <torchlora/ops.h>
+
+namespace torchlora::nn {
+namespace {
+
+// Padding of lora_A as two ints: "valid" is 0, "same" works where it is symmetric.
+std::vector<int64_t> explicit_padding(const torch::nn::detail::ConvNdOptions<2>& o) {
+  const auto& padding = o.padding();
+  if (const auto* values = std::get_if<torch::ExpandingArray<2>>(&padding)) {
+    return {(**values)[0], (**values)[1]};
+  }
+  if (std::holds_alternative<torch::enumtype::kValid>(padding)) {
+    return {0, 0};
+  }
+  std::vector<int64_t> pads;
+  for (int i = 0; i < 2; ++i) {
+    const int64_t total = (*o.dilation())[i] * ((*o.kernel_size())[i] - 1);
+    TORCH_CHECK(total % 2 == 0, "torchlora: padding='same' with kernel ", o.kernel_size(),
+                " needs asymmetric padding, which LoraConv2d does not support");
+    pads.push_back(total / 2);
+  }
+  return pads;
+}
+
+}  // namespace
+
+LoraConv2dImpl::LoraConv2dImpl(torch::nn::Conv2d base) : LoraLayer("torchlora::nn::LoraConv2d") {
+  TORCH_CHECK(!base.is_empty(), "torchlora: LoraConv2d needs a base Conv2d, got an empty holder");
+  in_channels = base->options.in_channels();
+  out_channels = base->options.out_channels();
+  base_layer = register_module("base_layer", base);
+  lora_A = register_module("lora_A", torch::nn::ModuleDict());
+  lora_B = register_module("lora_B", torch::nn::ModuleDict());
+  if (base->options.groups() > 1) {
+    TORCH_WARN("torchlora: LoRA adapter added to a Conv2d with groups > 1. Merging is not supported.");
+  }
+}
+
+LoraConv2dImpl::LoraConv2dImpl(torch::nn::Conv2d base, const std::string& adapter_name, const AdapterOptions& options)
+    : LoraConv2dImpl(std::move(base)) {
+  set_adapter(adapter_name);
+  update_layer(adapter_name, options);
+}
+
+void LoraConv2dImpl::update_layer(const std::string& name, const AdapterOptions& options) {
+  check_adapter_name(name);
+  check_options(options);
+  const auto& bo = base_layer->options;
+  TORCH_CHECK_VALUE(options.r() % bo.groups() == 0, "torchlora: Targeting a Conv2d with groups=", bo.groups(),
+                    " and rank ", options.r(), ". Currently, support is limited to conv layers where the rank is "
+                    "divisible by groups. Either choose a different rank or do not target this specific layer.");
+  auto a = torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels, options.r(), bo.kernel_size())
+                                 .stride(bo.stride())
+                                 .padding(bo.padding())
+                                 .bias(false));
+  auto b = torch::nn::Conv2d(
+      torch::nn::Conv2dOptions(options.r(), out_channels, 1).groups(bo.groups()).bias(options.lora_bias()));
+  {
+    torch::NoGradGuard no_grad;
+    switch (options.init()) {
+      case LoraInit::Random:
+        break;
+      case LoraInit::Default:
+        torch::nn::init::kaiming_uniform_(a->weight, std::sqrt(5.0));
+        break;
+      case LoraInit::Gaussian:
+        a->weight.normal_(0.0, 1.0 / static_cast<double>(options.r()));
+        break;
+    }
+    if (options.init() != LoraInit::Random) {
+      b->weight.zero_();
+      if (options.lora_bias()) b->bias.zero_();
+    }
+  }
+  if (lora_A->contains(name)) {
+    remove_adapter_parameters(name);
+  }
+  using Item = std::pair<std::string, std::shared_ptr<torch::nn::Module>>;
+  lora_A->update(std::vector<Item>{{name, a.ptr()}});
+  lora_B->update(std::vector<Item>{{name, b.ptr()}});
+  register_adapter(name, options);
+  move_adapter_to_base(name);
+  set_adapter(active_adapters());
+}
+
+std::vector<at::Tensor> LoraConv2dImpl::adapter_parameters(const std::string& name) const {
+  std::vector<at::Tensor> out;
+  for (const auto* dict : {&lora_A, &lora_B}) {
+    if ((*dict)->contains(name)) {
+      for (const auto& p : (**dict)[name]->parameters()) out.push_back(p);
+    }
+  }
+  return out;
+}
+
+void LoraConv2dImpl::remove_adapter_parameters(const std::string& name) {
+  for (auto* dict : {&lora_A, &lora_B}) {
+    if ((*dict)->contains(name)) {
+      (*dict)->pop(name);
+      (*dict)->unregister_module(name);
+    }
+  }
+}
+
+void LoraConv2dImpl::check_mergeable(const std::string& name) const {
+  TORCH_CHECK_NOT_IMPLEMENTED(base_layer->options.groups() == 1,
+                              "torchlora: Merging is not supported for Conv2d layers with groups > 1!");
+}
+
+at::Tensor LoraConv2dImpl::get_delta_weight(const std::string& name) const {
+  adapter_options(name);
+  auto A = lora_A->at<torch::nn::Conv2dImpl>(name).weight;
+  auto B = lora_B->at<torch::nn::Conv2dImpl>(name).weight;
+  const auto dtype = A.scalar_type();
+  const bool cast = B.device().is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16);
+  if (cast) {
+    A = A.to(at::kFloat);
+    B = B.to(at::kFloat);
+  }
+  at::Tensor delta;
+  const auto& w = base_layer->weight;
+  if (w.size(2) == 1 && w.size(3) == 1) {
+    delta = at::matmul(B.squeeze(3).squeeze(2), A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3);
+  } else {
+    delta = at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
+  }
+  delta = delta * scaling(name);
+  return cast ? delta.to(dtype) : delta;
+}
+
+at::Tensor LoraConv2dImpl::delta_bias(const std::string& name) const {
+  if (!adapter_options(name).lora_bias()) return {};
+  return lora_B->at<torch::nn::Conv2dImpl>(name).bias * scaling(name);
+}
+
+at::Tensor LoraConv2dImpl::lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) {
+  if (x.dim() == 3) {  // unbatched [C, H, W], as Conv2d accepts
+    return lora_update(name, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0);
+  }
+  const auto& a = lora_A->at<torch::nn::Conv2dImpl>(name);
+  const auto& b = lora_B->at<torch::nn::Conv2dImpl>(name);
+  const double p = dropout_p(name);
+  const std::optional<at::Tensor> seed = p > 0.0 ? std::optional<at::Tensor>(make_seed(x.device())) : std::nullopt;
+  const std::optional<at::Tensor> bias = b.bias.defined() ? std::optional<at::Tensor>(b.bias) : std::nullopt;
+  const std::vector<int64_t> stride(a.options.stride()->begin(), a.options.stride()->end());
+  const std::vector<int64_t> dilation(a.options.dilation()->begin(), a.options.dilation()->end());
+  return torchlora::lora_conv2d(x.to(a.weight.scalar_type()), result, a.weight, b.weight, bias, stride,
+                                explicit_padding(a.options), dilation, b.options.groups(), scaling(name), p, seed);
+}
+
+at::Tensor LoraConv2dImpl::forward(const at::Tensor& x) {
+  if (disabled_) {
+    if (merged()) unmerge();
+    return base_layer->forward(x);
+  }
+  return forward_adapters(x, base_layer->forward(x));
+}
+
+at::Tensor LoraConv2dImpl::forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
+  if (disabled_) {
+    return forward(x);
+  }
+  return forward_mixed_batch(x, base_layer->forward(x), adapter_names);
+}
+
+}  // namespace torchlora::nn

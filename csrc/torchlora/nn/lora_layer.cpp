@@ -1,0 +1,212 @@
+#include <torchlora/nn/lora_layer.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+namespace torchlora::nn {
+namespace {
+
+std::string join(const std::vector<std::string>& names) {
+  std::ostringstream s;
+  for (size_t i = 0; i < names.size(); ++i) {
+    s << (i ? ", " : "") << "'" << names[i] << "'";
+  }
+  return "[" + s.str() + "]";
+}
+
+bool contains(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+}  // namespace
+
+double AdapterOptions::scaling() const {
+  return use_rslora_ ? lora_alpha_ / std::sqrt(static_cast<double>(r_)) : lora_alpha_ / static_cast<double>(r_);
+}
+
+void LoraLayer::check_adapter_name(const std::string& name) {
+  TORCH_CHECK(!name.empty(), "torchlora: an adapter name must not be empty");
+  TORCH_CHECK(name.find('.') == std::string::npos, "torchlora: adapter name '", name, "' must not contain '.'");
+  TORCH_CHECK(name != kBaseAdapterName, "torchlora: '", kBaseAdapterName, "' is reserved for the base layer");
+}
+
+void LoraLayer::check_options(const AdapterOptions& o) {
+  TORCH_CHECK(o.r() > 0, "torchlora: `r` should be a positive integer value but the value passed is ", o.r());
+  TORCH_CHECK(std::isfinite(o.lora_alpha()), "torchlora: lora_alpha must be finite, got ", o.lora_alpha());
+  TORCH_CHECK(o.lora_dropout() >= 0.0 && o.lora_dropout() < 1.0, "torchlora: lora_dropout must be in [0, 1), got ",
+              o.lora_dropout());
+}
+
+void LoraLayer::register_adapter(const std::string& name, const AdapterOptions& options) {
+  if (!has_adapter(name)) {
+    order_.push_back(name);
+  }
+  adapters_[name] = options;
+}
+
+const AdapterOptions& LoraLayer::adapter_options(const std::string& name) const {
+  auto it = adapters_.find(name);
+  TORCH_CHECK(it != adapters_.end(), "torchlora: adapter '", name, "' does not exist in this layer; it has ",
+              join(order_));
+  return it->second;
+}
+
+double LoraLayer::scaling(const std::string& name) const { return adapter_options(name).scaling(); }
+
+double LoraLayer::dropout_p(const std::string& name) const {
+  return is_training() ? adapter_options(name).lora_dropout() : 0.0;
+}
+
+void LoraLayer::move_adapter_to_base(const std::string& name) {
+  const auto weight = base_weight();
+  for (auto p : adapter_parameters(name)) {
+    at::NoGradGuard no_grad;
+    const auto dtype = at::isFloatingType(weight.scalar_type()) ? weight.scalar_type() : p.scalar_type();
+    p.set_data(p.to(weight.device(), dtype));
+  }
+}
+
+void LoraLayer::set_adapter(const std::vector<std::string>& names, bool inference_mode) {
+  for (const auto& adapter : order_) {
+    const bool trainable = contains(names, adapter) && !inference_mode;
+    for (auto p : adapter_parameters(adapter)) {
+      p.requires_grad_(trainable);
+    }
+  }
+  active_ = names;
+}
+
+void LoraLayer::enable_adapters(bool enabled) {
+  if (enabled) {
+    set_adapter(active_);
+    disabled_ = false;
+  } else {
+    for (const auto& adapter : order_) {
+      for (auto p : adapter_parameters(adapter)) {
+        p.requires_grad_(false);
+      }
+    }
+    disabled_ = true;
+  }
+}
+
+void LoraLayer::delete_adapter(const std::string& name) {
+  adapter_options(name);  // raises for unknown names
+  TORCH_CHECK(!contains(merged_, name), "torchlora: adapter '", name, "' is merged; unmerge it before deleting it");
+  remove_adapter_parameters(name);
+  adapters_.erase(name);
+  order_.erase(std::find(order_.begin(), order_.end(), name));
+  if (contains(active_, name)) {
+    std::vector<std::string> remaining;
+    for (const auto& a : active_) {
+      if (a != name) remaining.push_back(a);
+    }
+    if (remaining.empty() && !order_.empty()) {
+      remaining.push_back(order_.front());
+    }
+    set_adapter(remaining);
+  }
+}
+
+void LoraLayer::merge(bool safe_merge, const std::vector<std::string>& names) {
+  const auto requested = names.empty() ? active_ : names;
+  for (const auto& name : requested) {
+    adapter_options(name);
+  }
+  std::vector<std::string> todo;
+  for (const auto& name : requested) {
+    if (contains(merged_, name)) {
+      TORCH_WARN("torchlora: adapter '", name, "' is already merged; it is not merged again");
+    } else {
+      todo.push_back(name);
+    }
+  }
+  at::NoGradGuard no_grad;
+  auto weight = base_weight();
+  auto bias = base_bias();
+  for (const auto& name : todo) {
+    check_mergeable(name);
+    const auto dw = get_delta_weight(name).to(weight.scalar_type());
+    auto db = delta_bias(name);
+    TORCH_CHECK(!db.defined() || bias.defined(),
+                "torchlora: Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.");
+    if (db.defined()) {
+      db = db.to(bias.scalar_type());
+    }
+    if (safe_merge) {
+      const auto new_w = weight + dw;
+      const auto new_b = db.defined() ? bias + db : at::Tensor();
+      const bool finite = at::isfinite(new_w).all().item<bool>() && (!new_b.defined() || at::isfinite(new_b).all().item<bool>());
+      TORCH_CHECK_VALUE(finite, "torchlora: NaNs detected in the merged weights. The adapter ", name,
+                        " seems to be broken");
+      weight.copy_(new_w);
+      if (new_b.defined()) bias.copy_(new_b);
+    } else {
+      weight.add_(dw);
+      if (db.defined()) bias.add_(db);
+    }
+    merged_.push_back(name);
+  }
+}
+
+void LoraLayer::unmerge() {
+  if (!merged()) {
+    TORCH_WARN("torchlora: Already unmerged. Nothing to do.");
+    return;
+  }
+  at::NoGradGuard no_grad;
+  auto weight = base_weight();
+  auto bias = base_bias();
+  while (!merged_.empty()) {
+    const auto name = merged_.back();
+    merged_.pop_back();
+    weight.sub_(get_delta_weight(name).to(weight.scalar_type()));
+    const auto db = delta_bias(name);
+    if (db.defined()) bias.sub_(db.to(bias.scalar_type()));
+  }
+}
+
+at::Tensor LoraLayer::forward_adapters(const at::Tensor& x, const at::Tensor& base_out) {
+  if (merged()) {
+    return base_out;
+  }
+  auto result = base_out;
+  const auto dtype = result.scalar_type();
+  for (const auto& name : active_) {
+    if (has_adapter(name)) {
+      result = lora_update(name, x, result);
+    }
+  }
+  return result.to(dtype);
+}
+
+at::Tensor LoraLayer::forward_mixed_batch(const at::Tensor& x, const at::Tensor& base_out,
+                                          const std::vector<std::string>& adapter_names) {
+  TORCH_CHECK_VALUE(!is_training(), "torchlora: adapter_names (mixed-batch inference) cannot be used in training mode");
+  TORCH_CHECK_VALUE(!merged(), "torchlora: adapter_names (mixed-batch inference) cannot be used while adapters are merged");
+  TORCH_CHECK_VALUE(x.dim() > 0 && static_cast<int64_t>(adapter_names.size()) == x.size(0), "torchlora: adapter_names has ",
+                    adapter_names.size(), " entries but the batch has ", x.dim() > 0 ? x.size(0) : 0, " samples");
+  std::vector<std::string> groups;
+  std::map<std::string, std::vector<int64_t>> rows;
+  for (size_t i = 0; i < adapter_names.size(); ++i) {
+    const auto& name = adapter_names[i];
+    TORCH_CHECK_VALUE(name == kBaseAdapterName || has_adapter(name), "torchlora: adapter_names contains the unknown adapter '",
+                      name, "'; this layer has ", join(order_));
+    if (!rows.count(name)) groups.push_back(name);
+    rows[name].push_back(static_cast<int64_t>(i));
+  }
+  auto result = base_out;
+  for (const auto& name : groups) {
+    if (name == kBaseAdapterName) continue;
+    const auto index = at::tensor(rows[name], at::TensorOptions().dtype(at::kLong)).to(x.device());
+    const auto updated = lora_update(name, x.index_select(0, index), result.index_select(0, index));
+    result = result.index_copy(0, index, updated.to(result.scalar_type()));
+  }
+  return result;
+}
+
+}  // namespace torchlora::nn

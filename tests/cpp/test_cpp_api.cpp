@@ -1,0 +1,394 @@
+// The C++ API with no Python in the process: safetensors and adapter_config.json IO (and
+// their errors), PEFT's target rules, the LibTorch LoRA modules, injection into module trees,
+// TorchScript merge/unmerge/hot-swap and concurrent adapter loading during inference.
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <atomic>
+#include <functional>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include <torchlora/apply/inject.h>
+#include <torchlora/apply/script_model.h>
+#include <torchlora/apply/target_match.h>
+#include <torchlora/io/adapter_config.h>
+#include <torchlora/io/peft_adapter.h>
+#include <torchlora/io/safetensors.h>
+#include <torchlora/nn/lora_conv2d.h>
+#include <torchlora/nn/lora_embedding.h>
+#include <torchlora/nn/lora_linear.h>
+
+namespace {
+
+namespace io = torchlora::io;
+namespace apply = torchlora::apply;
+namespace tnn = torchlora::nn;
+
+void expect_close(const at::Tensor& a, const at::Tensor& b, double rtol = 1e-5, double atol = 1e-6) {
+  ASSERT_EQ(a.sizes(), b.sizes());
+  EXPECT_TRUE(at::allclose(a, b, rtol, atol)) << "max abs diff " << (a - b).abs().max().item<double>();
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+// ------------------------------------------------------------------------- safetensors
+TEST(Safetensors, RoundTripsEveryDtype) {
+  std::map<std::string, at::Tensor> tensors{
+      {"f32", at::randn({3, 4})},
+      {"f16", at::randn({5}).to(at::kHalf)},
+      {"bf16", at::randn({2, 2, 2}).to(at::kBFloat16)},
+      {"f64", at::randn({1}, at::kDouble)},
+      {"i64", at::arange(7)},
+      {"u8", at::arange(4).to(at::kByte)},
+      {"b", at::ones({2}, at::kBool)},
+      {"empty", at::zeros({0, 3})},
+      {"strided", at::randn({4, 6}).t()},
+  };
+  const auto bytes = io::serialize_safetensors(tensors, {{"format", "pt"}});
+  const auto back = io::parse_safetensors(bytes.data(), bytes.size(), "mem");
+  ASSERT_EQ(back.tensors.size(), tensors.size());
+  EXPECT_EQ(back.metadata.at("format"), "pt");
+  for (const auto& [k, t] : tensors) {
+    EXPECT_EQ(back.tensors.at(k).scalar_type(), t.scalar_type()) << k;
+    EXPECT_TRUE(at::equal(back.tensors.at(k), t)) << k;
+  }
+}
+
+TEST(Safetensors, EveryTruncationAndByteFlipIsAnErrorOrValid) {
+  const auto bytes = io::serialize_safetensors({{"a", at::randn({3, 2})}, {"b", at::randn({4})}});
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    EXPECT_THROW(io::parse_safetensors(bytes.data(), n, "truncated"), c10::Error) << n;
+  }
+  std::mt19937 rng(0);
+  for (int i = 0; i < 2000; ++i) {
+    auto copy = bytes;
+    copy[rng() % copy.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
+    try {
+      io::parse_safetensors(copy.data(), copy.size(), "flipped");
+    } catch (const c10::Error&) {
+    }
+  }
+}
+
+TEST(Safetensors, ErrorsNameFileAndKey) {
+  auto bytes = io::serialize_safetensors({{"layer.lora_A.weight", at::randn({2, 2})}});
+  const std::string header(bytes.begin() + 8, bytes.begin() + 8 + bytes[0]);
+  std::string bad = header;
+  bad.replace(bad.find("F32"), 3, "F16");  // 16 bytes given, 8 needed
+  std::vector<uint8_t> file(bytes.begin(), bytes.begin() + 8);
+  file.insert(file.end(), bad.begin(), bad.end());
+  file.insert(file.end(), bytes.begin() + 8 + header.size(), bytes.end());
+  const auto msg = error_of([&] { io::parse_safetensors(file.data(), file.size(), "my.safetensors"); });
+  EXPECT_NE(msg.find("my.safetensors"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'layer.lora_A.weight'"), std::string::npos) << msg;
+}
+
+TEST(Safetensors, FilesRoundTrip) {
+  const auto dir = std::filesystem::temp_directory_path() / ("torchlora_st_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "x.safetensors").string();
+  io::save_safetensors(path, {{"w", at::randn({3})}});
+  EXPECT_EQ(io::load_safetensors(path).tensors.at("w").numel(), 3);
+  EXPECT_NE(error_of([&] { io::load_safetensors((dir / "nope").string()); }).find("no such file"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+// ------------------------------------------------------------------------- config + matching
+TEST(AdapterConfig, ParsesPeftFieldsAndPatternsInOrder) {
+  const auto c = io::parse_adapter_config(R"({
+    "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+    "rank_pattern": {"layers\\.0\\.self_attn\\.q_proj": 2, "q_proj": 4}, "alpha_pattern": {"v_proj": 3},
+    "use_rslora": true, "layers_to_transform": 1, "layers_pattern": "layers", "init_lora_weights": false,
+    "megatron_config": null, "task_type": "CAUSAL_LM"})");
+  EXPECT_EQ(c.rank_for("model.layers.0.self_attn.q_proj"), 2);
+  EXPECT_EQ(c.rank_for("model.layers.1.self_attn.q_proj"), 4);
+  EXPECT_EQ(c.rank_for("model.layers.1.self_attn.k_proj"), 8);
+  EXPECT_DOUBLE_EQ(c.scaling_for("model.layers.1.self_attn.v_proj"), 3.0 / std::sqrt(8.0));
+  EXPECT_EQ(*c.task_type, "CAUSAL_LM");
+  // Round trip keeps unknown keys and the values.
+  const auto again = io::parse_adapter_config(io::adapter_config_to_json(c));
+  EXPECT_EQ(again.rank_pattern, c.rank_pattern);
+  EXPECT_NE(io::adapter_config_to_json(c).find("\"init_lora_weights\": false"), std::string::npos);
+}
+
+TEST(AdapterConfig, RejectsBadFieldsByName) {
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"r": 1.5})"); }).find("'r'"), std::string::npos);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"target_modules": 3})"); }).find("target_modules"), std::string::npos);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"lora_dropout": 1.0})"); }).find("lora_dropout"), std::string::npos);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"target_modules": "q", "layers_to_transform": [0]})"); })
+                .find("layers_to_transform"), std::string::npos);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"rank_pattern": {"(": 2}})"); }).find("rank_pattern"),
+            std::string::npos);
+}
+
+TEST(TargetMatch, FollowsPeftRules) {
+  io::LoraConfig c;
+  c.target_modules = io::ModuleSelector::from_names({"q", "fc"});
+  EXPECT_TRUE(apply::is_target_module(c, "q"));
+  EXPECT_TRUE(apply::is_target_module(c, "encoder.layer.0.q"));
+  EXPECT_FALSE(apply::is_target_module(c, "encoder.layer.0.qq"));
+  EXPECT_FALSE(apply::is_target_module(c, "encoder.layer.0.q.sub"));
+  c.exclude_modules = io::ModuleSelector::from_names({"layer.1.q"});
+  EXPECT_FALSE(apply::is_target_module(c, "encoder.layer.1.q"));
+  c.modules_to_save = {"fc"};
+  EXPECT_FALSE(apply::is_target_module(c, "head.fc"));
+  c.modules_to_save.clear();
+  c.layers_to_transform = std::vector<int64_t>{2};
+  EXPECT_TRUE(apply::is_target_module(c, "encoder.layer.2.q"));
+  EXPECT_FALSE(apply::is_target_module(c, "encoder.layer.0.q"));
+  EXPECT_EQ(apply::layer_index("model.layers.3.experts.5.w", {}), 3);  // the first index
+  EXPECT_EQ(apply::layer_index("model.h.4.attn.c", {"h"}), 4);
+  io::LoraConfig r;
+  r.target_modules = io::ModuleSelector::from_regex(R"(.*\.(q|v)_proj)");
+  EXPECT_TRUE(apply::is_target_module(r, "m.layers.0.q_proj"));
+  EXPECT_FALSE(apply::is_target_module(r, "m.layers.0.q_proj.x"));
+  EXPECT_FALSE(apply::is_target_module(r, "q_proj"));
+}
+
+// ------------------------------------------------------------------------- modules
+TEST(LoraLinearModule, ForwardMergeUnmergeDelete) {
+  torch::manual_seed(0);
+  torch::nn::Linear base(torch::nn::LinearOptions(6, 5));
+  tnn::LoraLinear lora(base, "a", tnn::AdapterOptions().r(3).lora_alpha(6).init(tnn::LoraInit::Random));
+  lora->update_layer("b", tnn::AdapterOptions().r(2).lora_alpha(2).lora_bias(true).init(tnn::LoraInit::Random));
+  lora->eval();
+  auto x = torch::randn({4, 6});
+  const auto& A = lora->lora_A->at<torch::nn::LinearImpl>("a").weight;
+  const auto& B = lora->lora_B->at<torch::nn::LinearImpl>("a").weight;
+  const auto expected_a = base->forward(x) + 2.0 * torch::matmul(torch::matmul(x, A.t()), B.t());
+  torch::NoGradGuard no_grad;
+  expect_close(lora->forward(x), expected_a);
+  // Parameter names are PEFT's.
+  const auto params = lora->named_parameters();
+  EXPECT_TRUE(params.contains("base_layer.weight"));
+  EXPECT_TRUE(params.contains("lora_A.a.weight"));
+  EXPECT_TRUE(params.contains("lora_B.b.bias"));
+  // Both adapters active, then merged: same output; unmerge restores the weight.
+  lora->set_adapter(std::vector<std::string>{"a", "b"});
+  const auto both = lora->forward(x);
+  const auto w0 = base->weight.clone();
+  lora->merge(/*safe_merge=*/true);
+  EXPECT_TRUE(lora->merged());
+  expect_close(lora->forward(x), both, 1e-5, 1e-5);
+  lora->unmerge();
+  expect_close(base->weight, w0, 0, 1e-6);
+  // Mixed batch: per-sample adapters.
+  const auto mixed = lora->forward_mixed(x, {"a", "__base__", "b", "a"});
+  lora->set_adapter("b");
+  const auto only_b = lora->forward(x);
+  expect_close(mixed[0], expected_a[0]);
+  expect_close(mixed[1], base->forward(x)[1]);
+  expect_close(mixed[2], only_b[2]);
+  // Disabled: the base layer.
+  lora->enable_adapters(false);
+  expect_close(lora->forward(x), base->forward(x));
+  lora->enable_adapters(true);
+  lora->delete_adapter("b");
+  EXPECT_EQ(lora->active_adapters(), std::vector<std::string>{"a"});
+  EXPECT_FALSE(lora->named_parameters().contains("lora_B.b.bias"));
+  EXPECT_THROW(lora->forward_mixed(x, {"a", "zzz", "a", "a"}), c10::Error);
+  EXPECT_THROW(lora->update_layer("x.y", {}), c10::Error);
+  EXPECT_THROW(lora->update_layer("c", tnn::AdapterOptions().r(0)), c10::Error);
+}
+
+TEST(LoraEmbeddingAndConv, ForwardEqualsMergedForward) {
+  torch::manual_seed(1);
+  torch::NoGradGuard no_grad;
+  tnn::LoraEmbedding emb(torch::nn::Embedding(torch::nn::EmbeddingOptions(10, 4).padding_idx(0)), "a",
+                         tnn::AdapterOptions().r(2).lora_alpha(3).init(tnn::LoraInit::Random));
+  auto ids = torch::tensor({{0, 3, 9}, {1, 1, 2}}, torch::kLong);
+  const auto unmerged = emb->forward(ids);
+  emb->merge();
+  expect_close(emb->forward(ids), unmerged, 1e-5, 1e-5);
+  emb->unmerge();
+
+  tnn::LoraConv2d conv(torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).padding(1).stride(2)), "a",
+                       tnn::AdapterOptions().r(2).lora_alpha(4).lora_bias(true).init(tnn::LoraInit::Random));
+  conv->eval();
+  auto x = torch::randn({2, 3, 7, 7});
+  const auto out = conv->forward(x);
+  conv->merge();
+  expect_close(conv->forward(x), out, 1e-5, 1e-5);
+  conv->unmerge();
+  expect_close(conv->forward(x.select(0, 0)), out.select(0, 0), 1e-5, 1e-5);  // unbatched input
+}
+
+// ------------------------------------------------------------------------- injection
+struct TinyNetImpl : torch::nn::Module {
+  TinyNetImpl() {
+    register_module("fc1", torch::nn::Linear(4, 8));  // plain: called through the registry
+    fc2 = register_module("fc2", tnn::LoraLinear(torch::nn::Linear(8, 3)));  // declared LoRA-capable
+  }
+  at::Tensor forward(const at::Tensor& x) { return fc2->forward(apply::forward_child(*this, "fc1", x).relu()); }
+  tnn::LoraLinear fc2{nullptr};
+};
+TORCH_MODULE(TinyNet);
+
+io::PeftAdapter tiny_adapter(double scale) {
+  io::LoraConfig config;
+  config.r = 2;
+  config.lora_alpha = 4;
+  config.target_modules = io::ModuleSelector::from_names({"fc1", "fc2"});
+  std::map<std::string, at::Tensor> state{
+      {"base_model.model.fc1.lora_A.weight", torch::randn({2, 4}) * scale},
+      {"base_model.model.fc1.lora_B.weight", torch::randn({8, 2}) * scale},
+      {"base_model.model.fc2.lora_A.weight", torch::randn({2, 8}) * scale},
+      {"base_model.model.fc2.lora_B.weight", torch::randn({3, 2}) * scale},
+  };
+  return io::adapter_from_state_dict(config, state, "memory");
+}
+
+TEST(Inject, LoadAdapterIntoModuleTreeAndSwitch) {
+  torch::manual_seed(2);
+  TinyNet net;
+  net->eval();
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({5, 4});
+  const auto base_out = net->forward(x);
+  const auto adapter = tiny_adapter(1.0);
+  // Reference: the same network with merged weights, by hand.
+  auto fc1 = std::dynamic_pointer_cast<torch::nn::LinearImpl>(net->named_children()["fc1"]);
+  const auto w1 = fc1->weight + io::delta_weight(adapter.modules.at("fc1"));
+  const auto w2 = net->fc2->base_layer->weight + io::delta_weight(adapter.modules.at("fc2"));
+  const auto h = torch::nn::functional::linear(x, w1, fc1->bias).relu();
+  const auto expected = torch::nn::functional::linear(h, w2, net->fc2->base_layer->bias);
+
+  const auto injected = apply::load_adapter(*net, adapter, "a");
+  ASSERT_EQ(injected.size(), 2u);
+  EXPECT_TRUE(injected[0].replaced);   // fc1 was plain
+  EXPECT_FALSE(injected[1].replaced);  // fc2 already was a LoRA layer
+  expect_close(net->forward(x), base_out);  // loaded, not active yet
+  apply::set_adapter(*net, {"a"});
+  expect_close(net->forward(x), expected, 1e-5, 1e-5);
+  apply::load_adapter(*net, tiny_adapter(0.5), "b");
+  apply::set_adapter(*net, {"b"});
+  EXPECT_FALSE(at::allclose(net->forward(x), expected));
+  apply::set_adapter(*net, {"a"});
+  apply::merge_adapter(*net);
+  expect_close(net->forward(x), expected, 1e-5, 1e-5);
+  apply::unmerge_adapter(*net);
+  apply::enable_adapters(*net, false);
+  expect_close(net->forward(x), base_out, 1e-5, 1e-5);
+
+  io::LoraConfig none;
+  none.target_modules = io::ModuleSelector::from_names({"nothing"});
+  EXPECT_NE(error_of([&] { apply::inject_adapter(*net, none, "c"); }).find("not found in the base model"),
+            std::string::npos);
+}
+
+// ------------------------------------------------------------------------- TorchScript
+torch::jit::Module script_net() {
+  auto linear = [](int64_t in, int64_t out) {
+    torch::jit::Module m("Linear");
+    m.register_parameter("weight", torch::randn({out, in}), false);
+    m.register_parameter("bias", torch::randn({out}), false);
+    m.define("def forward(self, x):\n  return torch.linear(x, self.weight, self.bias)\n");
+    return m;
+  };
+  torch::jit::Module net("Net");
+  net.register_module("fc1", linear(4, 8));
+  net.register_module("fc2", linear(8, 3));
+  net.define("def forward(self, x):\n  return self.fc2.forward(torch.relu(self.fc1.forward(x)))\n");
+  return net;
+}
+
+at::Tensor merged_reference(torch::jit::Module net, const io::PeftAdapter* adapter, const at::Tensor& x) {
+  auto w1 = net.attr("fc1").toModule().attr("weight").toTensor();
+  auto b1 = net.attr("fc1").toModule().attr("bias").toTensor();
+  auto w2 = net.attr("fc2").toModule().attr("weight").toTensor();
+  auto b2 = net.attr("fc2").toModule().attr("bias").toTensor();
+  if (adapter) {
+    w1 = w1 + io::delta_weight(adapter->modules.at("fc1"));
+    w2 = w2 + io::delta_weight(adapter->modules.at("fc2"));
+  }
+  return torch::nn::functional::linear(torch::nn::functional::linear(x, w1, b1).relu(), w2, b2);
+}
+
+TEST(ScriptModel, MergeUnmergeAndHotSwapAreExact) {
+  torch::manual_seed(3);
+  auto net = script_net();
+  const auto originals = net.attr("fc1").toModule().attr("weight").toTensor().clone();
+  apply::ScriptModuleMerger merger(net);
+  const auto a = tiny_adapter(1.0), b = tiny_adapter(0.3);
+  merger.merge(a);
+  EXPECT_THROW(merger.merge(b), c10::Error);
+  merger.unmerge();
+  EXPECT_TRUE(at::equal(net.attr("fc1").toModule().attr("weight").toTensor(), originals));
+  merger.merge(b);
+  const auto w_swapped = net.attr("fc1").toModule().attr("weight").toTensor().clone();
+  merger.unmerge();
+  auto fresh = net.deepcopy();
+  apply::ScriptModuleMerger direct(fresh);
+  direct.merge(b);
+  EXPECT_TRUE(at::equal(w_swapped, fresh.attr("fc1").toModule().attr("weight").toTensor()));
+
+  // An adapter for other shapes is rejected with names.
+  io::PeftAdapter wrong = tiny_adapter(1.0);
+  wrong.modules.at("fc2").lora_A = torch::randn({2, 9});
+  EXPECT_NE(error_of([&] { merger.check_compatible(wrong); }).find("'fc2.weight' has shape"), std::string::npos);
+}
+
+TEST(ScriptModel, ThreadsLoadAdaptersWhileOthersServe) {
+  torch::manual_seed(4);
+  auto net = script_net();
+  apply::LoraScriptModel model(net.deepcopy());
+  const auto x = torch::randn({3, 4});
+  std::vector<io::PeftAdapter> adapters;
+  std::vector<at::Tensor> expected;
+  for (int i = 0; i < 4; ++i) {
+    adapters.push_back(tiny_adapter(0.2 * (i + 1)));
+    expected.push_back(merged_reference(net, &adapters.back(), x));
+  }
+  const auto expected_base = merged_reference(net, nullptr, x);
+  model.add_adapter("a0", adapters[0]);
+
+  std::atomic<int> mismatches{0}, calls{0};
+  std::atomic<bool> loading_done{false};
+  std::thread loader([&] {
+    for (int round = 0; round < 20; ++round) {
+      for (int i = 1; i < 4; ++i) model.add_adapter("a" + std::to_string(i), adapters[i]);
+      model.remove_adapter("a3");
+    }
+    model.add_adapter("a3", adapters[3]);
+    loading_done = true;
+  });
+  std::vector<std::thread> servers;
+  for (int t = 0; t < 4; ++t) {
+    servers.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 150 || !loading_done; ++i) {
+        const int k = static_cast<int>(rng() % 5);  // 4 = base
+        const std::string name = k == 4 ? "__base__" : "a" + std::to_string(k);
+        at::Tensor out;
+        try {
+          out = model.forward({x}, name).toTensor();
+        } catch (const c10::Error&) {
+          continue;  // not loaded (yet / at the moment)
+        }
+        ++calls;
+        if (!at::allclose(out, k == 4 ? expected_base : expected[k], 1e-5, 1e-5)) ++mismatches;
+      }
+    });
+  }
+  loader.join();
+  for (auto& s : servers) s.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_GT(calls.load(), 400);
+  EXPECT_EQ(model.adapter_names().size(), 4u);
+  EXPECT_NE(error_of([&] { model.forward({x}, "zzz"); }).find("unknown adapter 'zzz'"), std::string::npos);
+}
+
+}  // namespace
