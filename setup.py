@@ -65,7 +65,6 @@ def _cuda_mode() -> str:
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
         import torch
 
         package_dirs = [Path(self.get_ext_fullpath(ext.name)).parent.resolve()]
@@ -84,7 +83,6 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DTORCH_ROOT={torch_root}",
             f"-DPython3_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DTORCHLORA_CUDA={cuda_mode}",
             "-DTORCHLORA_PYTHON_PACKAGE_LAYOUT=ON",
             "-DTORCHLORA_BUILD_PYTHON=ON",

@@ -10,8 +10,10 @@ if(TORCHLORA_PYTHON_PACKAGE_LAYOUT)
   set(TORCHLORA_INSTALL_LIBDIR lib)
   set(TORCHLORA_INSTALL_INCLUDEDIR include)
   set(TORCHLORA_INSTALL_CMAKEDIR share/cmake/TorchLora)
-  # torchlora/lib -> site-packages/torch/lib
-  set_target_properties(torchlora PROPERTIES INSTALL_RPATH "$ORIGIN/../../torch/lib")
+  # torchlora/lib -> site-packages/torch/lib, else the torch it was built against (editable
+  # and development trees). RUNPATH is not inherited: programs linking libtorchlora need it
+  # to find libc10_cuda and friends.
+  set_target_properties(torchlora PROPERTIES INSTALL_RPATH "$ORIGIN/../../torch/lib;${TORCH_ROOT}/lib")
   if(TORCHLORA_BUILD_PYTHON)
     install(TARGETS _C LIBRARY DESTINATION .)
   endif()
@@ -19,6 +21,7 @@ else()
   set(TORCHLORA_INSTALL_LIBDIR ${CMAKE_INSTALL_LIBDIR})
   set(TORCHLORA_INSTALL_INCLUDEDIR ${CMAKE_INSTALL_INCLUDEDIR})
   set(TORCHLORA_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/TorchLora)
+  set_target_properties(torchlora PROPERTIES INSTALL_RPATH "${TORCH_ROOT}/lib")
 endif()
 
 install(TARGETS torchlora EXPORT TorchLoraTargets

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Incremental developer build into this checkout: configures build/dev once, compiles,
 # installs the native parts into python/torchlora (so PYTHONPATH=python works) and runs ctest.
-#   PYTHON=...            interpreter with torch, pybind11, cmake, ninja (default: python3)
+#   PYTHON=...            interpreter with torch, cmake, ninja (default: python3)
 #   TORCHLORA_CUDA=0/1    CUDA kernels off/on (default: auto)
 #   JOBS=N                parallel compile jobs (default: all cores)
 set -euo pipefail
@@ -12,10 +12,9 @@ JOBS=${JOBS:-$(nproc)}
 BIN=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
 export PATH="$BIN:$PATH"
 TORCH_ROOT=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
-PYBIND11_DIR=$("$PYTHON" -c 'import pybind11; print(pybind11.get_cmake_dir())')
 case "${TORCHLORA_CUDA:-AUTO}" in 0|OFF|off) CUDA=OFF ;; 1|ON|on) CUDA=ON ;; *) CUDA=AUTO ;; esac
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_ROOT="$TORCH_ROOT" \
-  -Dpybind11_DIR="$PYBIND11_DIR" -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" \
+  -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" \
   -DTORCHLORA_CUDA="$CUDA" -DTORCHLORA_PYTHON_PACKAGE_LAYOUT=ON -DTORCHLORA_BUILD_TESTS=ON >/dev/null
 cmake --build "$BUILD" --parallel "$JOBS"
 cmake --install "$BUILD" --prefix python/torchlora >/dev/null

@@ -16,8 +16,8 @@
 #                         benchmark runs --cpu-smoke
 #
 # Nothing is installed from the network. Needed on the machine: nvcc (CUDA_HOME or PATH), CMake
-# >= 3.26 (the `cmake` wheel or the system's), pybind11 (carry its wheel and install it with
-# `pip install --no-index pybind11-*.whl` if missing), pytest. Ninja is used when present.
+# >= 3.26 (the `cmake` wheel or the system's), pytest. Ninja is used when present. (pybind11
+# comes with torch's headers.)
 # Exit status: 0 when the build and every test pass; non-zero otherwise (the report says why).
 set -euo pipefail
 
@@ -78,8 +78,6 @@ done
 GENERATOR="Unix Makefiles"
 NINJA=$("$PYTHON" -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))' 2>/dev/null || command -v ninja || true)
 if [[ -n "$NINJA" && -x "$NINJA" ]]; then GENERATOR=Ninja; fi
-PYBIND11_DIR=$("$PYTHON" -c 'import pybind11; print(pybind11.get_cmake_dir())' 2>/dev/null) ||
-  fail "pybind11 is not installed for $PYTHON; carry its wheel and run: $PYTHON -m pip install --no-index pybind11-*.whl"
 "$PYTHON" -c 'import pytest' 2>/dev/null || fail "pytest is not installed for $PYTHON; carry its wheel"
 if [[ -z "${CUDACXX:-}" ]] && ! command -v nvcc >/dev/null; then
   for home in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
@@ -89,7 +87,7 @@ fi
 NVCC=${CUDACXX:-$(command -v nvcc || true)}
 [[ -n "$NVCC" ]] || fail "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
 NVCC_VERSION=$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
-log "cmake $CMAKE ($GENERATOR), nvcc $NVCC_VERSION, pybind11 $PYBIND11_DIR"
+log "cmake $CMAKE ($GENERATOR), nvcc $NVCC_VERSION"
 
 # ---- build (all cores, CUDA kernels required) --------------------------------------------
 BUILD=${GPU_CHECK_BUILD_DIR:-build/gpu-check}
@@ -99,7 +97,7 @@ BUILD_START=$(date +%s)
 log "building into $BUILD with $JOBS jobs"
 if ! {
   "$CMAKE" -S . -B "$BUILD" -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release -DTORCH_ROOT="$TORCH_ROOT" \
-    -Dpybind11_DIR="$PYBIND11_DIR" -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" \
+    -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" \
     -DTORCHLORA_CUDA=ON -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" -DTORCHLORA_PYTHON_PACKAGE_LAYOUT=ON \
     -DTORCHLORA_BUILD_TESTS=OFF -DCMAKE_CUDA_COMPILER="$NVCC" &&
     "$CMAKE" --build "$BUILD" --parallel "$JOBS" &&

@@ -15,7 +15,7 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>
 echo "== torch ${TORCH_VERSION:-2.14.1} and dependencies into $VENV"
 pip_install "torch==${TORCH_VERSION:-2.14.1}"
 pip_install -r requirements/build.txt -r requirements/test.txt
-"$PY" -c "import torch, peft, transformers, pybind11, cmake" # fail loudly if an install did not take
+"$PY" -c "import torch, peft, transformers, cmake" # fail loudly if an install did not take
 
 echo "== building torchlora"
 start=$(date +%s)

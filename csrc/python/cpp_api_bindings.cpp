@@ -193,9 +193,13 @@ void bind_io(py::module_& m) {
 }  // namespace
 
 void bind_cpp_api(py::module_& m) {
-  py::register_exception_translator([](std::exception_ptr p) {
+  // Local to this module: a global translator would also take over torch's own functions
+  // (pybind11 shares translators between modules) and turn e.g. IndexError into RuntimeError.
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
     } catch (const c10::ValueError& e) {
       PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     } catch (const c10::NotImplementedError& e) {
