@@ -1,13 +1,14 @@
 // CPU kernels of lora_linear (functional and in-place).
 //
-// Forward: the shrink s = dropout(x) @ A^T never materialises dropout(x): row blocks of x are
-// masked (in parallel, at::parallel_for) into one small buffer and multiplied block by block
-// (BLAS, itself multi-threaded; no BLAS call runs inside a parallel region).
-// The expand is one GEMM with the scaling folded into alpha and the accumulation into beta,
-// writing into base_out itself for the in-place op. The float32 [T, r] s is the only new
-// activation kept for backward. Backward regenerates each block's mask once (same Philox
-// stream as dropout_apply: element index = row-major index in the [T, in] view) and uses it
-// for both grad_A and grad_x. float16/bfloat16 compute in float32.
+// With dropout, the shrink s = dropout(x) @ A^T never materialises dropout(x): one parallel
+// region (at::parallel_for over rows) masks each row of x into a thread-local row buffer and
+// shrinks it at once. The expand is one BLAS GEMM with the scaling folded into alpha and the
+// accumulation into beta, writing into base_out itself for the in-place op. The float32 [T, r]
+// s is the only new activation kept for backward. Backward regenerates each row's mask once
+// (the Philox stream of dropout_apply: element index = row-major index in the [T, in] view) and
+// uses it for both grad_A (per-thread partial sums) and grad_x, again in one parallel region.
+// Few parallel regions matter: each is a barrier, costly on a busy machine. float16/bfloat16
+// compute in float32; float64 uses the ATen formula.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,17 +29,11 @@
 
 #include "../detail/aten_math.h"
 #include "../detail/checks.h"
+#include "../detail/op_handles.h"
 #include "../detail/philox_dropout.h"
 
 namespace torchlora::cpu {
 namespace {
-
-// Rows per block: about 2 MiB of masked float32 rows; few blocks keep the number of parallel
-// regions (each a barrier) small, while the buffer stays a fraction of the dropped-out input.
-int64_t rows_per_block(int64_t tokens, int64_t in) {
-  const int64_t rows = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(in, 1));
-  return std::max<int64_t>(1, std::min(rows, tokens));
-}
 
 struct DropoutMask {
   uint64_t key;
@@ -163,58 +158,116 @@ void dispatch_input(at::ScalarType dtype, Fn&& fn) {
   });
 }
 
-// Parallel over the rows [t0, t0 + rows) of a block: keep bytes of those rows, and (when
-// masked_x is defined) x's rows masked and scaled into masked_x [rows, in] (compute dtype).
-void mask_block(const at::Tensor& xc, at::Tensor& masked_x, uint8_t* keep, int64_t t0, int64_t rows,
-                const DropoutMask& mask) {
-  const int64_t in = xc.size(1);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / in), [&](int64_t r0, int64_t r1) {
-    const int64_t offset = r0 * in, count = (r1 - r0) * in;
-    fill_keep(keep + offset, (t0 + r0) * in, count, mask);
-    if (!masked_x.defined()) return;
-    dispatch_input(xc.scalar_type(), [&](auto xv, auto cv) {
-      using x_t = decltype(xv);
-      using c_t = decltype(cv);
-      apply_keep(xc.const_data_ptr<x_t>() + t0 * in + offset, masked_x.mutable_data_ptr<c_t>() + offset,
-                 keep + offset, count, mask.scale);
-    });
-  });
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TORCHLORA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define TORCHLORA_CPU_CLONES
+#endif
+
+// s[j] = sum_i x[i] * At[i, j] for one row; At = A^T [n, r] contiguous. Eight outputs at a
+// time with four independent accumulators (fixed-width loops, so they vectorise).
+TORCHLORA_CPU_CLONES
+void shrink_row(const float* __restrict x, const float* __restrict At, int64_t n, int64_t r, float* __restrict s) {
+  constexpr int W = 8;
+  for (int64_t j0 = 0; j0 < r; j0 += W) {
+    const int64_t width = std::min<int64_t>(W, r - j0);
+    float acc[4][W] = {};
+    if (width == W) {
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        for (int u = 0; u < 4; ++u) {
+          const float xi = x[i + u];
+          const float* __restrict a = At + (i + u) * r + j0;
+          for (int jj = 0; jj < W; ++jj) acc[u][jj] += xi * a[jj];
+        }
+      }
+      for (; i < n; ++i) {
+        const float* __restrict a = At + i * r + j0;
+        for (int jj = 0; jj < W; ++jj) acc[0][jj] += x[i] * a[jj];
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t jj = 0; jj < width; ++jj) acc[0][jj] += x[i] * At[i * r + j0 + jj];
+      }
+    }
+    for (int64_t jj = 0; jj < width; ++jj) s[j0 + jj] = (acc[0][jj] + acc[1][jj]) + (acc[2][jj] + acc[3][jj]);
+  }
 }
 
-// dst = keep ? src * scale : 0 over a block, src in the compute dtype, dst in x's dtype.
-void apply_keep_block(const at::Tensor& src, at::Tensor& dst, const uint8_t* keep, float scale) {
-  const int64_t n = src.numel();
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    dispatch_input(dst.scalar_type(), [&](auto xv, auto cv) {
-      using x_t = decltype(xv);
-      using c_t = decltype(cv);
-      apply_keep(src.const_data_ptr<c_t>() + i0, dst.mutable_data_ptr<x_t>() + i0, keep + i0, i1 - i0, scale);
-    });
-  });
+// y[:] = sum_j c[j] * M[j, :] for one row; M [r, n] contiguous (vectorised over n).
+TORCHLORA_CPU_CLONES
+void expand_row(const float* __restrict c, const float* __restrict M, int64_t r, int64_t n, float* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = 0.f;
+  for (int64_t j = 0; j < r; ++j) {
+    const float cj = c[j];
+    const float* __restrict m = M + j * n;
+    for (int64_t i = 0; i < n; ++i) y[i] += cj * m[i];
+  }
 }
 
-// s = dropout(x2) @ A^T in the compute dtype; x2 is [T, in], A_cd [r, in].
+// acc[j, :] += c[j] * v[:] for j < r; acc [r, n] contiguous (vectorised over n).
+TORCHLORA_CPU_CLONES
+void accumulate_outer(float* __restrict acc, const float* __restrict c, const float* __restrict v, int64_t r,
+                      int64_t n) {
+  for (int64_t j = 0; j < r; ++j) {
+    const float cj = c[j];
+    float* __restrict a = acc + j * n;
+    for (int64_t i = 0; i < n; ++i) a[i] += cj * v[i];
+  }
+}
+
+// acc[j, :] += sum_u c[u * r + j] * v[u * n + :] over four rows u at once (a quarter of the
+// passes over acc).
+TORCHLORA_CPU_CLONES
+void accumulate_outer4(float* __restrict acc, const float* __restrict c, const float* __restrict v, int64_t r,
+                       int64_t n) {
+  const float* __restrict v0 = v;
+  const float* __restrict v1 = v + n;
+  const float* __restrict v2 = v + 2 * n;
+  const float* __restrict v3 = v + 3 * n;
+  for (int64_t j = 0; j < r; ++j) {
+    const float c0 = c[j], c1 = c[r + j], c2 = c[2 * r + j], c3 = c[3 * r + j];
+    float* __restrict a = acc + j * n;
+    for (int64_t i = 0; i < n; ++i) a[i] += (c0 * v0[i] + c1 * v1[i]) + (c2 * v2[i] + c3 * v3[i]);
+  }
+}
+
+// Rows per chunk of the one parallel region of each fused kernel.
+int64_t row_grain(int64_t in) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)); }
+
+// s = dropout(x2) @ A^T as float32 [T, r], one parallel region: each row is masked into a
+// thread-local row buffer and shrunk at once (the dropped-out x never exists as a tensor).
+at::Tensor shrink_dropout_float(const at::Tensor& x2, const at::Tensor& A_f, const DropoutMask& mask) {
+  const at::Tensor xc = x2.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A_f.size(0);
+  at::Tensor shrunk = at::empty({tokens, rank}, A_f.options());
+  if (tokens == 0) return shrunk;
+  const at::Tensor At = A_f.t().contiguous();  // [in, r]
+  const float* at_ptr = At.const_data_ptr<float>();
+  float* s_ptr = shrunk.mutable_data_ptr<float>();
+  at::parallel_for(0, tokens, row_grain(in), [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(static_cast<size_t>(in));
+    std::vector<uint8_t> keep(static_cast<size_t>(in));
+    for (int64_t t = t0; t < t1; ++t) {
+      fill_keep(keep.data(), t * in, in, mask);
+      dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
+        using x_t = decltype(xv);
+        apply_keep(xc.const_data_ptr<x_t>() + t * in, row.data(), keep.data(), in, mask.scale);
+      });
+      shrink_row(row.data(), at_ptr, in, rank, s_ptr + t * rank);
+    }
+  });
+  return shrunk;
+}
+
+// s = dropout(x2) @ A^T in the compute dtype. Float compute takes the fused row kernel; float64
+// takes the ATen formula.
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A_cd, double dropout_p,
                   const std::optional<at::Tensor>& seed) {
   const auto cd = A_cd.scalar_type();
   if (dropout_p == 0.0) return at::mm(x2.to(cd), A_cd.t());
-  const at::Tensor xc = x2.contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A_cd.size(0);
-  const DropoutMask mask = make_mask(dropout_p, *seed);
-  at::Tensor shrunk = at::empty({tokens, rank}, A_cd.options());
-  if (tokens == 0 || in == 0) return shrunk.zero_();
-  const int64_t block = rows_per_block(tokens, in);
-  at::Tensor buf = at::empty({block, in}, A_cd.options());
-  std::vector<uint8_t> keep(static_cast<size_t>(block * in));
-  const at::Tensor At = A_cd.t();
-  for (int64_t t0 = 0; t0 < tokens; t0 += block) {
-    const int64_t rows = std::min(block, tokens - t0);
-    at::Tensor masked = buf.narrow(0, 0, rows);
-    mask_block(xc, masked, keep.data(), t0, rows, mask);
-    at::Tensor s_block = shrunk.narrow(0, t0, rows);
-    at::mm_out(s_block, masked, At);
-  }
-  return shrunk;
+  if (cd == at::kFloat) return shrink_dropout_float(x2, A_cd, make_mask(dropout_p, *seed));
+  return at::mm(detail::dropout_apply_op().call(x2, dropout_p, *seed).to(cd), A_cd.t());
 }
 
 struct LinearInputs {
@@ -272,8 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk, const at::Tensor& lora_A,
     const at::Tensor& lora_B, bool has_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> output_mask) {
-  if (dropout_p == 0.0) {
-    // Without dropout the ATen path is already one GEMM per gradient.
+  if (dropout_p == 0.0 || detail::compute_dtype(x) != at::kFloat) {
+    // Without dropout the ATen path is already one GEMM per gradient; float64 takes it too.
     return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
                                              seed, output_mask);
   }
@@ -287,10 +340,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
   detail::check_dropout(dropout_p, seed, x.device(), op);
   const DropoutMask mask = make_mask(dropout_p, *seed);
-  const auto cd = detail::compute_dtype(x);
+  const auto cd = at::kFloat;
   const auto cd_opts = x.options().dtype(cd);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
-  const at::Tensor A_cd = lora_A.to(cd);
+  const at::Tensor A_cd = lora_A.to(cd).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
 
@@ -298,35 +351,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
   if (!(output_mask[0] || output_mask[1])) return {grad_x, grad_A, grad_B, grad_bias};
 
-  const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling);  // [T, r]
+  const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling).contiguous();  // [T, r]
   const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
   const bool want_x = output_mask[0], want_A = output_mask[1];
-  const bool grad_x_in_cd = x.scalar_type() == cd;
   if (want_x) grad_x = at::empty({tokens, in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor acc_A = want_A ? at::zeros({rank, in}, cd_opts) : at::Tensor();
+  // One [r, in] partial sum of grad_A per thread, added up in thread order (deterministic).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor partial_A = want_A ? at::zeros({threads, rank, in}, cd_opts) : at::Tensor();
+  const float* gs_ptr = grad_s.const_data_ptr<float>();
+  const float* a_ptr = A_cd.const_data_ptr<float>();
+  const bool grad_x_is_float = x.scalar_type() == at::kFloat;
 
-  if (tokens > 0 && in > 0) {
-    const int64_t block = rows_per_block(tokens, in);
-    at::Tensor buf = at::empty({block, in}, cd_opts);
-    std::vector<uint8_t> keep(static_cast<size_t>(block * in));
-    for (int64_t t0 = 0; t0 < tokens; t0 += block) {
-      const int64_t rows = std::min(block, tokens - t0);
-      at::Tensor buf_block = buf.narrow(0, 0, rows);
-      const at::Tensor gs_block = grad_s.narrow(0, t0, rows);
-      at::Tensor masked_x = want_A ? buf_block : at::Tensor();
-      mask_block(x2, masked_x, keep.data(), t0, rows, mask);  // one mask generation for both grads
-      if (want_A) acc_A.addmm_(gs_block.t(), buf_block);
-      if (want_x) {
-        at::Tensor gx_block = grad_x.narrow(0, t0, rows);
-        at::Tensor target = grad_x_in_cd ? gx_block : buf_block;
-        at::mm_out(target, gs_block, A_cd);
-        apply_keep_block(target, gx_block, keep.data(), mask.scale);  // grad of the dropped-out input
+  // One parallel region: per row, the mask is regenerated once and serves grad_A and grad_x.
+  at::parallel_for(0, tokens, row_grain(in), [&](int64_t t0, int64_t t1) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    float* acc = want_A ? partial_A.mutable_data_ptr<float>() + tid * rank * in : nullptr;
+    constexpr int64_t kGroup = 4;  // rows masked together, so grad_A takes four rows per pass
+    std::vector<float> rows(static_cast<size_t>(kGroup * in));
+    std::vector<uint8_t> keep(static_cast<size_t>(kGroup * in));
+    for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
+      const int64_t group = std::min(kGroup, t1 - g0);
+      fill_keep(keep.data(), g0 * in, group * in, mask);
+      if (want_A) {
+        dispatch_input(x2.scalar_type(), [&](auto xv, auto) {
+          using x_t = decltype(xv);
+          apply_keep(x2.const_data_ptr<x_t>() + g0 * in, rows.data(), keep.data(), group * in, mask.scale);
+        });
+        if (group == kGroup) {
+          accumulate_outer4(acc, gs_ptr + g0 * rank, rows.data(), rank, in);
+        } else {
+          for (int64_t u = 0; u < group; ++u) accumulate_outer(acc, gs_ptr + (g0 + u) * rank, rows.data() + u * in, rank, in);
+        }
+      }
+      if (!want_x) continue;
+      for (int64_t u = 0; u < group; ++u) {
+        const int64_t t = g0 + u;
+        float* target = grad_x_is_float ? grad_x.mutable_data_ptr<float>() + t * in : rows.data() + u * in;
+        expand_row(gs_ptr + t * rank, a_ptr, rank, in, target);
+        dispatch_input(x.scalar_type(), [&](auto xv, auto) {  // grad of the dropped-out input
+          using x_t = decltype(xv);
+          apply_keep(target, grad_x.mutable_data_ptr<x_t>() + t * in, keep.data() + u * in, in, mask.scale);
+        });
       }
     }
-  } else if (want_x) {
-    grad_x.zero_();
-  }
-  if (want_A) grad_A = acc_A.to(lora_A.scalar_type());
+  });
+  if (want_A) grad_A = (threads == 1 ? partial_A.select(0, 0) : at::sum(partial_A, {0})).to(lora_A.scalar_type());
   if (want_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B, grad_bias};
 }
