@@ -149,6 +149,26 @@ void apply_keep(const src_t* src, dst_t* dst, const uint8_t* keep, int64_t count
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TORCHLORA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define TORCHLORA_CPU_CLONES
+#endif
+
+// The float32 case of apply_keep, written as a select so that it vectorises.
+TORCHLORA_CPU_CLONES
+void apply_keep_f32(const float* src, float* dst, const uint8_t* keep, int64_t count, float scale) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float kept = src[i] * scale;
+    dst[i] = keep[i] != 0 ? kept : 0.f;
+  }
+}
+
+template <>
+void apply_keep<float, float>(const float* src, float* dst, const uint8_t* keep, int64_t count, float scale) {
+  apply_keep_f32(src, dst, keep, count, scale);
+}
+
 // Calls fn(scalar_t{}, cd_t{}) for the input dtype and its CPU compute dtype.
 template <typename Fn>
 void dispatch_input(at::ScalarType dtype, Fn&& fn) {
@@ -158,11 +178,6 @@ void dispatch_input(at::ScalarType dtype, Fn&& fn) {
   });
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TORCHLORA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define TORCHLORA_CPU_CLONES
-#endif
 
 // s[j] = sum_i x[i] * At[i, j] for one row; At = A^T [n, r] contiguous. Eight outputs at a
 // time with four independent accumulators (fixed-width loops, so they vectorise).
@@ -194,17 +209,6 @@ void shrink_row(const float* __restrict x, const float* __restrict At, int64_t n
   }
 }
 
-// y[:] = sum_j c[j] * M[j, :] for one row; M [r, n] contiguous (vectorised over n).
-TORCHLORA_CPU_CLONES
-void expand_row(const float* __restrict c, const float* __restrict M, int64_t r, int64_t n, float* __restrict y) {
-  for (int64_t i = 0; i < n; ++i) y[i] = 0.f;
-  for (int64_t j = 0; j < r; ++j) {
-    const float cj = c[j];
-    const float* __restrict m = M + j * n;
-    for (int64_t i = 0; i < n; ++i) y[i] += cj * m[i];
-  }
-}
-
 // acc[j, :] += c[j] * v[:] for j < r; acc [r, n] contiguous (vectorised over n).
 TORCHLORA_CPU_CLONES
 void accumulate_outer(float* __restrict acc, const float* __restrict c, const float* __restrict v, int64_t r,
@@ -232,48 +236,122 @@ void accumulate_outer4(float* __restrict acc, const float* __restrict c, const f
   }
 }
 
-// Rows per chunk of the one parallel region of each fused kernel.
-int64_t row_grain(int64_t in) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)); }
+// y_u[:] += sum_j c[u * r + j] * M[j, :] for `rows` (<= 4) rows u of y (stride n); M [r, n].
+TORCHLORA_CPU_CLONES
+void expand_accumulate(float* __restrict y, const float* __restrict c, const float* __restrict M, int64_t rows,
+                       int64_t r, int64_t n) {
+  if (rows == 4) {
+    float* __restrict y0 = y;
+    float* __restrict y1 = y + n;
+    float* __restrict y2 = y + 2 * n;
+    float* __restrict y3 = y + 3 * n;
+    for (int64_t j = 0; j < r; ++j) {
+      const float c0 = c[j], c1 = c[r + j], c2 = c[2 * r + j], c3 = c[3 * r + j];
+      const float* __restrict m = M + j * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float mi = m[i];
+        y0[i] += c0 * mi;
+        y1[i] += c1 * mi;
+        y2[i] += c2 * mi;
+        y3[i] += c3 * mi;
+      }
+    }
+    return;
+  }
+  for (int64_t u = 0; u < rows; ++u) {
+    for (int64_t j = 0; j < r; ++j) {
+      const float cj = c[u * r + j];
+      const float* __restrict m = M + j * n;
+      float* __restrict yu = y + u * n;
+      for (int64_t i = 0; i < n; ++i) yu[i] += cj * m[i];
+    }
+  }
+}
 
-// s = dropout(x2) @ A^T as float32 [T, r], one parallel region: each row is masked into a
-// thread-local row buffer and shrunk at once (the dropped-out x never exists as a tensor).
-at::Tensor shrink_dropout_float(const at::Tensor& x2, const at::Tensor& A_f, const DropoutMask& mask) {
+constexpr int64_t kGroup = 4;  // rows handled together: each pass over a weight serves four rows
+
+// Rows per chunk of the one parallel region of each fused kernel (a multiple of kGroup).
+int64_t row_grain(int64_t in) {
+  return kGroup * std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
+}
+
+// Rows [g0, g0 + rows) of x as float32: dropout-masked and scaled into buf (keep filled), or
+// converted into buf, or x itself when it is float32 and no dropout applies.
+const float* float_rows(const at::Tensor& xc, int64_t g0, int64_t rows, const DropoutMask* mask, uint8_t* keep,
+                        float* buf) {
+  const int64_t in = xc.size(1);
+  if (mask != nullptr) {
+    fill_keep(keep, g0 * in, rows * in, *mask);
+    dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
+      using x_t = decltype(xv);
+      apply_keep(xc.const_data_ptr<x_t>() + g0 * in, buf, keep, rows * in, mask->scale);
+    });
+    return buf;
+  }
+  if (xc.scalar_type() == at::kFloat) return xc.const_data_ptr<float>() + g0 * in;
+  dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
+    using x_t = decltype(xv);
+    const x_t* src = xc.const_data_ptr<x_t>() + g0 * in;
+    for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<float>(src[i]);
+  });
+  return buf;
+}
+
+// The fused float32 forward, one parallel region over rows: s = dropout(x) @ A^T per row from a
+// thread-local row buffer, then, when `out` is defined (float32, contiguous [T, out]),
+// out = base + scaling * (s @ B^T + bias) written row by row (out may be base itself: in place).
+// Returns s [T, r] float32.
+at::Tensor fused_forward_float(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                               const std::optional<at::Tensor>& lora_bias, double scaling,
+                               const DropoutMask* mask, const at::Tensor& base, at::Tensor out) {
   const at::Tensor xc = x2.contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A_f.size(0);
-  at::Tensor shrunk = at::empty({tokens, rank}, A_f.options());
+  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A.size(0);
+  const auto f32 = xc.options().dtype(at::kFloat);
+  at::Tensor shrunk = at::empty({tokens, rank}, f32);
   if (tokens == 0) return shrunk;
-  const at::Tensor At = A_f.t().contiguous();  // [in, r]
+  const at::Tensor At = A.to(at::kFloat).t().contiguous();  // [in, r]
+  const bool expand = out.defined();
+  const int64_t out_features = B.size(0);
+  const at::Tensor Bt = expand ? B.to(at::kFloat).t().contiguous() : at::Tensor();  // [r, out]
+  const at::Tensor bias = expand && lora_bias.has_value() && lora_bias->defined()
+                              ? lora_bias->to(at::kFloat).mul(scaling).contiguous()
+                              : at::Tensor();
   const float* at_ptr = At.const_data_ptr<float>();
   float* s_ptr = shrunk.mutable_data_ptr<float>();
+  const float scale = static_cast<float>(scaling);
   at::parallel_for(0, tokens, row_grain(in), [&](int64_t t0, int64_t t1) {
-    std::vector<float> row(static_cast<size_t>(in));
-    std::vector<uint8_t> keep(static_cast<size_t>(in));
-    for (int64_t t = t0; t < t1; ++t) {
-      fill_keep(keep.data(), t * in, in, mask);
-      dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
-        using x_t = decltype(xv);
-        apply_keep(xc.const_data_ptr<x_t>() + t * in, row.data(), keep.data(), in, mask.scale);
-      });
-      shrink_row(row.data(), at_ptr, in, rank, s_ptr + t * rank);
+    std::vector<float> buf(static_cast<size_t>(kGroup * in));
+    std::vector<uint8_t> keep(mask != nullptr ? static_cast<size_t>(kGroup * in) : 0);
+    float scaled[kGroup * 64];
+    std::vector<float> scaled_big(rank > 64 ? static_cast<size_t>(kGroup * rank) : 0);
+    float* c = rank > 64 ? scaled_big.data() : scaled;
+    for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
+      const int64_t rows = std::min(kGroup, t1 - g0);
+      const float* xr = float_rows(xc, g0, rows, mask, keep.data(), buf.data());
+      for (int64_t u = 0; u < rows; ++u) shrink_row(xr + u * in, at_ptr, in, rank, s_ptr + (g0 + u) * rank);
+      if (!expand) continue;
+      for (int64_t k = 0; k < rows * rank; ++k) c[k] = scale * s_ptr[g0 * rank + k];
+      float* y = out.mutable_data_ptr<float>() + g0 * out_features;
+      if (!out.is_same(base)) {
+        const float* b = base.const_data_ptr<float>() + g0 * out_features;
+        std::copy(b, b + rows * out_features, y);
+      }
+      if (bias.defined()) {
+        const float* bb = bias.const_data_ptr<float>();
+        for (int64_t u = 0; u < rows; ++u) {
+          for (int64_t i = 0; i < out_features; ++i) y[u * out_features + i] += bb[i];
+        }
+      }
+      expand_accumulate(y, c, Bt.const_data_ptr<float>(), rows, rank, out_features);
     }
   });
   return shrunk;
 }
 
-// s = dropout(x2) @ A^T in the compute dtype. Float compute takes the fused row kernel; float64
-// takes the ATen formula.
-at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A_cd, double dropout_p,
-                  const std::optional<at::Tensor>& seed) {
-  const auto cd = A_cd.scalar_type();
-  if (dropout_p == 0.0) return at::mm(x2.to(cd), A_cd.t());
-  if (cd == at::kFloat) return shrink_dropout_float(x2, A_cd, make_mask(dropout_p, *seed));
-  return at::mm(detail::dropout_apply_op().call(x2, dropout_p, *seed).to(cd), A_cd.t());
-}
-
 struct LinearInputs {
   int64_t tokens, in, rank, out;
   at::ScalarType cd;
-  at::Tensor x2, A_cd, B_cd;
+  at::Tensor x2;
 };
 
 LinearInputs prepare(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
@@ -287,9 +365,11 @@ LinearInputs prepare(const at::Tensor& x, const at::Tensor& base_out, const at::
   in.out = dims.out_features.expect_int();
   in.cd = detail::compute_dtype(x);
   in.x2 = x.reshape({in.tokens, in.in});
-  in.A_cd = lora_A.to(in.cd);
-  in.B_cd = lora_B.to(in.cd);
   return in;
+}
+
+bool fusable_output(const at::Tensor& base_out) {
+  return base_out.scalar_type() == at::kFloat && base_out.is_contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(
@@ -297,18 +377,24 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(
     const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
   const auto in = prepare(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  const at::Tensor shrunk = shrink(in.x2, in.A_cd, dropout_p, seed);
-  at::Tensor base2 = base_out.reshape({in.tokens, in.out});
-  at::Tensor out2;
-  if (base_out.scalar_type() == in.cd) {
-    if (lora_bias.has_value() && lora_bias->defined()) base2 = base2.add(*lora_bias, scaling);
-    out2 = at::addmm(base2, shrunk, in.B_cd.t(), 1.0, scaling);  // one pass over base_out
-  } else {
-    at::Tensor delta = at::mm(shrunk, in.B_cd.t());
-    if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(in.cd));
-    out2 = detail::accumulate_into_base(base2, delta, scaling);
+  if (in.cd != at::kFloat) {
+    return detail::lora_linear_forward_aten(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   }
-  return {out2.view(base_out.sizes()), shrunk.to(at::kFloat)};
+  std::optional<DropoutMask> mask;
+  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
+  if (fusable_output(base_out)) {
+    at::Tensor out = at::empty(base_out.sizes(), base_out.options().memory_format(at::MemoryFormat::Contiguous));
+    const at::Tensor shrunk =
+        fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
+                            base_out.view({in.tokens, in.out}), out.view({in.tokens, in.out}));
+    return {out, shrunk};
+  }
+  const at::Tensor shrunk = fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
+                                                at::Tensor(), at::Tensor());
+  at::Tensor delta = at::mm(shrunk, lora_B.to(at::kFloat).t());
+  if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(at::kFloat));
+  at::Tensor out2 = detail::accumulate_into_base(base_out.reshape({in.tokens, in.out}), delta, scaling);
+  return {out2.view(base_out.sizes()), shrunk};
 }
 
 at::Tensor lora_linear_forward_inplace_cpu(
@@ -316,17 +402,33 @@ at::Tensor lora_linear_forward_inplace_cpu(
     const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
   const auto in = prepare(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  const at::Tensor shrunk = shrink(in.x2, in.A_cd, dropout_p, seed);  // before base_out changes (x may alias it)
-  detail::expand_into_base_(base_out, shrunk, in.B_cd, lora_bias, scaling);
-  return shrunk.to(at::kFloat);
+  if (in.cd != at::kFloat) {
+    return detail::lora_linear_forward_inplace_aten(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p,
+                                                    seed);
+  }
+  std::optional<DropoutMask> mask;
+  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
+  // x may alias base_out: then the shrink must finish before base_out changes.
+  const bool fuse = fusable_output(base_out) && !x.is_alias_of(base_out);
+  if (fuse) {
+    at::Tensor base2 = base_out.view({in.tokens, in.out});
+    return fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr, base2, base2);
+  }
+  const at::Tensor shrunk = fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
+                                                at::Tensor(), at::Tensor());
+  detail::expand_into_base_(base_out, shrunk, lora_B.to(at::kFloat), lora_bias, scaling);
+  return shrunk;
 }
 
+// The fused float32 backward, one parallel region over rows (groups of four): per group,
+// grad_s = scaling * g @ B, grad_B^T and grad_bias partial sums, the mask regenerated once for
+// both grad_A (partial sums over dropout(x)) and grad_x (= mask * grad_s @ A). Per-thread
+// partial sums are added up in thread order afterwards (deterministic for a thread count).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk, const at::Tensor& lora_A,
     const at::Tensor& lora_B, bool has_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> output_mask) {
-  if (dropout_p == 0.0 || detail::compute_dtype(x) != at::kFloat) {
-    // Without dropout the ATen path is already one GEMM per gradient; float64 takes it too.
+  if (detail::compute_dtype(x) != at::kFloat) {
     return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
                                              seed, output_mask);
   }
@@ -339,63 +441,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
               " elements, expected ", tokens, " x ", out_features);
   TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
   detail::check_dropout(dropout_p, seed, x.device(), op);
-  const DropoutMask mask = make_mask(dropout_p, *seed);
-  const auto cd = at::kFloat;
-  const auto cd_opts = x.options().dtype(cd);
-  const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
-  const at::Tensor A_cd = lora_A.to(cd).contiguous();
+  std::optional<DropoutMask> mask;
+  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(at::kFloat).contiguous();
+  const at::Tensor s2 = shrunk.to(at::kFloat).contiguous();
+  const at::Tensor A = lora_A.to(at::kFloat).contiguous();  // [r, in]
+  const at::Tensor B = lora_B.to(at::kFloat).contiguous();  // [out, r]
+  const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
+  const bool want_x = output_mask[0], want_A = output_mask[1], want_B = output_mask[2];
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
-
-  if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
-  if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
-  if (!(output_mask[0] || output_mask[1])) return {grad_x, grad_A, grad_B, grad_bias};
-
-  const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling).contiguous();  // [T, r]
-  const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
-  const bool want_x = output_mask[0], want_A = output_mask[1];
   if (want_x) grad_x = at::empty({tokens, in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  // One [r, in] partial sum of grad_A per thread, added up in thread order (deterministic).
+  const bool need_gs = want_x || want_A;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  at::Tensor partial_A = want_A ? at::zeros({threads, rank, in}, cd_opts) : at::Tensor();
-  const float* gs_ptr = grad_s.const_data_ptr<float>();
-  const float* a_ptr = A_cd.const_data_ptr<float>();
+  at::Tensor part_A = want_A ? at::zeros({threads, rank, in}, f32) : at::Tensor();
+  at::Tensor part_Bt = want_B ? at::zeros({threads, rank, out_features}, f32) : at::Tensor();
+  at::Tensor part_bias = has_bias ? at::zeros({threads, out_features}, f32) : at::Tensor();
+  const float* g_ptr = g2.const_data_ptr<float>();
+  const float* s_ptr = s2.const_data_ptr<float>();
+  const float scale = static_cast<float>(scaling);
   const bool grad_x_is_float = x.scalar_type() == at::kFloat;
 
-  // One parallel region: per row, the mask is regenerated once and serves grad_A and grad_x.
-  at::parallel_for(0, tokens, row_grain(in), [&](int64_t t0, int64_t t1) {
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    float* acc = want_A ? partial_A.mutable_data_ptr<float>() + tid * rank * in : nullptr;
-    constexpr int64_t kGroup = 4;  // rows masked together, so grad_A takes four rows per pass
-    std::vector<float> rows(static_cast<size_t>(kGroup * in));
-    std::vector<uint8_t> keep(static_cast<size_t>(kGroup * in));
-    for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
-      const int64_t group = std::min(kGroup, t1 - g0);
-      fill_keep(keep.data(), g0 * in, group * in, mask);
-      if (want_A) {
-        dispatch_input(x2.scalar_type(), [&](auto xv, auto) {
-          using x_t = decltype(xv);
-          apply_keep(x2.const_data_ptr<x_t>() + g0 * in, rows.data(), keep.data(), group * in, mask.scale);
-        });
-        if (group == kGroup) {
-          accumulate_outer4(acc, gs_ptr + g0 * rank, rows.data(), rank, in);
-        } else {
-          for (int64_t u = 0; u < group; ++u) accumulate_outer(acc, gs_ptr + (g0 + u) * rank, rows.data() + u * in, rank, in);
+  if (tokens > 0) {
+    at::parallel_for(0, tokens, row_grain(std::max(in, out_features)), [&](int64_t t0, int64_t t1) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      std::vector<float> buf(static_cast<size_t>(kGroup * in));
+      std::vector<float> gx_buf(grad_x_is_float ? 0 : static_cast<size_t>(kGroup * in));
+      std::vector<uint8_t> keep(mask ? static_cast<size_t>(kGroup * in) : 0);
+      std::vector<float> gs(static_cast<size_t>(kGroup * rank));
+      float* acc_A = want_A ? part_A.mutable_data_ptr<float>() + tid * rank * in : nullptr;
+      float* acc_Bt = want_B ? part_Bt.mutable_data_ptr<float>() + tid * rank * out_features : nullptr;
+      float* acc_bias = has_bias ? part_bias.mutable_data_ptr<float>() + tid * out_features : nullptr;
+      for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
+        const int64_t rows = std::min(kGroup, t1 - g0);
+        const float* g = g_ptr + g0 * out_features;
+        if (want_B) {
+          if (rows == kGroup) {
+            accumulate_outer4(acc_Bt, s_ptr + g0 * rank, g, rank, out_features);
+          } else {
+            for (int64_t u = 0; u < rows; ++u) {
+              accumulate_outer(acc_Bt, s_ptr + (g0 + u) * rank, g + u * out_features, rank, out_features);
+            }
+          }
+        }
+        if (has_bias) {
+          for (int64_t u = 0; u < rows; ++u) {
+            for (int64_t i = 0; i < out_features; ++i) acc_bias[i] += g[u * out_features + i];
+          }
+        }
+        if (!need_gs) continue;
+        for (int64_t u = 0; u < rows; ++u) {
+          shrink_row(g + u * out_features, B.const_data_ptr<float>(), out_features, rank, gs.data() + u * rank);
+        }
+        for (int64_t k = 0; k < rows * rank; ++k) gs[k] *= scale;
+        // one mask generation per row serves grad_A and grad_x
+        const float* xr = (want_A || mask) ? float_rows(x2, g0, rows, mask ? &*mask : nullptr, keep.data(), buf.data())
+                                           : nullptr;
+        if (want_A) {
+          if (rows == kGroup) {
+            accumulate_outer4(acc_A, gs.data(), xr, rank, in);
+          } else {
+            for (int64_t u = 0; u < rows; ++u) accumulate_outer(acc_A, gs.data() + u * rank, xr + u * in, rank, in);
+          }
+        }
+        if (!want_x) continue;
+        float* target = grad_x_is_float ? grad_x.mutable_data_ptr<float>() + g0 * in : gx_buf.data();
+        std::fill(target, target + rows * in, 0.f);
+        expand_accumulate(target, gs.data(), A.const_data_ptr<float>(), rows, rank, in);
+        if (mask || !grad_x_is_float) {
+          dispatch_input(x.scalar_type(), [&](auto xv, auto) {  // grad of the dropped-out input
+            using x_t = decltype(xv);
+            x_t* dst = grad_x.mutable_data_ptr<x_t>() + g0 * in;
+            if (mask) {
+              apply_keep(target, dst, keep.data(), rows * in, mask->scale);
+            } else {
+              for (int64_t i = 0; i < rows * in; ++i) dst[i] = static_cast<x_t>(target[i]);
+            }
+          });
         }
       }
-      if (!want_x) continue;
-      for (int64_t u = 0; u < group; ++u) {
-        const int64_t t = g0 + u;
-        float* target = grad_x_is_float ? grad_x.mutable_data_ptr<float>() + t * in : rows.data() + u * in;
-        expand_row(gs_ptr + t * rank, a_ptr, rank, in, target);
-        dispatch_input(x.scalar_type(), [&](auto xv, auto) {  // grad of the dropped-out input
-          using x_t = decltype(xv);
-          apply_keep(target, grad_x.mutable_data_ptr<x_t>() + t * in, keep.data() + u * in, in, mask.scale);
-        });
-      }
-    }
-  });
-  if (want_A) grad_A = (threads == 1 ? partial_A.select(0, 0) : at::sum(partial_A, {0})).to(lora_A.scalar_type());
+    });
+  } else if (want_x) {
+    grad_x.zero_();
+  }
+  auto reduce = [&](const at::Tensor& parts) { return threads == 1 ? parts.select(0, 0) : at::sum(parts, {0}); };
+  if (want_A) grad_A = reduce(part_A).to(lora_A.scalar_type());
+  if (want_B) grad_B = reduce(part_Bt).t().mul(scaling).to(lora_B.scalar_type()).contiguous();
+  if (has_bias) grad_bias = reduce(part_bias).mul(scaling).to(lora_B.scalar_type());
   if (want_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B, grad_bias};
 }
