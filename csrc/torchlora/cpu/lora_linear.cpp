@@ -1,14 +1,13 @@
 // CPU kernels of lora_linear (functional and in-place).
 //
-// With dropout, the shrink s = dropout(x) @ A^T never materialises dropout(x): one parallel
-// region (at::parallel_for over rows) masks each row of x into a thread-local row buffer and
-// shrinks it at once. The expand is one BLAS GEMM with the scaling folded into alpha and the
-// accumulation into beta, writing into base_out itself for the in-place op. The float32 [T, r]
-// s is the only new activation kept for backward. Backward regenerates each row's mask once
-// (the Philox stream of dropout_apply: element index = row-major index in the [T, in] view) and
-// uses it for both grad_A (per-thread partial sums) and grad_x, again in one parallel region.
-// Few parallel regions matter: each is a barrier, costly on a busy machine. float16/bfloat16
-// compute in float32; float64 uses the ATen formula.
+// Forward: the shrink s = dropout(x) @ A^T never materialises dropout(x): row blocks of x are
+// masked (in parallel, at::parallel_for) into one small buffer and multiplied block by block
+// (BLAS, itself multi-threaded; no BLAS call runs inside a parallel region).
+// The expand is one GEMM with the scaling folded into alpha and the accumulation into beta,
+// writing into base_out itself for the in-place op. The float32 [T, r] s is the only new
+// activation kept for backward. Backward regenerates each block's mask once (same Philox
+// stream as dropout_apply: element index = row-major index in the [T, in] view) and uses it
+// for both grad_A and grad_x. float16/bfloat16 compute in float32.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,11 +28,17 @@
 
 #include "../detail/aten_math.h"
 #include "../detail/checks.h"
-#include "../detail/op_handles.h"
 #include "../detail/philox_dropout.h"
 
 namespace torchlora::cpu {
 namespace {
+
+// Rows per block: about 2 MiB of masked float32 rows; few blocks keep the number of parallel
+// regions (each a barrier) small, while the buffer stays a fraction of the dropped-out input.
+int64_t rows_per_block(int64_t tokens, int64_t in) {
+  const int64_t rows = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(in, 1));
+  return std::max<int64_t>(1, std::min(rows, tokens));
+}
 
 struct DropoutMask {
   uint64_t key;
@@ -178,180 +183,64 @@ void dispatch_input(at::ScalarType dtype, Fn&& fn) {
   });
 }
 
-
-// s[j] = sum_i x[i] * At[i, j] for one row; At = A^T [n, r] contiguous. Eight outputs at a
-// time with four independent accumulators (fixed-width loops, so they vectorise).
-TORCHLORA_CPU_CLONES
-void shrink_row(const float* __restrict x, const float* __restrict At, int64_t n, int64_t r, float* __restrict s) {
-  constexpr int W = 8;
-  for (int64_t j0 = 0; j0 < r; j0 += W) {
-    const int64_t width = std::min<int64_t>(W, r - j0);
-    float acc[4][W] = {};
-    if (width == W) {
-      int64_t i = 0;
-      for (; i + 4 <= n; i += 4) {
-        for (int u = 0; u < 4; ++u) {
-          const float xi = x[i + u];
-          const float* __restrict a = At + (i + u) * r + j0;
-          for (int jj = 0; jj < W; ++jj) acc[u][jj] += xi * a[jj];
-        }
-      }
-      for (; i < n; ++i) {
-        const float* __restrict a = At + i * r + j0;
-        for (int jj = 0; jj < W; ++jj) acc[0][jj] += x[i] * a[jj];
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t jj = 0; jj < width; ++jj) acc[0][jj] += x[i] * At[i * r + j0 + jj];
-      }
-    }
-    for (int64_t jj = 0; jj < width; ++jj) s[j0 + jj] = (acc[0][jj] + acc[1][jj]) + (acc[2][jj] + acc[3][jj]);
-  }
-}
-
-// acc[j, :] += c[j] * v[:] for j < r; acc [r, n] contiguous (vectorised over n).
-TORCHLORA_CPU_CLONES
-void accumulate_outer(float* __restrict acc, const float* __restrict c, const float* __restrict v, int64_t r,
-                      int64_t n) {
-  for (int64_t j = 0; j < r; ++j) {
-    const float cj = c[j];
-    float* __restrict a = acc + j * n;
-    for (int64_t i = 0; i < n; ++i) a[i] += cj * v[i];
-  }
-}
-
-// acc[j, :] += sum_u c[u * r + j] * v[u * n + :] over four rows u at once (a quarter of the
-// passes over acc).
-TORCHLORA_CPU_CLONES
-void accumulate_outer4(float* __restrict acc, const float* __restrict c, const float* __restrict v, int64_t r,
-                       int64_t n) {
-  const float* __restrict v0 = v;
-  const float* __restrict v1 = v + n;
-  const float* __restrict v2 = v + 2 * n;
-  const float* __restrict v3 = v + 3 * n;
-  for (int64_t j = 0; j < r; ++j) {
-    const float c0 = c[j], c1 = c[r + j], c2 = c[2 * r + j], c3 = c[3 * r + j];
-    float* __restrict a = acc + j * n;
-    for (int64_t i = 0; i < n; ++i) a[i] += (c0 * v0[i] + c1 * v1[i]) + (c2 * v2[i] + c3 * v3[i]);
-  }
-}
-
-// y_u[:] += sum_j c[u * r + j] * M[j, :] for `rows` (<= 4) rows u of y (stride n); M [r, n].
-TORCHLORA_CPU_CLONES
-void expand_accumulate(float* __restrict y, const float* __restrict c, const float* __restrict M, int64_t rows,
-                       int64_t r, int64_t n) {
-  if (rows == 4) {
-    float* __restrict y0 = y;
-    float* __restrict y1 = y + n;
-    float* __restrict y2 = y + 2 * n;
-    float* __restrict y3 = y + 3 * n;
-    for (int64_t j = 0; j < r; ++j) {
-      const float c0 = c[j], c1 = c[r + j], c2 = c[2 * r + j], c3 = c[3 * r + j];
-      const float* __restrict m = M + j * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const float mi = m[i];
-        y0[i] += c0 * mi;
-        y1[i] += c1 * mi;
-        y2[i] += c2 * mi;
-        y3[i] += c3 * mi;
-      }
-    }
-    return;
-  }
-  for (int64_t u = 0; u < rows; ++u) {
-    for (int64_t j = 0; j < r; ++j) {
-      const float cj = c[u * r + j];
-      const float* __restrict m = M + j * n;
-      float* __restrict yu = y + u * n;
-      for (int64_t i = 0; i < n; ++i) yu[i] += cj * m[i];
-    }
-  }
-}
-
-constexpr int64_t kGroup = 4;  // rows handled together: each pass over a weight serves four rows
-
-// Rows per chunk of the one parallel region of each fused kernel (a multiple of kGroup).
-int64_t row_grain(int64_t in) {
-  return kGroup * std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
-}
-
-// Rows [g0, g0 + rows) of x as float32: dropout-masked and scaled into buf (keep filled), or
-// converted into buf, or x itself when it is float32 and no dropout applies.
-const float* float_rows(const at::Tensor& xc, int64_t g0, int64_t rows, const DropoutMask* mask, uint8_t* keep,
-                        float* buf) {
+// Parallel over the rows [t0, t0 + rows) of a block: keep bytes of those rows, and (when
+// masked_x is defined) x's rows masked and scaled into masked_x [rows, in] (compute dtype).
+void mask_block(const at::Tensor& xc, at::Tensor& masked_x, uint8_t* keep, int64_t t0, int64_t rows,
+                const DropoutMask& mask) {
   const int64_t in = xc.size(1);
-  if (mask != nullptr) {
-    fill_keep(keep, g0 * in, rows * in, *mask);
-    dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / in), [&](int64_t r0, int64_t r1) {
+    const int64_t offset = r0 * in, count = (r1 - r0) * in;
+    fill_keep(keep + offset, (t0 + r0) * in, count, mask);
+    if (!masked_x.defined()) return;
+    dispatch_input(xc.scalar_type(), [&](auto xv, auto cv) {
       using x_t = decltype(xv);
-      apply_keep(xc.const_data_ptr<x_t>() + g0 * in, buf, keep, rows * in, mask->scale);
+      using c_t = decltype(cv);
+      apply_keep(xc.const_data_ptr<x_t>() + t0 * in + offset, masked_x.mutable_data_ptr<c_t>() + offset,
+                 keep + offset, count, mask.scale);
     });
-    return buf;
-  }
-  if (xc.scalar_type() == at::kFloat) return xc.const_data_ptr<float>() + g0 * in;
-  dispatch_input(xc.scalar_type(), [&](auto xv, auto) {
-    using x_t = decltype(xv);
-    const x_t* src = xc.const_data_ptr<x_t>() + g0 * in;
-    for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<float>(src[i]);
   });
-  return buf;
 }
 
-// The fused float32 forward, one parallel region over rows: s = dropout(x) @ A^T per row from a
-// thread-local row buffer, then, when `out` is defined (float32, contiguous [T, out]),
-// out = base + scaling * (s @ B^T + bias) written row by row (out may be base itself: in place).
-// Returns s [T, r] float32.
-at::Tensor fused_forward_float(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
-                               const std::optional<at::Tensor>& lora_bias, double scaling,
-                               const DropoutMask* mask, const at::Tensor& base, at::Tensor out) {
-  const at::Tensor xc = x2.contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A.size(0);
-  const auto f32 = xc.options().dtype(at::kFloat);
-  at::Tensor shrunk = at::empty({tokens, rank}, f32);
-  if (tokens == 0) return shrunk;
-  const at::Tensor At = A.to(at::kFloat).t().contiguous();  // [in, r]
-  const bool expand = out.defined();
-  const int64_t out_features = B.size(0);
-  const at::Tensor Bt = expand ? B.to(at::kFloat).t().contiguous() : at::Tensor();  // [r, out]
-  const at::Tensor bias = expand && lora_bias.has_value() && lora_bias->defined()
-                              ? lora_bias->to(at::kFloat).mul(scaling).contiguous()
-                              : at::Tensor();
-  const float* at_ptr = At.const_data_ptr<float>();
-  float* s_ptr = shrunk.mutable_data_ptr<float>();
-  const float scale = static_cast<float>(scaling);
-  at::parallel_for(0, tokens, row_grain(in), [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(kGroup * in));
-    std::vector<uint8_t> keep(mask != nullptr ? static_cast<size_t>(kGroup * in) : 0);
-    float scaled[kGroup * 64];
-    std::vector<float> scaled_big(rank > 64 ? static_cast<size_t>(kGroup * rank) : 0);
-    float* c = rank > 64 ? scaled_big.data() : scaled;
-    for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
-      const int64_t rows = std::min(kGroup, t1 - g0);
-      const float* xr = float_rows(xc, g0, rows, mask, keep.data(), buf.data());
-      for (int64_t u = 0; u < rows; ++u) shrink_row(xr + u * in, at_ptr, in, rank, s_ptr + (g0 + u) * rank);
-      if (!expand) continue;
-      for (int64_t k = 0; k < rows * rank; ++k) c[k] = scale * s_ptr[g0 * rank + k];
-      float* y = out.mutable_data_ptr<float>() + g0 * out_features;
-      if (!out.is_same(base)) {
-        const float* b = base.const_data_ptr<float>() + g0 * out_features;
-        std::copy(b, b + rows * out_features, y);
-      }
-      if (bias.defined()) {
-        const float* bb = bias.const_data_ptr<float>();
-        for (int64_t u = 0; u < rows; ++u) {
-          for (int64_t i = 0; i < out_features; ++i) y[u * out_features + i] += bb[i];
-        }
-      }
-      expand_accumulate(y, c, Bt.const_data_ptr<float>(), rows, rank, out_features);
-    }
+// dst = keep ? src * scale : 0 over a block, src in the compute dtype, dst in x's dtype.
+void apply_keep_block(const at::Tensor& src, at::Tensor& dst, const uint8_t* keep, float scale) {
+  const int64_t n = src.numel();
+  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+    dispatch_input(dst.scalar_type(), [&](auto xv, auto cv) {
+      using x_t = decltype(xv);
+      using c_t = decltype(cv);
+      apply_keep(src.const_data_ptr<c_t>() + i0, dst.mutable_data_ptr<x_t>() + i0, keep + i0, i1 - i0, scale);
+    });
   });
+}
+
+// s = dropout(x2) @ A^T in the compute dtype; x2 is [T, in], A_cd [r, in].
+at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A_cd, double dropout_p,
+                  const std::optional<at::Tensor>& seed) {
+  const auto cd = A_cd.scalar_type();
+  if (dropout_p == 0.0) return at::mm(x2.to(cd), A_cd.t());
+  const at::Tensor xc = x2.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1), rank = A_cd.size(0);
+  const DropoutMask mask = make_mask(dropout_p, *seed);
+  at::Tensor shrunk = at::empty({tokens, rank}, A_cd.options());
+  if (tokens == 0 || in == 0) return shrunk.zero_();
+  const int64_t block = rows_per_block(tokens, in);
+  at::Tensor buf = at::empty({block, in}, A_cd.options());
+  std::vector<uint8_t> keep(static_cast<size_t>(block * in));
+  const at::Tensor At = A_cd.t();
+  for (int64_t t0 = 0; t0 < tokens; t0 += block) {
+    const int64_t rows = std::min(block, tokens - t0);
+    at::Tensor masked = buf.narrow(0, 0, rows);
+    mask_block(xc, masked, keep.data(), t0, rows, mask);
+    at::Tensor s_block = shrunk.narrow(0, t0, rows);
+    at::mm_out(s_block, masked, At);
+  }
   return shrunk;
 }
 
 struct LinearInputs {
   int64_t tokens, in, rank, out;
   at::ScalarType cd;
-  at::Tensor x2;
+  at::Tensor x2, A_cd, B_cd;
 };
 
 LinearInputs prepare(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
@@ -365,11 +254,9 @@ LinearInputs prepare(const at::Tensor& x, const at::Tensor& base_out, const at::
   in.out = dims.out_features.expect_int();
   in.cd = detail::compute_dtype(x);
   in.x2 = x.reshape({in.tokens, in.in});
+  in.A_cd = lora_A.to(in.cd);
+  in.B_cd = lora_B.to(in.cd);
   return in;
-}
-
-bool fusable_output(const at::Tensor& base_out) {
-  return base_out.scalar_type() == at::kFloat && base_out.is_contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(
@@ -377,24 +264,18 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(
     const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
   const auto in = prepare(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  if (in.cd != at::kFloat) {
-    return detail::lora_linear_forward_aten(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  const at::Tensor shrunk = shrink(in.x2, in.A_cd, dropout_p, seed);
+  at::Tensor base2 = base_out.reshape({in.tokens, in.out});
+  at::Tensor out2;
+  if (base_out.scalar_type() == in.cd) {
+    if (lora_bias.has_value() && lora_bias->defined()) base2 = base2.add(*lora_bias, scaling);
+    out2 = at::addmm(base2, shrunk, in.B_cd.t(), 1.0, scaling);  // one pass over base_out
+  } else {
+    at::Tensor delta = at::mm(shrunk, in.B_cd.t());
+    if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(in.cd));
+    out2 = detail::accumulate_into_base(base2, delta, scaling);
   }
-  std::optional<DropoutMask> mask;
-  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
-  if (fusable_output(base_out)) {
-    at::Tensor out = at::empty(base_out.sizes(), base_out.options().memory_format(at::MemoryFormat::Contiguous));
-    const at::Tensor shrunk =
-        fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
-                            base_out.view({in.tokens, in.out}), out.view({in.tokens, in.out}));
-    return {out, shrunk};
-  }
-  const at::Tensor shrunk = fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
-                                                at::Tensor(), at::Tensor());
-  at::Tensor delta = at::mm(shrunk, lora_B.to(at::kFloat).t());
-  if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(at::kFloat));
-  at::Tensor out2 = detail::accumulate_into_base(base_out.reshape({in.tokens, in.out}), delta, scaling);
-  return {out2.view(base_out.sizes()), shrunk};
+  return {out2.view(base_out.sizes()), shrunk.to(at::kFloat)};
 }
 
 at::Tensor lora_linear_forward_inplace_cpu(
@@ -402,33 +283,17 @@ at::Tensor lora_linear_forward_inplace_cpu(
     const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
   const auto in = prepare(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  if (in.cd != at::kFloat) {
-    return detail::lora_linear_forward_inplace_aten(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p,
-                                                    seed);
-  }
-  std::optional<DropoutMask> mask;
-  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
-  // x may alias base_out: then the shrink must finish before base_out changes.
-  const bool fuse = fusable_output(base_out) && !x.is_alias_of(base_out);
-  if (fuse) {
-    at::Tensor base2 = base_out.view({in.tokens, in.out});
-    return fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr, base2, base2);
-  }
-  const at::Tensor shrunk = fused_forward_float(in.x2, lora_A, lora_B, lora_bias, scaling, mask ? &*mask : nullptr,
-                                                at::Tensor(), at::Tensor());
-  detail::expand_into_base_(base_out, shrunk, lora_B.to(at::kFloat), lora_bias, scaling);
-  return shrunk;
+  const at::Tensor shrunk = shrink(in.x2, in.A_cd, dropout_p, seed);  // before base_out changes (x may alias it)
+  detail::expand_into_base_(base_out, shrunk, in.B_cd, lora_bias, scaling);
+  return shrunk.to(at::kFloat);
 }
 
-// The fused float32 backward, one parallel region over rows (groups of four): per group,
-// grad_s = scaling * g @ B, grad_B^T and grad_bias partial sums, the mask regenerated once for
-// both grad_A (partial sums over dropout(x)) and grad_x (= mask * grad_s @ A). Per-thread
-// partial sums are added up in thread order afterwards (deterministic for a thread count).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk, const at::Tensor& lora_A,
     const at::Tensor& lora_B, bool has_bias, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> output_mask) {
-  if (detail::compute_dtype(x) != at::kFloat) {
+  if (dropout_p == 0.0) {
+    // Without dropout the ATen path is already one GEMM per gradient.
     return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
                                              seed, output_mask);
   }
@@ -441,94 +306,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
               " elements, expected ", tokens, " x ", out_features);
   TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
   detail::check_dropout(dropout_p, seed, x.device(), op);
-  std::optional<DropoutMask> mask;
-  if (dropout_p > 0.0) mask = make_mask(dropout_p, *seed);
-  const auto f32 = x.options().dtype(at::kFloat);
-  const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(at::kFloat).contiguous();
-  const at::Tensor s2 = shrunk.to(at::kFloat).contiguous();
-  const at::Tensor A = lora_A.to(at::kFloat).contiguous();  // [r, in]
-  const at::Tensor B = lora_B.to(at::kFloat).contiguous();  // [out, r]
-  const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
-  const bool want_x = output_mask[0], want_A = output_mask[1], want_B = output_mask[2];
+  const DropoutMask mask = make_mask(dropout_p, *seed);
+  const auto cd = detail::compute_dtype(x);
+  const auto cd_opts = x.options().dtype(cd);
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
+  const at::Tensor A_cd = lora_A.to(cd);
   const at::Tensor none = at::empty({0}, x.options());
   at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
-  if (want_x) grad_x = at::empty({tokens, in}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const bool need_gs = want_x || want_A;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  at::Tensor part_A = want_A ? at::zeros({threads, rank, in}, f32) : at::Tensor();
-  at::Tensor part_Bt = want_B ? at::zeros({threads, rank, out_features}, f32) : at::Tensor();
-  at::Tensor part_bias = has_bias ? at::zeros({threads, out_features}, f32) : at::Tensor();
-  const float* g_ptr = g2.const_data_ptr<float>();
-  const float* s_ptr = s2.const_data_ptr<float>();
-  const float scale = static_cast<float>(scaling);
-  const bool grad_x_is_float = x.scalar_type() == at::kFloat;
 
-  if (tokens > 0) {
-    at::parallel_for(0, tokens, row_grain(std::max(in, out_features)), [&](int64_t t0, int64_t t1) {
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      std::vector<float> buf(static_cast<size_t>(kGroup * in));
-      std::vector<float> gx_buf(grad_x_is_float ? 0 : static_cast<size_t>(kGroup * in));
-      std::vector<uint8_t> keep(mask ? static_cast<size_t>(kGroup * in) : 0);
-      std::vector<float> gs(static_cast<size_t>(kGroup * rank));
-      float* acc_A = want_A ? part_A.mutable_data_ptr<float>() + tid * rank * in : nullptr;
-      float* acc_Bt = want_B ? part_Bt.mutable_data_ptr<float>() + tid * rank * out_features : nullptr;
-      float* acc_bias = has_bias ? part_bias.mutable_data_ptr<float>() + tid * out_features : nullptr;
-      for (int64_t g0 = t0; g0 < t1; g0 += kGroup) {
-        const int64_t rows = std::min(kGroup, t1 - g0);
-        const float* g = g_ptr + g0 * out_features;
-        if (want_B) {
-          if (rows == kGroup) {
-            accumulate_outer4(acc_Bt, s_ptr + g0 * rank, g, rank, out_features);
-          } else {
-            for (int64_t u = 0; u < rows; ++u) {
-              accumulate_outer(acc_Bt, s_ptr + (g0 + u) * rank, g + u * out_features, rank, out_features);
-            }
-          }
-        }
-        if (has_bias) {
-          for (int64_t u = 0; u < rows; ++u) {
-            for (int64_t i = 0; i < out_features; ++i) acc_bias[i] += g[u * out_features + i];
-          }
-        }
-        if (!need_gs) continue;
-        for (int64_t u = 0; u < rows; ++u) {
-          shrink_row(g + u * out_features, B.const_data_ptr<float>(), out_features, rank, gs.data() + u * rank);
-        }
-        for (int64_t k = 0; k < rows * rank; ++k) gs[k] *= scale;
-        // one mask generation per row serves grad_A and grad_x
-        const float* xr = (want_A || mask) ? float_rows(x2, g0, rows, mask ? &*mask : nullptr, keep.data(), buf.data())
-                                           : nullptr;
-        if (want_A) {
-          if (rows == kGroup) {
-            accumulate_outer4(acc_A, gs.data(), xr, rank, in);
-          } else {
-            for (int64_t u = 0; u < rows; ++u) accumulate_outer(acc_A, gs.data() + u * rank, xr + u * in, rank, in);
-          }
-        }
-        if (!want_x) continue;
-        float* target = grad_x_is_float ? grad_x.mutable_data_ptr<float>() + g0 * in : gx_buf.data();
-        std::fill(target, target + rows * in, 0.f);
-        expand_accumulate(target, gs.data(), A.const_data_ptr<float>(), rows, rank, in);
-        if (mask || !grad_x_is_float) {
-          dispatch_input(x.scalar_type(), [&](auto xv, auto) {  // grad of the dropped-out input
-            using x_t = decltype(xv);
-            x_t* dst = grad_x.mutable_data_ptr<x_t>() + g0 * in;
-            if (mask) {
-              apply_keep(target, dst, keep.data(), rows * in, mask->scale);
-            } else {
-              for (int64_t i = 0; i < rows * in; ++i) dst[i] = static_cast<x_t>(target[i]);
-            }
-          });
-        }
+  if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
+  if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
+  if (!(output_mask[0] || output_mask[1])) return {grad_x, grad_A, grad_B, grad_bias};
+
+  const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling);  // [T, r]
+  const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
+  const bool want_x = output_mask[0], want_A = output_mask[1];
+  const bool grad_x_in_cd = x.scalar_type() == cd;
+  if (want_x) grad_x = at::empty({tokens, in}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor acc_A = want_A ? at::zeros({rank, in}, cd_opts) : at::Tensor();
+
+  if (tokens > 0 && in > 0) {
+    const int64_t block = rows_per_block(tokens, in);
+    at::Tensor buf = at::empty({block, in}, cd_opts);
+    std::vector<uint8_t> keep(static_cast<size_t>(block * in));
+    for (int64_t t0 = 0; t0 < tokens; t0 += block) {
+      const int64_t rows = std::min(block, tokens - t0);
+      at::Tensor buf_block = buf.narrow(0, 0, rows);
+      const at::Tensor gs_block = grad_s.narrow(0, t0, rows);
+      at::Tensor masked_x = want_A ? buf_block : at::Tensor();
+      mask_block(x2, masked_x, keep.data(), t0, rows, mask);  // one mask generation for both grads
+      if (want_A) acc_A.addmm_(gs_block.t(), buf_block);
+      if (want_x) {
+        at::Tensor gx_block = grad_x.narrow(0, t0, rows);
+        at::Tensor target = grad_x_in_cd ? gx_block : buf_block;
+        at::mm_out(target, gs_block, A_cd);
+        apply_keep_block(target, gx_block, keep.data(), mask.scale);  // grad of the dropped-out input
       }
-    });
+    }
   } else if (want_x) {
     grad_x.zero_();
   }
-  auto reduce = [&](const at::Tensor& parts) { return threads == 1 ? parts.select(0, 0) : at::sum(parts, {0}); };
-  if (want_A) grad_A = reduce(part_A).to(lora_A.scalar_type());
-  if (want_B) grad_B = reduce(part_Bt).t().mul(scaling).to(lora_B.scalar_type()).contiguous();
-  if (has_bias) grad_bias = reduce(part_bias).mul(scaling).to(lora_B.scalar_type());
+  if (want_A) grad_A = acc_A.to(lora_A.scalar_type());
   if (want_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B, grad_bias};
 }
