@@ -20,6 +20,14 @@ TORCH_LIBRARY(torchlora, m) {
       "_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrunk, Tensor lora_A, Tensor lora_B, "
       "bool has_bias, float scaling, float dropout_p, Tensor? seed, bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_bias)");
+  // In-place variant: accumulates into the base layer's output (no new [T, out] tensor).
+  m.def(
+      "lora_linear_(Tensor(a!) base_out, Tensor x, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "float scaling, float dropout_p=0., Tensor? seed=None) -> Tensor(a!)",
+      {at::Tag::inplace});
+  m.def(
+      "_lora_linear_forward_(Tensor(a!) base_out, Tensor x, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "float scaling, float dropout_p, Tensor? seed) -> Tensor shrunk");
 
   m.def(
       "lora_embedding(Tensor ids, Tensor base_out, Tensor lora_A, Tensor lora_B, float scaling, "
@@ -58,6 +66,13 @@ at::Tensor lora_linear_composite(const at::Tensor& x, const at::Tensor& base_out
       detail::lora_linear_forward_op().call(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed));
 }
 
+at::Tensor& lora_linear_inplace_composite(at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_A,
+                                          const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                          double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  detail::lora_linear_forward_inplace_op().call(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  return base_out;
+}
+
 at::Tensor lora_embedding_composite(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
                                     const at::Tensor& lora_B, double scaling, int64_t /*padding_idx*/,
                                     bool /*scale_grad_by_freq*/) {
@@ -79,6 +94,7 @@ at::Tensor lora_conv2d_composite(const at::Tensor& x, const at::Tensor& base_out
 // are their forward op.
 TORCH_LIBRARY_IMPL(torchlora, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear_composite);
+  m.impl("lora_linear_", &lora_linear_inplace_composite);
   m.impl("lora_embedding", &lora_embedding_composite);
   m.impl("lora_conv2d", &lora_conv2d_composite);
 }
@@ -87,6 +103,12 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& base_out, const at
                        const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
                        double dropout_p, const std::optional<at::Tensor>& seed) {
   return detail::lora_linear_op().call(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+}
+
+at::Tensor& lora_linear_(at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
+                         double dropout_p, const std::optional<at::Tensor>& seed) {
+  return detail::lora_linear_inplace_op().call(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
 }
 
 at::Tensor lora_embedding(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _native  # noqa: F401  (registers the operators)
 
-__all__ = ["lora_linear", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
+__all__ = ["lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
 
 _SEED_HIGH = 2**62
 
@@ -44,6 +44,26 @@ def lora_linear(
     backward regenerates the mask from it instead of storing it.
     """
     return torch.ops.torchlora.lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
+
+
+def lora_linear_(
+    base_out: Tensor,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """In-place :func:`lora_linear`: adds the low-rank term into ``base_out`` and returns it.
+
+    Saves the new ``[..., out]`` tensor and the pass that writes it. Under autograd,
+    ``base_out`` must not be a leaf that requires grad, and nothing else may have saved it for
+    backward (autograd's version check raises if something did); the output of a frozen
+    ``nn.Linear`` qualifies.
+    """
+    return torch.ops.torchlora.lora_linear_(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
 
 
 def lora_embedding(

@@ -57,4 +57,16 @@ TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tenso
 // out = base_out + alpha * delta, in base_out's dtype; the one accumulation rule of all ops.
 at::Tensor accumulate_into_base(const at::Tensor& base_out, const at::Tensor& delta, double alpha);
 
+// base_out += scaling * (shrunk @ B^T + bias) in place; shrunk [T, r] and B [out, r] in the
+// compute dtype. A contiguous base_out of that dtype takes it as one GEMM (alpha = scaling,
+// beta = 1) with no temporary [T, out] tensor.
+void expand_into_base_(at::Tensor& base_out, const at::Tensor& shrunk, const at::Tensor& lora_B,
+                       const std::optional<at::Tensor>& lora_bias, double scaling);
+
+// The in-place variant of lora_linear_forward_aten: updates base_out, returns the float32 shrunk.
+at::Tensor lora_linear_forward_inplace_aten(at::Tensor& base_out, const at::Tensor& x,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            const std::optional<at::Tensor>& lora_bias, double scaling,
+                                            double dropout_p, const std::optional<at::Tensor>& seed);
+
 }  // namespace torchlora::detail

@@ -41,6 +41,35 @@ TensorPair lora_linear_forward_aten(const at::Tensor& x, const at::Tensor& base_
   return {out2.view(base_out.sizes()), shrunk.to(intermediate_dtype(x))};
 }
 
+void expand_into_base_(at::Tensor& base_out, const at::Tensor& shrunk, const at::Tensor& lora_B,
+                       const std::optional<at::Tensor>& lora_bias, double scaling) {
+  const int64_t tokens = shrunk.size(0), out_features = lora_B.size(0);
+  const bool has_bias = lora_bias.has_value() && lora_bias->defined();
+  if (base_out.scalar_type() == shrunk.scalar_type() && base_out.is_contiguous()) {
+    at::Tensor base2 = base_out.view({tokens, out_features});
+    if (has_bias) base2.add_(lora_bias->to(shrunk.scalar_type()), scaling);
+    base2.addmm_(shrunk, lora_B.t(), 1.0, scaling);
+    return;
+  }
+  at::Tensor delta = at::mm(shrunk, lora_B.t());
+  if (has_bias) delta.add_(lora_bias->to(shrunk.scalar_type()));
+  base_out.add_(delta.view(base_out.sizes()), scaling);
+}
+
+at::Tensor lora_linear_forward_inplace_aten(at::Tensor& base_out, const at::Tensor& x,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            const std::optional<at::Tensor>& lora_bias, double scaling,
+                                            double dropout_p, const std::optional<at::Tensor>& seed) {
+  const auto dims = check_lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  const int64_t tokens = dims.tokens.expect_int(), in = dims.in_features.expect_int();
+  const auto cd = compute_dtype(x);
+  at::Tensor x2 = x.reshape({tokens, in});
+  if (dropout_p > 0.0) x2 = dropout_apply_op().call(x2, dropout_p, *seed);
+  const at::Tensor shrunk = at::mm(x2.to(cd), lora_A.to(cd).t());  // [T, r], before base_out changes
+  expand_into_base_(base_out, shrunk, lora_B.to(cd), lora_bias, scaling);
+  return shrunk.to(at::kFloat);
+}
+
 TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& shrunk, const at::Tensor& lora_A,
                                      const at::Tensor& lora_B, bool has_bias, double scaling,

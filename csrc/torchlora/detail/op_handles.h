@@ -29,7 +29,13 @@ using LinearForwardFn = TensorPair(const at::Tensor&, const at::Tensor&, const a
 using LinearBackwardFn = TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, bool, double, double,
                                     const OptTensor&, std::array<bool, 3>);
+using LinearInplaceFn = at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const OptTensor&, double, double, const OptTensor&);
+using LinearForwardInplaceFn = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const OptTensor&, double, double, const OptTensor&);
 TORCHLORA_OP_HANDLE(lora_linear_op, "lora_linear", LinearFn)
+TORCHLORA_OP_HANDLE(lora_linear_inplace_op, "lora_linear_", LinearInplaceFn)
+TORCHLORA_OP_HANDLE(lora_linear_forward_inplace_op, "_lora_linear_forward_", LinearForwardInplaceFn)
 TORCHLORA_OP_HANDLE(lora_linear_forward_op, "_lora_linear_forward", LinearForwardFn)
 TORCHLORA_OP_HANDLE(lora_linear_backward_op, "_lora_linear_backward", LinearBackwardFn)
 

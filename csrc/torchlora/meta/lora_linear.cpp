@@ -17,6 +17,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_meta(
           at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(detail::intermediate_dtype(x)))};
 }
 
+// base_out keeps its shape and dtype; only the float32 [T, r] shrunk is new.
+at::Tensor lora_linear_forward_inplace_meta(at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_A,
+                                            const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                            double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const auto dims = detail::check_lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  return at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_meta(
     const at::Tensor& /*grad_out*/, const at::Tensor& x, const at::Tensor& /*shrunk*/, const at::Tensor& lora_A,
     const at::Tensor& lora_B, bool has_bias, double /*scaling*/, double /*dropout_p*/,
@@ -32,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
 
 TORCH_LIBRARY_IMPL(torchlora, Meta, m) {
   m.impl("_lora_linear_forward", &lora_linear_forward_meta);
+  m.impl("_lora_linear_forward_", &lora_linear_forward_inplace_meta);
   m.impl("_lora_linear_backward", &lora_linear_backward_meta);
 }
 

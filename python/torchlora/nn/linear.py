@@ -6,7 +6,9 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from .. import ops
 from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
@@ -161,10 +163,52 @@ class LoraLinear(LoraLayer):
             return None
         return self.lora_B[adapter].bias * self.scaling[adapter]
 
-    def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+    def _lora_update(self, name: str, x: Tensor, result: Tensor, in_place: bool = False) -> Tensor:
         lora_A = self.lora_A[name].weight
         lora_B = self.lora_B[name]
         x = x.to(lora_A.dtype)
         p, seed = self._seed_for(name, x.device)
+        if in_place:
+            return ops.lora_linear_(result, x, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
         return ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
+
+    def _base_is_plain_linear(self) -> bool:
+        """Whether the base layer is exactly ``nn.Linear`` with no hooks anywhere, so that calling
+        ``F.linear`` ourselves is the same as calling it, and its output is a fresh tensor that
+        nothing else holds (a Linear saves its input and weight for backward, not its output)."""
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            return False
+        own_hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+        global_hooks = (
+            _module_hooks._global_forward_hooks,
+            _module_hooks._global_forward_pre_hooks,
+            _module_hooks._global_backward_hooks,
+            _module_hooks._global_backward_pre_hooks,
+        )
+        return not any(own_hooks) and not any(global_hooks)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``base_layer(x)`` plus every active adapter's low-rank term.
+
+        For a plain ``nn.Linear`` base the adapters add into the base output in place
+        (``torchlora.lora_linear_``): the base runs on the flattened ``[T, in]`` input so that
+        its output is a fresh tensor (not a view), and no extra ``[T, out]`` tensor is made.
+        Everything else (hooks, other base layers, merged or disabled adapters, mixed batches)
+        takes the general path of :class:`LoraLayer`.
+        """
+        if args or kwargs or self.disable_adapters or self.merged or not self._base_is_plain_linear():
+            return super().forward(x, *args, **kwargs)
+        names = [name for name in self.active_adapters if self._holds(name)]
+        if not names or x.dim() == 0:
+            return super().forward(x)
+        base = self.base_layer
+        x2 = x.reshape(-1, x.shape[-1])
+        result = F.linear(x2, base.weight, base.bias)
+        result_dtype = result.dtype
+        for name in names:
+            # A leaf that requires grad cannot be updated in place (only when F.linear is overridden).
+            in_place = not (result.requires_grad and result.is_leaf) and result._base is None
+            result = self._lora_update(name, x2, result, in_place=in_place)
+        return result.to(result_dtype).view(*x.shape[:-1], result.shape[-1])
 

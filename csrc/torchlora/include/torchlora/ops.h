@@ -22,6 +22,15 @@ TORCHLORA_API at::Tensor lora_linear(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
     double dropout_p = 0.0, const std::optional<at::Tensor>& seed = std::nullopt);
 
+// In-place lora_linear: base_out += scaling * (dropout_p(x) @ lora_A^T) @ lora_B^T (+ scaling *
+// lora_bias), returning base_out. Saves the [..., out] tensor and the pass that writes it. Under
+// autograd base_out must not be a leaf that requires grad, and nothing else may have saved it
+// for backward (autograd's version check reports it); a frozen nn.Linear's output qualifies.
+TORCHLORA_API at::Tensor& lora_linear_(
+    at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p = 0.0,
+    const std::optional<at::Tensor>& seed = std::nullopt);
+
 // out = base_out + scaling * embedding(ids, lora_A^T) @ lora_B^T
 //   ids [...] (int64/int32)   lora_A [r, num_embeddings]   lora_B [embedding_dim, r]
 //   base_out [..., embedding_dim]. padding_idx < 0 means none (already normalised).

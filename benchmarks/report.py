@@ -1,0 +1,107 @@
+"""Markdown tables and the chart of the CPU suite's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f}"
+
+
+def layer_line(row: dict) -> str:
+    return (f"{row['case']:<40} {row['mode']:<14} p={row['dropout']:<4} base {row['base_ms']:8.2f} ms | "
+            f"peft {row['peft_ms']:8.2f} ms ({row['peft_ratio']:.3f}x) | "
+            f"torchlora {row['torchlora_ms']:8.2f} ms ({row['torchlora_ratio']:.3f}x)")
+
+
+def e2e_line(e2e: dict) -> str:
+    return (f"all-MiniLM-L6-v2 step: frozen fwd+bwd {e2e['frozen_s']:.3f} s | peft {e2e['peft_s']:.3f} s "
+            f"({e2e['peft_ratio']:.3f}x) | torchlora {e2e['torchlora_s']:.3f} s ({e2e['torchlora_ratio']:.3f}x)")
+
+
+def markdown(results: dict) -> str:
+    info = results["machine"]
+    lines = [
+        "# torchlora CPU benchmarks",
+        "",
+        f"torch {info['torch']}, {info['threads']} threads (`torch.set_num_threads`), {info['cores']} cores, "
+        f"{info['date']}, load average {info['load_avg_start']:.1f} at start / {info['load_avg_end']:.1f} at end, "
+        f"{info['seconds']:.0f} s in all{' (quick mode: smoke-test sizes, not meaningful)' if results['quick'] else ''}.",
+        "",
+        "Times are medians over interleaved rounds; ratios are medians of the per-round ratio to the "
+        "frozen base layer (eval: `torch.no_grad()` forward; train: forward + backward with the input "
+        "requiring grad, i.e. dx only for the base). Saved extra = bytes the layer saves for backward "
+        "beyond what the base layer saves (distinct storages; parameters and the layer input excluded).",
+        "",
+        "| layer | mode | dropout | base ms | PEFT ms | torchlora ms | PEFT / base | torchlora / base "
+        "| PEFT saved extra MiB | torchlora saved extra MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["layers"]:
+        peft_saved = _mb(row["peft_saved_extra_bytes"]) if "peft_saved_extra_bytes" in row else ""
+        tl_saved = _mb(row["torchlora_saved_extra_bytes"]) if "torchlora_saved_extra_bytes" in row else ""
+        lines.append(
+            f"| {row['case']} | {row['mode']} | {row['dropout']} | {row['base_ms']:.2f} | {row['peft_ms']:.2f} | "
+            f"{row['torchlora_ms']:.2f} | {row['peft_ratio']:.3f} | {row['torchlora_ratio']:.3f} | "
+            f"{peft_saved} | {tl_saved} |"
+        )
+    e2e = results.get("minilm")
+    if e2e:
+        mem = e2e["memory"]
+        lines += [
+            "",
+            f"## all-MiniLM-L6-v2 LoRA fine-tuning step (batch {e2e['batch']} x {e2e['seq']} tokens, "
+            f"targets query/key/value/dense, r={e2e['r']}, dropout {e2e['dropout']})",
+            "",
+            "Step = forward + loss + backward (the optimizer update is left out). *Frozen* is the model "
+            "without adapters, its input embeddings requiring grad (dx through every layer). Step times: "
+            f"the three models in one process, {e2e['rounds']} interleaved rounds, medians. Memory: each "
+            "variant alone in a fresh subprocess; peak RSS (`VmHWM` of the fresh process; includes Python, torch "
+            "and the weights), and what the training steps added over the RSS just before the first step.",
+            "",
+            "| variant | step s | / frozen | peak RSS MiB | added by steps MiB |",
+            "|---|---:|---:|---:|---:|",
+            f"| frozen fwd+bwd | {e2e['frozen_s']:.3f} | 1.000 | {mem['frozen']['peak_rss_mb']:.0f} | "
+            f"{mem['frozen']['step_added_mb']:.0f} |",
+            f"| PEFT | {e2e['peft_s']:.3f} | {e2e['peft_ratio']:.3f} | {mem['peft']['peak_rss_mb']:.0f} | "
+            f"{mem['peft']['step_added_mb']:.0f} |",
+            f"| torchlora | {e2e['torchlora_s']:.3f} | {e2e['torchlora_ratio']:.3f} | "
+            f"{mem['torchlora']['peak_rss_mb']:.0f} | {mem['torchlora']['step_added_mb']:.0f} |",
+            "",
+            f"PEFT step / torchlora step: {e2e['peft_over_torchlora']:.2f}x.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path) -> None:
+    """Bars of time / base for PEFT and torchlora, one group per (layer, mode, dropout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, peft, ours = [], [], []
+    for row in results["layers"]:
+        labels.append(f"{row['case']}\n{row['mode']} p={row['dropout']}")
+        peft.append(row["peft_ratio"])
+        ours.append(row["torchlora_ratio"])
+    e2e = results.get("minilm")
+    if e2e:
+        labels.append(f"all-MiniLM-L6-v2 step\nB={e2e['batch']} L={e2e['seq']} p={e2e['dropout']}")
+        peft.append(e2e["peft_ratio"])
+        ours.append(e2e["torchlora_ratio"])
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ys = range(len(labels))
+    ax.barh([y + 0.2 for y in ys], peft, height=0.4, label="PEFT", color="#b0b0b0")
+    ax.barh([y - 0.2 for y in ys], ours, height=0.4, label="torchlora", color="#2a6fb0")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time / frozen base (lower is better; 1.0 = the base layer alone)")
+    ax.set_title(f"LoRA on CPU, {results['machine']['threads']} threads")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

