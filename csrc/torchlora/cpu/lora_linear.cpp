@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(
     if (lora_bias.has_value() && lora_bias->defined()) delta.add_(lora_bias->to(in.cd));
     out2 = detail::accumulate_into_base(base2, delta, scaling);
   }
-  return {out2.view(base_out.sizes()), shrunk.to(at::kFloat)};
+  return {out2.view(base_out.sizes()), shrunk.to(detail::intermediate_dtype(x))};
 }
 
 at::Tensor lora_linear_forward_inplace_cpu(
@@ -285,7 +285,7 @@ at::Tensor lora_linear_forward_inplace_cpu(
   const auto in = prepare(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   const at::Tensor shrunk = shrink(in.x2, in.A_cd, dropout_p, seed);  // before base_out changes (x may alias it)
   detail::expand_into_base_(base_out, shrunk, in.B_cd, lora_bias, scaling);
-  return shrunk.to(at::kFloat);
+  return shrunk.to(detail::intermediate_dtype(x));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(

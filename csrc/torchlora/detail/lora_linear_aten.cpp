@@ -67,7 +67,7 @@ at::Tensor lora_linear_forward_inplace_aten(at::Tensor& base_out, const at::Tens
   if (dropout_p > 0.0) x2 = dropout_apply_op().call(x2, dropout_p, *seed);
   const at::Tensor shrunk = at::mm(x2.to(cd), lora_A.to(cd).t());  // [T, r], before base_out changes
   expand_into_base_(base_out, shrunk, lora_B.to(cd), lora_bias, scaling);
-  return shrunk.to(at::kFloat);
+  return shrunk.to(intermediate_dtype(x));
 }
 
 TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,

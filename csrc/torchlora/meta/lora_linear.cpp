@@ -22,7 +22,7 @@ at::Tensor lora_linear_forward_inplace_meta(at::Tensor& base_out, const at::Tens
                                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
                                             double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
   const auto dims = detail::check_lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  return at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
+  return at::empty_symint({dims.tokens, dims.rank}, x.options().dtype(detail::intermediate_dtype(x)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_meta(
