@@ -3,7 +3,6 @@ batches, state dicts, PiSSA/OLoRA init, dtype/train/eval, checkpointing, torch.c
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import peft

@@ -3,16 +3,14 @@ padding (in -> r), ``lora_B`` a 1x1 conv (r -> out) with the base layer's groups
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -63,18 +61,7 @@ class LoraConv2d(LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: InitLoraWeights = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-    ) -> None:
-        """Add (or replace) the adapter ``adapter_name``."""
-        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
         if r % base.groups != 0:
             raise ValueError(
@@ -82,44 +69,27 @@ class LoraConv2d(LoraLayer):
                 "Currently, support is limited to conv layers where the rank is divisible by groups. "
                 "Either choose a different rank or do not target this specific layer."
             )
-        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
         self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
         self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_base(adapter_name)
-        self.set_adapter(self.active_adapters)
-
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
-        """As for linear layers: A kaiming-uniform (or N(0, 1/r) for "gaussian"), B zero."""
-        if init_lora_weights is False:
-            return
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
-        else:
-            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
-        nn.init.zeros_(self.lora_B[adapter_name].weight)
-        if self.lora_bias[adapter_name]:
-            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _check_mergeable(self, adapter: str) -> None:
         if self.get_base_layer().groups > 1:
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
-        dtype = weight_A.dtype
-        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        if self.get_base_layer().weight.shape[2:4] == (1, 1):
-            delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2))[:, :, None, None]
-        else:
-            delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
-        delta = delta * self.scaling[adapter]
-        return delta.to(dtype) if cast else delta
+        one_by_one = self.get_base_layer().weight.shape[2:4] == (1, 1)
+
+        def product(weight_A: Tensor, weight_B: Tensor) -> Tensor:
+            if one_by_one:
+                delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2))[:, :, None, None]
+            else:
+                delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
+            return delta * self.scaling[adapter]
+
+        return self._delta_in_fp32_on_cpu(self.lora_A[adapter].weight, self.lora_B[adapter].weight, product)
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
 class LoraEmbedding(LoraLayer):
@@ -41,26 +41,13 @@ class LoraEmbedding(LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: InitLoraWeights = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-    ) -> None:
-        """Add (or replace) the adapter ``adapter_name``."""
+    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         if lora_bias:
             raise ValueError(f"lora_bias={lora_bias} is not supported for {type(self).__name__}.")
-        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
-        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_base(adapter_name)
-        self.set_adapter(self.active_adapters)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
         """PEFT's initialisation: any init but False -> A zero, B standard normal; False keeps
@@ -76,14 +63,10 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        weight_A = self.lora_embedding_A[adapter]
-        weight_B = self.lora_embedding_B[adapter]
-        dtype = weight_A.dtype
-        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = (weight_B @ weight_A).T * self.scaling[adapter]
-        return delta.to(dtype) if cast else delta
+        return self._delta_in_fp32_on_cpu(
+            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter],
+            lambda A, B: (B @ A).T * self.scaling[adapter],
+        )
 
     def _holds(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_embedding_A

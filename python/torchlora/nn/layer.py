@@ -126,6 +126,56 @@ class LoraLayer(nn.Module):
         self.lora_bias[adapter_name] = lora_bias
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
 
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: InitLoraWeights = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name`` and keep the active set trainable."""
+        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        self._check_new_adapter(r, lora_bias)
+        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self._create_adapter(adapter_name, r, lora_bias)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
+        """Raise when this layer cannot hold an adapter of rank ``r`` (with ``lora_bias``)."""
+
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        """Create the adapter's parameters under PEFT's names."""
+        raise NotImplementedError
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        """PEFT's initialisation of ``lora_A``/``lora_B`` modules: True -> A kaiming-uniform, B zero;
+        "gaussian" -> A ~ N(0, 1/r), B zero; False keeps the modules' default init (not a no-op)."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+        else:
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    @staticmethod
+    def _delta_in_fp32_on_cpu(weight_A: Tensor, weight_B: Tensor, product) -> Tensor:
+        """``product(A, B)`` computed in float32 for float16/bfloat16 CPU weights (slow or
+        missing half-precision matmuls there), returned in the adapter's dtype."""
+        dtype = weight_A.dtype
+        if weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            return product(weight_A.float(), weight_B.float()).to(dtype)
+        return product(weight_A, weight_B)
+
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the new adapter on the base weight's device, and in its dtype when floating."""
         weight = self.get_base_layer().weight

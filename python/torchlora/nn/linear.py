@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from .. import ops
-from .layer import InitLoraWeights, LoraLayer, check_adapter_args, reject_unknown_kwargs
+from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
 def linear_features(base_layer: nn.Module) -> tuple[int, int, bool]:
@@ -60,46 +59,21 @@ class LoraLinear(LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: InitLoraWeights = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-    ) -> None:
-        """Add (or replace) the adapter ``adapter_name``."""
-        check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
-        self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+    def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_base(adapter_name)
-        self.set_adapter(self.active_adapters)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
         """PEFT's initialisation: True -> A kaiming-uniform, B zero; "gaussian" -> A ~ N(0, 1/r),
         B zero; False -> nn.Linear's default for both (the adapter is not a no-op); "pissa",
         "pissa_niter_<K>" and "olora" factor the base weight and subtract the adapter from it."""
-        if init_lora_weights is False:
-            return
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
             self.pissa_init(adapter_name, init_lora_weights)
             return
         if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "olora":
             self.olora_init(adapter_name)
             return
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
-        else:
-            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}")
-        nn.init.zeros_(self.lora_B[adapter_name].weight)
-        if self.lora_bias[adapter_name]:
-            nn.init.zeros_(self.lora_B[adapter_name].bias)
+        super().reset_lora_parameters(adapter_name, init_lora_weights)
 
     def _base_weight_fp32(self) -> tuple[Tensor, torch.dtype]:
         """The base weight as float32 in [out, in] layout, and its original dtype."""
@@ -147,16 +121,10 @@ class LoraLinear(LoraLayer):
         self._set_factors_and_residual(adapter_name, R[:r], Q[:, :r], weight, dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
-        dtype = weight_A.dtype
-        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = (weight_B @ weight_A) * self.scaling[adapter]
-        if self.fan_in_fan_out:
-            delta = delta.T
-        return delta.to(dtype) if cast else delta
+        delta = self._delta_in_fp32_on_cpu(
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, lambda A, B: (B @ A) * self.scaling[adapter]
+        )
+        return delta.T if self.fan_in_fan_out else delta
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:
