@@ -19,6 +19,7 @@ set(TORCHLORA_WITH_ADAPTER_IO ${TORCHLORA_WITH_ADAPTER_IO} PARENT_SCOPE)
 
 set(TORCHLORA_CPP_API_SOURCES
   nn/lora_layer.cpp
+  nn/lora_pair.cpp
   nn/lora_linear.cpp
   nn/lora_embedding.cpp
   nn/lora_conv2d.cpp

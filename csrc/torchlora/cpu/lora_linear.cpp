@@ -297,15 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
                                              seed, output_mask);
   }
-  constexpr const char* op = "torchlora._lora_linear_backward";
-  const int64_t in = lora_A.size(1), rank = lora_A.size(0), out_features = lora_B.size(0);
-  TORCH_CHECK(shrunk.dim() == 2 && shrunk.size(1) == rank, op, ": shrunk must be [T, ", rank, "], got ",
-              shrunk.sizes());
-  const int64_t tokens = shrunk.size(0);
-  TORCH_CHECK(grad_out.numel() == tokens * out_features, op, ": grad_out has ", grad_out.numel(),
-              " elements, expected ", tokens, " x ", out_features);
-  TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
-  detail::check_dropout(dropout_p, seed, x.device(), op);
+  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const int64_t tokens = dims.tokens, in = dims.in_features, rank = dims.rank, out_features = dims.out_features;
   const DropoutMask mask = make_mask(dropout_p, *seed);
   const auto cd = detail::compute_dtype(x);
   const auto cd_opts = x.options().dtype(cd);

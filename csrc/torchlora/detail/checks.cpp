@@ -109,6 +109,22 @@ LinearDims check_lora_linear(
   return LinearDims{tokens, in, r, out};
 }
 
+LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& shrunk, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, double dropout_p,
+                                              const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "torchlora._lora_linear_backward";
+  const int64_t in = lora_A.size(1), rank = lora_A.size(0), out_features = lora_B.size(0);
+  TORCH_CHECK(shrunk.dim() == 2 && shrunk.size(1) == rank, op, ": shrunk must be [T, ", rank, "], got ",
+              shrunk.sizes());
+  const int64_t tokens = shrunk.size(0);
+  TORCH_CHECK(grad_out.numel() == tokens * out_features, op, ": grad_out has ", grad_out.numel(),
+              " elements, expected ", tokens, " x ", out_features);
+  TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
+  check_dropout(dropout_p, seed, x.device(), op);
+  return LinearBackwardDims{tokens, in, rank, out_features};
+}
+
 EmbeddingDims check_lora_embedding(
     const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling) {

@@ -23,6 +23,16 @@ LinearDims check_lora_linear(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed);
 
+struct LinearBackwardDims {
+  int64_t tokens, in_features, rank, out_features;
+};
+
+// grad_out [..., out] and x [..., in] with T rows each, shrunk [T, r]; the dropout arguments.
+LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& shrunk, const at::Tensor& lora_A,
+                                              const at::Tensor& lora_B, double dropout_p,
+                                              const std::optional<at::Tensor>& seed);
+
 struct EmbeddingDims {
   c10::SymInt tokens, num_embeddings, rank, embedding_dim;
 };

@@ -75,15 +75,8 @@ TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& lora_B, bool has_bias, double scaling,
                                      double dropout_p, const std::optional<at::Tensor>& seed,
                                      std::array<bool, 3> output_mask) {
-  constexpr const char* op = "torchlora._lora_linear_backward";
-  const int64_t in = lora_A.size(1), rank = lora_A.size(0), out_features = lora_B.size(0);
-  TORCH_CHECK(shrunk.dim() == 2 && shrunk.size(1) == rank, op, ": shrunk must be [T, ", rank, "], got ",
-              shrunk.sizes());
-  const int64_t tokens = shrunk.size(0);
-  TORCH_CHECK(grad_out.numel() == tokens * out_features, op, ": grad_out has ", grad_out.numel(),
-              " elements, expected ", tokens, " x ", out_features);
-  TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
-  check_dropout(dropout_p, seed, x.device(), op);
+  const auto dims = check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const int64_t tokens = dims.tokens, in = dims.in_features, out_features = dims.out_features;
   const auto cd = compute_dtype(x);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
   const at::Tensor none = at::empty({0}, x.options());

@@ -8,6 +8,8 @@
 
 #include <torchlora/ops.h>
 
+#include "lora_pair.h"
+
 namespace torchlora::nn {
 namespace {
 
@@ -63,51 +65,19 @@ void LoraConv2dImpl::update_layer(const std::string& name, const AdapterOptions&
                                  .bias(false));
   auto b = torch::nn::Conv2d(
       torch::nn::Conv2dOptions(options.r(), out_channels, 1).groups(bo.groups()).bias(options.lora_bias()));
-  {
-    torch::NoGradGuard no_grad;
-    switch (options.init()) {
-      case LoraInit::Random:
-        break;
-      case LoraInit::Default:
-        torch::nn::init::kaiming_uniform_(a->weight, std::sqrt(5.0));
-        break;
-      case LoraInit::Gaussian:
-        a->weight.normal_(0.0, 1.0 / static_cast<double>(options.r()));
-        break;
-    }
-    if (options.init() != LoraInit::Random) {
-      b->weight.zero_();
-      if (options.lora_bias()) b->bias.zero_();
-    }
-  }
-  if (lora_A->contains(name)) {
-    remove_adapter_parameters(name);
-  }
-  using Item = std::pair<std::string, std::shared_ptr<torch::nn::Module>>;
-  lora_A->update(std::vector<Item>{{name, a.ptr()}});
-  lora_B->update(std::vector<Item>{{name, b.ptr()}});
+  detail::init_lora_pair(a->weight, b->weight, b->bias, options);
+  detail::install_lora_pair(lora_A, lora_B, name, a.ptr(), b.ptr());
   register_adapter(name, options);
   move_adapter_to_base(name);
   set_adapter(active_adapters());
 }
 
 std::vector<at::Tensor> LoraConv2dImpl::adapter_parameters(const std::string& name) const {
-  std::vector<at::Tensor> out;
-  for (const auto* dict : {&lora_A, &lora_B}) {
-    if ((*dict)->contains(name)) {
-      for (const auto& p : (**dict)[name]->parameters()) out.push_back(p);
-    }
-  }
-  return out;
+  return detail::lora_pair_parameters(lora_A, lora_B, name);
 }
 
 void LoraConv2dImpl::remove_adapter_parameters(const std::string& name) {
-  for (auto* dict : {&lora_A, &lora_B}) {
-    if ((*dict)->contains(name)) {
-      (*dict)->pop(name);
-      (*dict)->unregister_module(name);
-    }
-  }
+  detail::remove_lora_pair(lora_A, lora_B, name);
 }
 
 void LoraConv2dImpl::check_mergeable(const std::string& name) const {
@@ -117,23 +87,17 @@ void LoraConv2dImpl::check_mergeable(const std::string& name) const {
 
 at::Tensor LoraConv2dImpl::get_delta_weight(const std::string& name) const {
   adapter_options(name);
-  auto A = lora_A->at<torch::nn::Conv2dImpl>(name).weight;
-  auto B = lora_B->at<torch::nn::Conv2dImpl>(name).weight;
-  const auto dtype = A.scalar_type();
-  const bool cast = B.device().is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16);
-  if (cast) {
-    A = A.to(at::kFloat);
-    B = B.to(at::kFloat);
-  }
-  at::Tensor delta;
   const auto& w = base_layer->weight;
-  if (w.size(2) == 1 && w.size(3) == 1) {
-    delta = at::matmul(B.squeeze(3).squeeze(2), A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3);
-  } else {
-    delta = at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
-  }
-  delta = delta * scaling(name);
-  return cast ? delta.to(dtype) : delta;
+  const bool one_by_one = w.size(2) == 1 && w.size(3) == 1;
+  const double s = scaling(name);
+  return detail::delta_in_fp32_on_cpu(
+      lora_A->at<torch::nn::Conv2dImpl>(name).weight, lora_B->at<torch::nn::Conv2dImpl>(name).weight,
+      [one_by_one, s](const at::Tensor& A, const at::Tensor& B) {
+        const at::Tensor delta =
+            one_by_one ? at::matmul(B.squeeze(3).squeeze(2), A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+                       : at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
+        return delta * s;
+      });
 }
 
 at::Tensor LoraConv2dImpl::delta_bias(const std::string& name) const {

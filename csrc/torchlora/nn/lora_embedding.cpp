@@ -4,6 +4,8 @@
 
 #include <torchlora/ops.h>
 
+#include "lora_pair.h"
+
 namespace torchlora::nn {
 
 LoraEmbeddingImpl::LoraEmbeddingImpl(torch::nn::Embedding base) : LoraLayer("torchlora::nn::LoraEmbedding") {
@@ -56,16 +58,9 @@ void LoraEmbeddingImpl::remove_adapter_parameters(const std::string& name) {
 
 at::Tensor LoraEmbeddingImpl::get_delta_weight(const std::string& name) const {
   adapter_options(name);
-  auto A = lora_embedding_A->get(name);
-  auto B = lora_embedding_B->get(name);
-  const auto dtype = A.scalar_type();
-  const bool cast = B.device().is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16);
-  if (cast) {
-    A = A.to(at::kFloat);
-    B = B.to(at::kFloat);
-  }
-  auto delta = at::matmul(B, A).t() * scaling(name);
-  return cast ? delta.to(dtype) : delta;
+  const double s = scaling(name);
+  return detail::delta_in_fp32_on_cpu(lora_embedding_A->get(name), lora_embedding_B->get(name),
+                                      [s](const at::Tensor& A, const at::Tensor& B) { return at::matmul(B, A).t() * s; });
 }
 
 at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Tensor& ids, const at::Tensor& result) {

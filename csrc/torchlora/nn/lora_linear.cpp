@@ -7,6 +7,8 @@
 
 #include <torchlora/ops.h>
 
+#include "lora_pair.h"
+
 namespace torchlora::nn {
 
 LoraLinearImpl::LoraLinearImpl(torch::nn::Linear base) : LoraLayer("torchlora::nn::LoraLinear") {
@@ -29,65 +31,27 @@ void LoraLinearImpl::update_layer(const std::string& name, const AdapterOptions&
   check_options(options);
   auto a = torch::nn::Linear(torch::nn::LinearOptions(in_features, options.r()).bias(false));
   auto b = torch::nn::Linear(torch::nn::LinearOptions(options.r(), out_features).bias(options.lora_bias()));
-  {
-    torch::NoGradGuard no_grad;
-    switch (options.init()) {
-      case LoraInit::Random:  // nn.Linear's own initialisation for both
-        break;
-      case LoraInit::Default:
-        torch::nn::init::kaiming_uniform_(a->weight, std::sqrt(5.0));
-        break;
-      case LoraInit::Gaussian:
-        a->weight.normal_(0.0, 1.0 / static_cast<double>(options.r()));
-        break;
-    }
-    if (options.init() != LoraInit::Random) {
-      b->weight.zero_();
-      if (options.lora_bias()) b->bias.zero_();
-    }
-  }
-  if (lora_A->contains(name)) {
-    remove_adapter_parameters(name);
-  }
-  using Item = std::pair<std::string, std::shared_ptr<torch::nn::Module>>;
-  lora_A->update(std::vector<Item>{{name, a.ptr()}});
-  lora_B->update(std::vector<Item>{{name, b.ptr()}});
+  detail::init_lora_pair(a->weight, b->weight, b->bias, options);
+  detail::install_lora_pair(lora_A, lora_B, name, a.ptr(), b.ptr());
   register_adapter(name, options);
   move_adapter_to_base(name);
   set_adapter(active_adapters());
 }
 
 std::vector<at::Tensor> LoraLinearImpl::adapter_parameters(const std::string& name) const {
-  std::vector<at::Tensor> out;
-  for (const auto* dict : {&lora_A, &lora_B}) {
-    if ((*dict)->contains(name)) {
-      for (const auto& p : (**dict)[name]->parameters()) out.push_back(p);
-    }
-  }
-  return out;
+  return detail::lora_pair_parameters(lora_A, lora_B, name);
 }
 
 void LoraLinearImpl::remove_adapter_parameters(const std::string& name) {
-  for (auto* dict : {&lora_A, &lora_B}) {
-    if ((*dict)->contains(name)) {
-      (*dict)->pop(name);
-      (*dict)->unregister_module(name);
-    }
-  }
+  detail::remove_lora_pair(lora_A, lora_B, name);
 }
 
 at::Tensor LoraLinearImpl::get_delta_weight(const std::string& name) const {
   adapter_options(name);
-  auto A = lora_A->at<torch::nn::LinearImpl>(name).weight;
-  auto B = lora_B->at<torch::nn::LinearImpl>(name).weight;
-  const auto dtype = A.scalar_type();
-  const bool cast = B.device().is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16);
-  if (cast) {
-    A = A.to(at::kFloat);
-    B = B.to(at::kFloat);
-  }
-  auto delta = at::matmul(B, A) * scaling(name);
-  return cast ? delta.to(dtype) : delta;
+  const double s = scaling(name);
+  return detail::delta_in_fp32_on_cpu(lora_A->at<torch::nn::LinearImpl>(name).weight,
+                                      lora_B->at<torch::nn::LinearImpl>(name).weight,
+                                      [s](const at::Tensor& A, const at::Tensor& B) { return at::matmul(B, A) * s; });
 }
 
 at::Tensor LoraLinearImpl::delta_bias(const std::string& name) const {
