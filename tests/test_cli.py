@@ -17,7 +17,8 @@ from torchlora import cli
 from torchlora.finetune import FinetuneConfig, read_jsonl_dataset, stratified_split
 
 IDS = tm.input_ids()
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# the folder holding the torchlora these tests import (installed, or the checkout's python/)
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(torchlora.__file__)))
 
 
 def _saved_seq_cls(tmp_path):
