@@ -145,9 +145,6 @@ def config_to_peft_json(
     }
     out.pop("peft_version", None)
     out["peft_type"] = "LORA"
-    if isinstance(out.get("modules_to_save"), list):
-        # task models add their head names on every load; one entry per module is enough
-        out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
     return out
 
 

@@ -20,10 +20,11 @@ _QA_NAMES = ("qa_outputs",)
 
 
 def _add_modules_to_save(config: LoraConfig, names: tuple[str, ...]) -> None:
+    """Add the task head's names once (a reloaded config already lists them)."""
     if config.modules_to_save is None:
         config.modules_to_save = list(names)
     else:
-        config.modules_to_save.extend(names)
+        config.modules_to_save.extend(n for n in names if n not in config.modules_to_save)
 
 
 class PeftModel(nn.Module):
