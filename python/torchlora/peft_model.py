@@ -225,8 +225,9 @@ class _TaskForward(PeftModel):
             return self.get_base_model()(**named, **kwargs)
 
 
-class PeftModelForCausalLM(_TaskForward):
-    """PeftModel for causal language models (``forward`` and ``generate`` pass through)."""
+class _LabelledForward(_TaskForward):
+    """The forward signature of task models that take ``labels`` (the Trainer keeps only the
+    dataset columns that ``forward`` names)."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
@@ -234,6 +235,10 @@ class PeftModelForCausalLM(_TaskForward):
                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                      return_dict=return_dict)
         return self._task_forward(task_ids, named, kwargs)
+
+
+class PeftModelForCausalLM(_LabelledForward):
+    """PeftModel for causal language models (``forward`` and ``generate`` pass through)."""
 
 
 class PeftModelForSeq2SeqLM(_TaskForward):
@@ -261,16 +266,7 @@ class PeftModelForFeatureExtraction(_TaskForward):
         return self._task_forward(task_ids, named, kwargs)
 
 
-class _ClassifierForward(_TaskForward):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict)
-        return self._task_forward(task_ids, named, kwargs)
-
-
-class PeftModelForSequenceClassification(_ClassifierForward):
+class PeftModelForSequenceClassification(_LabelledForward):
     """PeftModel for sequence classification: the ``classifier`` / ``score`` head is trained
     and saved whole (added to ``modules_to_save``)."""
 
@@ -310,7 +306,7 @@ class PeftModelForTokenClassification(_HeadAfterInjection):
     """PeftModel for token classification (the ``classifier`` / ``score`` head is saved whole)."""
 
     head_names = _CLASSIFIER_NAMES
-    forward = _ClassifierForward.forward
+    forward = _LabelledForward.forward
 
 
 class PeftModelForQuestionAnswering(_HeadAfterInjection):
