@@ -251,7 +251,7 @@ def test_in_place_under_torch_compile_fullgraph(p):
 
 # ---------------------------------------------------------------- the layer
 def _count_calls(monkeypatch):
-    calls = {"lora_linear_": 0, "lora_linear": 0}
+    calls = {"linear_with_lora": 0, "lora_linear_": 0, "lora_linear": 0}
     for name in calls:
         original = getattr(ops, name)
 
@@ -264,7 +264,7 @@ def _count_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_layer_updates_in_place_and_matches_peft(monkeypatch, training):
+def test_layer_runs_base_and_adapter_as_one_op_and_matches_peft(monkeypatch, training):
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
     base = nn.Linear(12, 10).requires_grad_(False)
@@ -284,7 +284,7 @@ def test_layer_updates_in_place_and_matches_peft(monkeypatch, training):
     x2 = x.detach().clone().requires_grad_(True)
     out = ours(x)
     ref = theirs(x2)
-    assert calls["lora_linear_"] == 1 and calls["lora_linear"] == 0
+    assert calls == {"linear_with_lora": 1, "lora_linear_": 0, "lora_linear": 0}
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     out.backward(g)
@@ -300,13 +300,14 @@ def test_layer_with_a_hook_on_the_base_takes_the_functional_path(monkeypatch):
     layer.base_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
     calls = _count_calls(monkeypatch)
     out = layer(torch.randn(3, 6))
-    assert calls == {"lora_linear_": 0, "lora_linear": 1}
+    assert calls == {"linear_with_lora": 0, "lora_linear_": 0, "lora_linear": 1}
     assert seen and seen[0] is not out
 
 
 def test_layer_saves_only_rank_floats_beyond_the_base():
-    """Saved activations per LoRA linear beyond the base layer: T x r float32 (+ the seed); the
-    layer input itself, which grad_A needs in any LoRA implementation, is not counted."""
+    """Saved activations per LoRA linear beyond the base layer: T x r float32 and the dropout
+    mask as T x in bits (+ the seed); the layer input itself, which grad_A needs in any LoRA
+    implementation, is not counted."""
     tokens, d, r = 64, 32, 4
     layer = LoraLinear(nn.Linear(d, d).requires_grad_(False), r=r, lora_dropout=0.1).train()
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}

@@ -29,6 +29,22 @@ TORCH_LIBRARY(torchlora, m) {
       "_lora_linear_forward_(Tensor(a!) base_out, Tensor x, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
       "float scaling, float dropout_p, Tensor? seed) -> Tensor shrunk");
 
+  // A frozen nn.Linear and one adapter as one op, so the base GEMM and the low-rank path
+  // share their passes (CPU: see cpu/linear_with_lora.cpp).
+  m.def(
+      "linear_with_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
+      "float scaling, float dropout_p=0., Tensor? seed=None) -> Tensor");
+  m.def(
+      "_linear_with_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor? lora_bias, float scaling, float dropout_p, Tensor? seed, bool keep_shrunk) "
+      "-> (Tensor out, Tensor shrunk, Tensor dropped_bits)");
+  m.def(
+      "_linear_with_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor shrunk, Tensor dropped_bits, "
+      "Tensor lora_A, "
+      "Tensor lora_B, bool has_bias, bool has_lora_bias, float scaling, float dropout_p, Tensor? seed, "
+      "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_A, Tensor grad_B, "
+      "Tensor grad_bias, Tensor grad_lora_bias)");
+
   m.def(
       "lora_embedding(Tensor ids, Tensor base_out, Tensor lora_A, Tensor lora_B, float scaling, "
       "int padding_idx=-1, bool scale_grad_by_freq=False) -> Tensor");
@@ -73,6 +89,14 @@ at::Tensor& lora_linear_inplace_composite(at::Tensor& base_out, const at::Tensor
   return base_out;
 }
 
+at::Tensor linear_with_lora_composite(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                     double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  return std::get<0>(detail::linear_with_lora_forward_op().call(x, weight, bias, lora_A, lora_B, lora_bias, scaling,
+                                                                dropout_p, seed, /*keep_shrunk=*/false));
+}
+
 at::Tensor lora_embedding_composite(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,
                                     const at::Tensor& lora_B, double scaling, int64_t /*padding_idx*/,
                                     bool /*scale_grad_by_freq*/) {
@@ -95,6 +119,7 @@ at::Tensor lora_conv2d_composite(const at::Tensor& x, const at::Tensor& base_out
 TORCH_LIBRARY_IMPL(torchlora, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear_composite);
   m.impl("lora_linear_", &lora_linear_inplace_composite);
+  m.impl("linear_with_lora", &linear_with_lora_composite);
   m.impl("lora_embedding", &lora_embedding_composite);
   m.impl("lora_conv2d", &lora_conv2d_composite);
 }
@@ -109,6 +134,13 @@ at::Tensor& lora_linear_(at::Tensor& base_out, const at::Tensor& x, const at::Te
                          const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
                          double dropout_p, const std::optional<at::Tensor>& seed) {
   return detail::lora_linear_inplace_op().call(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+}
+
+at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p,
+                            const std::optional<at::Tensor>& seed) {
+  return detail::linear_with_lora_op().call(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
 }
 
 at::Tensor lora_embedding(const at::Tensor& ids, const at::Tensor& base_out, const at::Tensor& lora_A,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _native  # noqa: F401  (registers the operators)
 
-__all__ = ["lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
+__all__ = ["linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
 
 _SEED_HIGH = 2**62
 
@@ -64,6 +64,28 @@ def lora_linear_(
     ``nn.Linear`` qualifies.
     """
     return torch.ops.torchlora.lora_linear_(base_out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
+
+
+def linear_with_lora(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """``F.linear(x, weight, bias) + scaling * (dropout_p(x) @ lora_A.T) @ lora_B.T (+ scaling * lora_bias)``.
+
+    A (frozen) ``nn.Linear`` and one adapter as a single op: on the CPU the low-rank term lands
+    in the output before the base GEMM accumulates into it, the adapter is folded into the
+    weight where that costs fewer flops, and dropout is applied as a correction at the dropped
+    elements. It saves only the ``[T, r]`` shrink beyond what ``F.linear`` saves. Shapes as
+    :func:`lora_linear`, with ``weight [out, in]`` and ``bias [out]``.
+    """
+    return torch.ops.torchlora.linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
 
 
 def lora_embedding(

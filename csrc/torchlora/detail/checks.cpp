@@ -109,6 +109,42 @@ LinearDims check_lora_linear(
   return LinearDims{tokens, in, r, out};
 }
 
+LinearDims check_linear_with_lora(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "torchlora.linear_with_lora";
+  check_floats(x, weight, lora_A, lora_B, op);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., in_features]");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got shape ",
+              weight.sym_sizes());
+  TORCH_CHECK(lora_A.dim() == 2, op, ": lora_A must be 2-D [r, in_features], got shape ", lora_A.sym_sizes());
+  TORCH_CHECK(lora_B.dim() == 2, op, ": lora_B must be 2-D [out_features, r], got shape ", lora_B.sym_sizes());
+  const c10::SymInt in = x.sym_size(-1), r = lora_A.sym_size(0), out = weight.sym_size(0);
+  TORCH_CHECK(weight.sym_size(1) == in, op, ": weight is ", weight.sym_sizes(), " but x has ", in,
+              " input features (last dimension)");
+  TORCH_CHECK(r > 0, op, ": the rank (lora_A.size(0)) must be positive");
+  TORCH_CHECK(lora_A.sym_size(1) == in, op, ": lora_A is ", lora_A.sym_sizes(), " but x has ", in,
+              " input features (last dimension)");
+  TORCH_CHECK(lora_B.sym_size(1) == r, op, ": lora_B is ", lora_B.sym_sizes(), " but lora_A has rank ", r);
+  TORCH_CHECK(lora_B.sym_size(0) == out, op, ": lora_B has ", lora_B.sym_size(0),
+              " rows but weight has ", out, " output features");
+  check_same_device(x, weight, op, "x", "weight");
+  check_same_dtype(x, weight, op, "x", "weight");
+  if (bias.has_value() && bias->defined()) {
+    check_float(*bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == out, op, ": bias must be [", out, "], got shape ",
+                bias->sym_sizes());
+    check_same_device(x, *bias, op, "x", "bias");
+    check_same_dtype(x, *bias, op, "x", "bias");
+  }
+  check_adapter_operands(x, weight, lora_A, lora_B, lora_bias, out, op);
+  check_scaling(scaling, op);
+  check_dropout(dropout_p, seed, x.device(), op);
+  const c10::SymInt tokens = in == 0 ? c10::SymInt(0) : x.sym_numel() / in;
+  return LinearDims{tokens, in, r, out};
+}
+
 LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                               const at::Tensor& shrunk, const at::Tensor& lora_A,
                                               const at::Tensor& lora_B, double dropout_p,

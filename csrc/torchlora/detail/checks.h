@@ -23,6 +23,13 @@ LinearDims check_lora_linear(
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed);
 
+// x [..., in], weight [out, in], bias [out], lora_A [r, in], lora_B [out, r], lora_bias [out]:
+// the operands of linear_with_lora (the frozen nn.Linear and its adapter in one op).
+LinearDims check_linear_with_lora(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed);
+
 struct LinearBackwardDims {
   int64_t tokens, in_features, rank, out_features;
 };

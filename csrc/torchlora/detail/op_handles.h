@@ -39,6 +39,19 @@ TORCHLORA_OP_HANDLE(lora_linear_forward_inplace_op, "_lora_linear_forward_", Lin
 TORCHLORA_OP_HANDLE(lora_linear_forward_op, "_lora_linear_forward", LinearForwardFn)
 TORCHLORA_OP_HANDLE(lora_linear_backward_op, "_lora_linear_backward", LinearBackwardFn)
 
+using LinearWithLoraFn = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                    const at::Tensor&, const OptTensor&, double, double, const OptTensor&);
+using LinearWithLoraForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                           const at::Tensor&, const at::Tensor&, const OptTensor&, double, double,
+                                           const OptTensor&, bool);
+using LinearWithLoraBackwardFn =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, bool, bool, double, double, const OptTensor&, std::array<bool, 4>);
+TORCHLORA_OP_HANDLE(linear_with_lora_op, "linear_with_lora", LinearWithLoraFn)
+TORCHLORA_OP_HANDLE(linear_with_lora_forward_op, "_linear_with_lora_forward", LinearWithLoraForwardFn)
+TORCHLORA_OP_HANDLE(linear_with_lora_backward_op, "_linear_with_lora_backward", LinearWithLoraBackwardFn)
+
 using EmbeddingFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                double, int64_t, bool);
 using EmbeddingForwardFn = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,

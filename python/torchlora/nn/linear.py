@@ -159,9 +159,10 @@ class LoraLinear(LoraLayer):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``base_layer(x)`` plus every active adapter's low-rank term.
 
-        For a plain ``nn.Linear`` base the adapters add into the base output in place
-        (``torchlora.lora_linear_``): the base runs on the flattened ``[T, in]`` input so that
-        its output is a fresh tensor (not a view), and no extra ``[T, out]`` tensor is made.
+        For a plain ``nn.Linear`` base the base layer and the first active adapter run as one op
+        (``torchlora.linear_with_lora``) and further adapters add into its output in place
+        (``torchlora.lora_linear_``), on the flattened ``[T, in]`` input, so no extra
+        ``[T, out]`` tensor is made.
         Everything else (hooks, other base layers, merged or disabled adapters, mixed batches)
         takes the general path of :class:`LoraLayer`.
         """
@@ -172,9 +173,19 @@ class LoraLinear(LoraLayer):
             return super().forward(x)
         base = self.base_layer
         x2 = x.reshape(-1, x.shape[-1])
-        result = F.linear(x2, base.weight, base.bias)
+        first, rest = names[0], names[1:]
+        if x2.dtype == base.weight.dtype == self.lora_A[first].weight.dtype:
+            # The base layer and the first adapter in one op: they share their passes over memory.
+            lora_B = self.lora_B[first]
+            p, seed = self._seed_for(first, x.device)
+            result = ops.linear_with_lora(
+                x2, base.weight, base.bias, self.lora_A[first].weight, lora_B.weight, lora_B.bias,
+                self.scaling[first], p, seed,
+            )
+        else:
+            result, rest = F.linear(x2, base.weight, base.bias), names
         result_dtype = result.dtype
-        for name in names:
+        for name in rest:
             # A leaf that requires grad cannot be updated in place (only when F.linear is overridden).
             in_place = not (result.requires_grad and result.is_leaf) and result._base is None
             result = self._lora_update(name, x2, result, in_place=in_place)

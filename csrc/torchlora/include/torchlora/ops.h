@@ -31,6 +31,14 @@ TORCHLORA_API at::Tensor& lora_linear_(
     const std::optional<at::Tensor>& lora_bias, double scaling, double dropout_p = 0.0,
     const std::optional<at::Tensor>& seed = std::nullopt);
 
+// out = x @ weight^T + bias + scaling * (dropout_p(x) @ lora_A^T) @ lora_B^T (+ scaling * lora_bias):
+// a (frozen) nn.Linear and one adapter in a single op, so the base GEMM and the low-rank path
+// share their passes over memory. Shapes as lora_linear, with weight [out, in], bias [out].
+TORCHLORA_API at::Tensor linear_with_lora(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p = 0.0, const std::optional<at::Tensor>& seed = std::nullopt);
+
 // out = base_out + scaling * embedding(ids, lora_A^T) @ lora_B^T
 //   ids [...] (int64/int32)   lora_A [r, num_embeddings]   lora_B [embedding_dim, r]
 //   base_out [..., embedding_dim]. padding_idx < 0 means none (already normalised).

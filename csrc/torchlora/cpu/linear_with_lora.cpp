@@ -1,0 +1,330 @@
+// CPU kernels of linear_with_lora for float32 and float64 (other dtypes take the generic path).
+//
+// The base GEMM and the low-rank path share their passes over memory:
+// - the expand lands in the output before the base GEMM accumulates into it (beta = 1), so
+//   there is no separate pass that adds the adapter's term;
+// - where it costs fewer flops, the adapter is folded into the weight for one GEMM:
+//   W' = W + scaling * B @ A (out x in x r) instead of T x (in + out) x r;
+// - grad_x is one GEMM chain: the low-rank part first, the base GEMM accumulating into it.
+// Dropout: the mask is drawn once in forward and kept as bits (T * in of them, set = dropped)
+// for backward. With AVX-512 (float32) the low-rank kernels load x under the keep
+// bits (masked_lowrank.h); otherwise the GEMMs run on the full x and the dropped elements'
+// terms are subtracted (about p * in per row). No masked copy of x exists either way; the
+// [T, r] shrink and the bits are all that is saved beyond F.linear's x.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../detail/checks.h"
+#include "../detail/linear_with_lora.h"
+#include "../detail/philox_dropout.h"
+#include "dropped_bits.h"
+#include "masked_lowrank.h"
+
+namespace torchlora::cpu {
+namespace {
+
+bool has_fused_kernel(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+}
+
+bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+struct Dropout {
+  uint64_t key;
+  uint32_t threshold;
+  double keep_scale;  // 1 / (1 - p)
+};
+
+Dropout make_dropout(double p, const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu(), "torchlora.linear_with_lora: the seed for a CPU input must be on the CPU");
+  // The scale is rounded to float32 as in dropout_apply and the other kernels, so all agree.
+  return Dropout{static_cast<uint64_t>(seed.item<int64_t>()), static_cast<uint32_t>(detail::dropout_threshold(p)),
+                 static_cast<double>(static_cast<float>(1.0 / (1.0 - p)))};
+}
+
+// The mask of x's [T, in] elements as packed bits: [dropped_words(T * in)] int64 (read as uint64).
+at::Tensor draw_dropped_bits(int64_t tokens, int64_t in, const Dropout& d) {
+  const int64_t count = tokens * in, words = dropped_words(count);
+  at::Tensor bits = at::empty({words}, at::TensorOptions().dtype(at::kLong));
+  auto* p = reinterpret_cast<uint64_t*>(bits.mutable_data_ptr<int64_t>());
+  at::parallel_for(0, words, 256, [&](int64_t w0, int64_t w1) {
+    fill_dropped_words(p, w0, w1, count, d.key, d.threshold);
+  });
+  return bits;
+}
+
+const uint64_t* bits_data(const at::Tensor& bits) {
+  return reinterpret_cast<const uint64_t*>(bits.const_data_ptr<int64_t>());
+}
+
+masked::Mask mask_view(const at::Tensor& bits) {
+  return masked::Mask{bits_data(bits), bits.numel()};
+}
+
+// Calls fn(row, dropped_column) for every dropped element of rows [r0, r1), then row_done(row).
+template <typename RowFn, typename ElemFn>
+void for_each_dropped(const uint64_t* bits, int64_t r0, int64_t r1, int64_t in, RowFn&& row_done, ElemFn&& fn) {
+  for (int64_t t = r0; t < r1; ++t) {
+    for_each_dropped_in(bits, t * in, (t + 1) * in, [&](int64_t j) { fn(t, j); });
+    row_done(t);
+  }
+}
+
+bool use_masked_kernels(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && masked::available();
+}
+
+// lora_A as float32 zero-padded to [round16(r), padded_stride(in)] (the masked kernels' layout).
+at::Tensor pad_factor(const at::Tensor& lora_A) {
+  const int64_t rank = lora_A.size(0), in = lora_A.size(1);
+  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, lora_A.options());
+  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(lora_A);
+  return padded;
+}
+
+masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_t in) {
+  return masked::Factor{padded.const_data_ptr<float>(), rank, in, padded.size(0), masked::round16(in), padded.size(1)};
+}
+
+int64_t row_grain(int64_t in, int64_t rank) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in + rank));
+}
+
+// s = dropout(x2) @ A^T, [T, r], for x2 contiguous and the mask's bits.
+at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& bits,
+                               const Dropout& d) {
+  const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0);
+  const int64_t grain = row_grain(in, rank);
+  if (use_masked_kernels(x2)) {
+    at::Tensor s = at::empty({tokens, rank}, x2.options());
+    const at::Tensor padded = pad_factor(lora_A);
+    const masked::Factor A = factor_view(padded, rank, in);
+    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
+      masked::shrink(A, x2.const_data_ptr<float>(), mask_view(bits), static_cast<float>(d.keep_scale),
+                     s.mutable_data_ptr<float>(), r0, r1);
+    });
+    return s;
+  }
+  at::Tensor s = at::mm(x2, lora_A.t());
+  if (tokens == 0 || in == 0) return s;
+  const at::Tensor At = lora_A.t().contiguous();  // [in, r]: a dropped column's terms are contiguous
+  AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "torchlora_shrink_with_dropout", [&] {
+    const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+    const scalar_t* ap = At.const_data_ptr<scalar_t>();
+    scalar_t* sp = s.mutable_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(d.keep_scale);
+    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> dropped(static_cast<size_t>(rank));
+      for_each_dropped(
+          bits_data(bits), r0, r1, in,
+          [&](int64_t t) {
+            scalar_t* row = sp + t * rank;
+            for (int64_t k = 0; k < rank; ++k) {
+              row[k] = (row[k] - dropped[k]) * scale;
+              dropped[k] = 0;
+            }
+          },
+          [&](int64_t t, int64_t j) {
+            const scalar_t v = xp[t * in + j];
+            const scalar_t* a = ap + j * rank;
+            for (int64_t k = 0; k < rank; ++k) dropped[k] += v * a[k];
+          });
+    });
+  });
+  return s;
+}
+
+// Whether folding scaling * B @ A into the weight (out x in x r flops) beats applying the
+// factors to `tokens` rows of the `via_features`-wide side (tokens x via x r).
+bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_features) {
+  return out * in < tokens * via_features;
+}
+
+detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool keep_shrunk) {
+  if (!has_fused_kernel(x)) {
+    return detail::linear_with_lora_forward_generic(x, weight, bias, lora_A, lora_B, lora_bias, scaling,
+                                                    dropout_p, seed, keep_shrunk);
+  }
+  const auto dims = detail::check_linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  const int64_t tokens = dims.tokens.expect_int(), in = dims.in_features.expect_int();
+  const int64_t out_features = dims.out_features.expect_int();
+  const at::Tensor x2 = x.reshape({tokens, in});
+
+  // bias + scaling * lora_bias, both optional
+  at::Tensor fused_bias;
+  if (defined(bias)) fused_bias = *bias;
+  if (defined(lora_bias)) fused_bias = fused_bias.defined() ? fused_bias.add(*lora_bias, scaling) : lora_bias->mul(scaling);
+
+  at::Tensor shrunk, out, bits;
+  if (dropout_p == 0.0 && !keep_shrunk && fold_into_weight(tokens, out_features, in, in + out_features)) {
+    // Inference: one GEMM with the adapter folded into the weight.
+    const at::Tensor merged = at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+    out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
+  } else {
+    if (dropout_p == 0.0) {
+      shrunk = at::mm(x2, lora_A.t());
+    } else {
+      const Dropout d = make_dropout(dropout_p, *seed);
+      bits = draw_dropped_bits(tokens, in, d);
+      shrunk = shrink_with_dropout(x2.contiguous(), lora_A, bits, d);
+    }
+    out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
+                               : at::mm(shrunk, lora_B.t().mul(scaling));
+    out.addmm_(x2, weight.t());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  if (!keep_shrunk) {
+    shrunk = at::empty({0}, x.options().dtype(detail::intermediate_dtype(x)));
+    bits = at::Tensor();
+  }
+  if (!bits.defined()) bits = at::empty({0}, x.options().dtype(at::kLong));
+  return {out.view(out_shape), shrunk, bits};
+}
+
+detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias,
+    bool has_lora_bias, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    std::array<bool, 4> output_mask) {
+  if (!has_fused_kernel(x)) {
+    return detail::linear_with_lora_backward_generic(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B,
+                                                     has_bias, has_lora_bias, scaling, dropout_p, seed, output_mask);
+  }
+  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const int64_t tokens = dims.tokens, in = dims.in_features, rank = dims.rank, out_features = dims.out_features;
+  constexpr const char* op = "torchlora._linear_with_lora_backward";
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out_features && weight.size(1) == in, op,
+              ": weight must be [", out_features, ", ", in, "], got ", weight.sizes());
+  const bool want_x = output_mask[0], want_w = output_mask[1], want_A = output_mask[2], want_B = output_mask[3];
+  const at::Tensor none = at::empty({0}, x.options());
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features});
+  const at::Tensor x2 = x.reshape({tokens, in});
+  at::Tensor grad_x = none, grad_w = none, grad_A = none, grad_B = none, grad_bias = none, grad_lora_bias = none;
+
+  if (want_B) grad_B = at::mm(g2.t(), shrunk).mul_(scaling);
+  if (has_bias || has_lora_bias) {
+    const at::Tensor column_sum = at::sum(g2, {0});
+    if (has_bias) grad_bias = column_sum;
+    if (has_lora_bias) grad_lora_bias = column_sum.mul(scaling);
+  }
+  if (want_w) grad_w = at::mm(g2.t(), x2);
+  if (!(want_x || want_A)) return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+
+  const at::Tensor grad_s = at::mm(g2, lora_B.mul(scaling));  // [T, r], d(loss)/d(shrunk)
+  if (dropout_p == 0.0) {
+    if (want_A) grad_A = at::mm(grad_s.t(), x2);
+    if (want_x) {
+      grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling))
+                                                              : at::mm(grad_s, lora_A).addmm_(g2, weight);
+      grad_x = grad_x.view(x.sizes());
+    }
+    return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+  }
+
+  TORCH_CHECK(dropped_bits.scalar_type() == at::kLong && dropped_bits.device().is_cpu() && dropped_bits.dim() == 1 &&
+                  dropped_bits.size(0) == dropped_words(tokens * in),
+              op, ": dropped_bits must be the forward's int64 [", dropped_words(tokens * in), "] mask, got ",
+              dropped_bits.scalar_type(), " ", dropped_bits.sizes());
+  const at::Tensor bits = dropped_bits.contiguous();
+  const Dropout d = make_dropout(dropout_p, *seed);
+  const int64_t grain = row_grain(in, rank);
+  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
+  const bool nested = at::in_parallel_region();
+  const int64_t threads = nested ? 1 : at::get_num_threads();
+  auto slot = [&] { return nested ? int64_t{0} : std::min<int64_t>(at::get_thread_num(), threads - 1); };
+
+  if (use_masked_kernels(x)) {
+    // grad_x = keep * (grad_s @ A) / (1 - p) + grad_out @ W; grad_A = grad_s^T @ (keep * x) / (1 - p)
+    const at::Tensor padded = pad_factor(lora_A);
+    const masked::Factor A = factor_view(padded, rank, in);
+    const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
+    at::Tensor partial_A = want_A ? at::zeros({threads, rank, A.stride}, x.options()) : at::Tensor();
+    if (want_x) grad_x = at::empty({tokens, in}, x.options());
+    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
+      if (want_x) {
+        masked::expand(A, grad_s.const_data_ptr<float>(), mask_view(bits), static_cast<float>(d.keep_scale),
+                       grad_x.mutable_data_ptr<float>(), r0, r1);
+      }
+      if (want_A) {
+        masked::accumulate(A, grad_s.const_data_ptr<float>(), xc.const_data_ptr<float>(), mask_view(bits),
+                           partial_A.mutable_data_ptr<float>() + slot() * rank * A.stride, r0, r1);
+      }
+    });
+    if (want_x) grad_x = grad_x.addmm_(g2, weight).view(x.sizes());
+    if (want_A) grad_A = partial_A.sum(0).narrow(1, 0, in).mul_(d.keep_scale);
+    return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+  }
+
+  // Full GEMMs corrected at the dropped elements: the low-rank part of grad_x is folded into
+  // the weight or computed and zeroed there; grad_A subtracts the dropped x's terms.
+  const bool folded = want_x && fold_into_weight(tokens, out_features, in, in);
+  if (want_x) {
+    grad_x = folded ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling * d.keep_scale))
+                    : at::mm(grad_s, lora_A).mul_(d.keep_scale);
+  }
+  const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
+  // Per-thread sums of the dropped terms of grad_A^T ([in, r] each), reduced after the loop.
+  at::Tensor dropped_A = want_A ? at::zeros({threads, in, rank}, x.options()) : at::Tensor();
+  if (tokens > 0 && in > 0) {
+    const at::Tensor At = lora_A.t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "torchlora_linear_with_lora_backward", [&] {
+      const scalar_t* gs = grad_s.const_data_ptr<scalar_t>();
+      const scalar_t* ap = At.const_data_ptr<scalar_t>();
+      const scalar_t* xp = want_A ? xc.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gx = want_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* da_all = want_A ? dropped_A.mutable_data_ptr<scalar_t>() : nullptr;
+      const auto keep_scale = static_cast<scalar_t>(d.keep_scale);
+      at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
+        scalar_t* da = want_A ? da_all + slot() * in * rank : nullptr;
+        for_each_dropped(
+            bits_data(bits), r0, r1, in, [](int64_t) {},
+            [&](int64_t t, int64_t j) {
+              const scalar_t* g = gs + t * rank;
+              if (want_A) {
+                const scalar_t v = xp[t * in + j];
+                scalar_t* acc = da + j * rank;
+                for (int64_t k = 0; k < rank; ++k) acc[k] += g[k] * v;
+              }
+              if (!want_x) return;
+              if (folded) {
+                const scalar_t* a = ap + j * rank;
+                scalar_t dot = 0;
+                for (int64_t k = 0; k < rank; ++k) dot += g[k] * a[k];
+                gx[t * in + j] -= dot * keep_scale;
+              } else {
+                gx[t * in + j] = 0;
+              }
+            });
+      });
+    });
+  }
+  if (want_x && !folded) grad_x.addmm_(g2, weight);
+  if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -d.keep_scale, d.keep_scale);
+  if (want_x) grad_x = grad_x.view(x.sizes());
+  return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchlora, CPU, m) {
+  m.impl("_linear_with_lora_forward", &linear_with_lora_forward_cpu);
+  m.impl("_linear_with_lora_backward", &linear_with_lora_backward_cpu);
+}
+
+}  // namespace torchlora::cpu

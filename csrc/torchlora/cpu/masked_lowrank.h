@@ -1,0 +1,45 @@
+// AVX-512 kernels of the low-rank path under a dropout mask, for float32 rows. The mask comes
+// as packed bits (dropped_bits.h), so the kernels load x with the keep bits as the lane mask:
+// dropout costs no masked copy and no extra pass, only the bits.
+#pragma once
+
+#include <cstdint>
+
+#include "dropped_bits.h"
+
+namespace torchlora::cpu::masked {
+
+// Whether this CPU runs the kernels (AVX-512F); callers fall back to BLAS and corrections.
+bool available();
+
+// lora_A zero-padded to [round16(rank), round16(in)] so every load is a full vector, with rows
+// `stride` floats apart (padded off multiples of 4 KiB, whose rows would share L1 sets).
+struct Factor {
+  const float* A_pad;
+  int64_t rank, in, rank_pad, in_pad, stride;
+};
+
+inline int64_t round16(int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+
+inline int64_t padded_stride(int64_t in) {
+  return round16(in) + 16;
+}
+
+// The dropout mask: the bit stream of dropped_bits.h over x's [T, in] elements.
+struct Mask {
+  const uint64_t* words;
+  int64_t n_words;
+};
+
+// Rows t in [t0, t1) of x [T, in] (row-major):
+//   shrink:     s[t, :]  = scale * sum_j keep[t, j] * x[t, j] * A[:, j]          (s [T, rank])
+//   expand:     gx[t, j] = keep[t, j] ? scale * sum_k gs[t, k] * A[k, j] : 0       (gx [T, in])
+//   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]     (acc [rank, stride])
+void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
+void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0, int64_t t1);
+void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,
+                int64_t t1);
+
+}  // namespace torchlora::cpu::masked

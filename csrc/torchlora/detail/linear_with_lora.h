@@ -1,0 +1,35 @@
+// linear_with_lora: a frozen nn.Linear and one LoRA adapter as a single op,
+//   out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T + scaling * lora_bias.
+// The device-generic forward/backward (the base GEMM plus the lora_linear ops) serve CUDA and
+// the CPU dtypes without a fused kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace torchlora::detail {
+
+// grad_x, grad_weight, grad_A, grad_B, grad_bias, grad_lora_bias ([0] where not asked for).
+using LinearWithLoraGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// out; shrunk (float32 [T, r]) and dropped_bits (int64 [ceil(T * in / 64)]: bit e of word e / 64
+// set when element e of x is dropped) for backward: [0] without keep_shrunk, and dropped_bits
+// [0] also without dropout.
+using LinearWithLoraOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+LinearWithLoraOutputs linear_with_lora_forward_generic(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool keep_shrunk);
+
+// output_mask: x, weight, lora_A, lora_B; the bias gradients follow has_bias / has_lora_bias.
+// The generic backward regenerates the mask from the seed (dropped_bits is not read).
+LinearWithLoraGrads linear_with_lora_backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask);
+
+}  // namespace torchlora::detail

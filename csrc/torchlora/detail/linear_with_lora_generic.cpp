@@ -1,0 +1,67 @@
+#include "linear_with_lora.h"
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/bitwise_left_shift.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/eq.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+
+#include "checks.h"
+#include "op_handles.h"
+
+namespace torchlora::detail {
+namespace {
+
+// The packed dropped bits of a [T, in] input (bit e of word e / 64 = element e dropped), from
+// the dropout_apply op of x's device.
+at::Tensor pack_dropped_bits(const at::Tensor& x, int64_t tokens, int64_t in, double dropout_p,
+                             const at::Tensor& seed) {
+  const int64_t count = tokens * in, words = (count + 63) / 64;
+  const at::Tensor dropped = dropout_apply_op().call(at::ones({count}, x.options()), dropout_p, seed).eq(0);
+  const auto long_options = x.options().dtype(at::kLong);
+  const at::Tensor padded = at::constant_pad_nd(dropped.to(at::kLong), {0, words * 64 - count}).view({words, 64});
+  const at::Tensor bit = at::bitwise_left_shift(at::ones({64}, long_options), at::arange(64, long_options));
+  return padded.mul(bit).sum(-1);  // distinct bits: the sum is their OR
+}
+
+}  // namespace
+
+LinearWithLoraOutputs linear_with_lora_forward_generic(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool keep_shrunk) {
+  const auto dims = check_linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  at::Tensor out = at::linear(x, weight, bias);
+  at::Tensor shrunk =
+      lora_linear_forward_inplace_op().call(out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
+  at::Tensor bits = keep_shrunk && dropout_p > 0.0
+                        ? pack_dropped_bits(x, dims.tokens.expect_int(), dims.in_features.expect_int(), dropout_p, *seed)
+                        : at::empty({0}, x.options().dtype(at::kLong));
+  if (!keep_shrunk) shrunk = at::empty({0}, x.options().dtype(intermediate_dtype(x)));
+  return {out, shrunk, bits};
+}
+
+LinearWithLoraGrads linear_with_lora_backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
+    const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask) {
+  const int64_t in = weight.size(1), out_features = weight.size(0);
+  const at::Tensor none = at::empty({0}, x.options());
+  auto [grad_x, grad_A, grad_B, grad_lora_bias] = lora_linear_backward_op().call(
+      grad_out, x, shrunk, lora_A, lora_B, has_lora_bias, scaling, dropout_p, seed,
+      {output_mask[0], output_mask[2], output_mask[3]});
+  const at::Tensor g2 = grad_out.reshape({-1, out_features});
+  if (output_mask[0]) {
+    at::Tensor gx2 = grad_x.reshape({-1, in}).contiguous();  // a fresh tensor of this op's own
+    grad_x = gx2.addmm_(g2, weight).view(x.sizes());
+  }
+  at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})) : none;
+  at::Tensor grad_bias = has_bias ? at::sum(g2, {0}) : none;
+  return {grad_x, grad_weight, grad_A, grad_B, grad_bias, has_lora_bias ? grad_lora_bias : none};
+}
+
+}  // namespace torchlora::detail
