@@ -67,6 +67,22 @@ if(EXISTS "${TORCH_ROOT}/share/cmake/Caffe2/Caffe2Targets.cmake")
 endif()
 target_compile_definitions(torchlora_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_abi})
 
+# at::parallel_for is inline code: with torch's OpenMP backend its "#pragma omp parallel" is
+# compiled into our objects, so they need -fopenmp (without it the loops run on one thread)
+# and torch's own OpenMP runtime (one runtime per process).
+file(STRINGS "${TORCH_ROOT}/include/ATen/Config.h" _omp_line REGEX "#define AT_PARALLEL_OPENMP 1")
+if(_omp_line)
+  file(GLOB _torch_gomp "${TORCH_ROOT}/lib/libgomp*.so*")
+  target_compile_options(torchlora_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fopenmp>)
+  if(_torch_gomp)
+    list(GET _torch_gomp 0 _torch_gomp)
+    target_link_libraries(torchlora_torch INTERFACE "${_torch_gomp}")
+  else()
+    target_link_options(torchlora_torch INTERFACE -fopenmp)
+  endif()
+  message(STATUS "torchlora: torch parallelises with OpenMP (${_torch_gomp})")
+endif()
+
 set(TORCHLORA_TORCH_HAS_CUDA OFF)
 set(TORCHLORA_TORCH_CUDA_VERSION "")
 if(EXISTS "${TORCH_ROOT}/lib/libtorch_cuda.so" OR EXISTS "${TORCH_ROOT}/lib/libc10_cuda.so")

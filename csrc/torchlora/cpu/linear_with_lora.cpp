@@ -86,11 +86,11 @@ bool use_masked_kernels(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && masked::available();
 }
 
-// lora_A as float32 zero-padded to [round16(r), padded_stride(in)] (the masked kernels' layout).
-at::Tensor pad_factor(const at::Tensor& lora_A) {
-  const int64_t rank = lora_A.size(0), in = lora_A.size(1);
-  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, lora_A.options());
-  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(lora_A);
+// A float32 [rank, in] factor zero-padded to [round16(rank), padded_stride(in)] (the kernels' layout).
+at::Tensor pad_factor(const at::Tensor& factor) {
+  const int64_t rank = factor.size(0), in = factor.size(1);
+  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options());
+  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
   return padded;
 }
 
@@ -98,34 +98,71 @@ masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_t in) {
   return masked::Factor{padded.const_data_ptr<float>(), rank, in, padded.size(0), masked::round16(in), padded.size(1)};
 }
 
+masked::Mask no_mask() {
+  return masked::Mask{nullptr, 0};
+}
+
+
 int64_t row_grain(int64_t in, int64_t rank) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in + rank));
 }
 
-// s = dropout(x2) @ A^T, [T, r], for x2 contiguous and the mask's bits.
-at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& bits,
-                               const Dropout& d) {
+// The masked kernels over rows, in parallel. x: contiguous float32 [T, in].
+//   shrink:     [T, r] = scale * (keep * x) @ M^T            (M [r, in], padded)
+//   accumulate: [r, in] = gs^T @ (keep * x)                   (gs [T, r]; per-thread sums)
+//   expand:     [T, in] = keep * scale * (gs @ M)             (M [r, in], padded)
+at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t rank, const masked::Mask& mask,
+                         double scale) {
+  const int64_t tokens = x.size(0), in = x.size(1);
+  at::Tensor s = at::empty({tokens, rank}, x.options());
+  const masked::Factor M = factor_view(padded, rank, in);
+  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+    masked::shrink(M, x.const_data_ptr<float>(), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
+  });
+  return s;
+}
+
+at::Tensor kernel_accumulate(const at::Tensor& gs, const at::Tensor& x, const masked::Mask& mask) {
+  const int64_t tokens = x.size(0), in = x.size(1), rank = gs.size(1);
+  const masked::Factor shape{nullptr, rank, in, masked::round16(rank), masked::round16(in), masked::padded_stride(in)};
+  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
+  const bool nested = at::in_parallel_region();
+  const int64_t threads = nested ? 1 : at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, rank, shape.stride}, x.options());
+  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+    const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
+    masked::accumulate(shape, gs.const_data_ptr<float>(), x.const_data_ptr<float>(), mask,
+                       partial.mutable_data_ptr<float>() + slot * rank * shape.stride, r0, r1);
+  });
+  return partial.sum(0).narrow(1, 0, in);
+}
+
+at::Tensor kernel_expand(const at::Tensor& gs, const at::Tensor& padded, int64_t in, const masked::Mask& mask,
+                         double scale) {
+  const int64_t tokens = gs.size(0), rank = gs.size(1);
+  at::Tensor out = at::empty({tokens, in}, gs.options());
+  const masked::Factor M = factor_view(padded, rank, in);
+  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+    masked::expand(M, gs.const_data_ptr<float>(), mask, static_cast<float>(scale), out.mutable_data_ptr<float>(), r0,
+                   r1);
+  });
+  return out;
+}
+
+// s = dropout(x2) @ A^T, [T, r], for x2 contiguous and the mask's bits: the GEMM on the full x,
+// then per row the dropped elements' terms subtracted.
+at::Tensor shrink_with_corrections(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& bits,
+                                   const Dropout& d) {
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0);
-  const int64_t grain = row_grain(in, rank);
-  if (use_masked_kernels(x2)) {
-    at::Tensor s = at::empty({tokens, rank}, x2.options());
-    const at::Tensor padded = pad_factor(lora_A);
-    const masked::Factor A = factor_view(padded, rank, in);
-    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
-      masked::shrink(A, x2.const_data_ptr<float>(), mask_view(bits), static_cast<float>(d.keep_scale),
-                     s.mutable_data_ptr<float>(), r0, r1);
-    });
-    return s;
-  }
   at::Tensor s = at::mm(x2, lora_A.t());
   if (tokens == 0 || in == 0) return s;
   const at::Tensor At = lora_A.t().contiguous();  // [in, r]: a dropped column's terms are contiguous
-  AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "torchlora_shrink_with_dropout", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "torchlora_shrink_with_corrections", [&] {
     const scalar_t* xp = x2.const_data_ptr<scalar_t>();
     const scalar_t* ap = At.const_data_ptr<scalar_t>();
     scalar_t* sp = s.mutable_data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(d.keep_scale);
-    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> dropped(static_cast<size_t>(rank));
       for_each_dropped(
           bits_data(bits), r0, r1, in,
@@ -162,7 +199,7 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   }
   const auto dims = detail::check_linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   const int64_t tokens = dims.tokens.expect_int(), in = dims.in_features.expect_int();
-  const int64_t out_features = dims.out_features.expect_int();
+  const int64_t rank = dims.rank.expect_int(), out_features = dims.out_features.expect_int();
   const at::Tensor x2 = x.reshape({tokens, in});
 
   // bias + scaling * lora_bias, both optional
@@ -176,12 +213,16 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
     const at::Tensor merged = at::addmm(weight, lora_B, lora_A, 1.0, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
   } else {
-    if (dropout_p == 0.0) {
-      shrunk = at::mm(x2, lora_A.t());
+    std::optional<Dropout> d;
+    if (dropout_p > 0.0) {
+      d = make_dropout(dropout_p, *seed);
+      bits = draw_dropped_bits(tokens, in, *d);
+    }
+    if (use_masked_kernels(x) && tokens > 0) {
+      shrunk = kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, d ? mask_view(bits) : no_mask(),
+                             d ? d->keep_scale : 1.0);
     } else {
-      const Dropout d = make_dropout(dropout_p, *seed);
-      bits = draw_dropped_bits(tokens, in, d);
-      shrunk = shrink_with_dropout(x2.contiguous(), lora_A, bits, d);
+      shrunk = d ? shrink_with_corrections(x2.contiguous(), lora_A, bits, *d) : at::mm(x2, lora_A.t());
     }
     out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
                                : at::mm(shrunk, lora_B.t().mul(scaling));
@@ -197,101 +238,86 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   return {out.view(out_shape), shrunk, bits};
 }
 
-detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
-    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias,
-    bool has_lora_bias, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
-    std::array<bool, 4> output_mask) {
-  if (!has_fused_kernel(x)) {
-    return detail::linear_with_lora_backward_generic(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B,
-                                                     has_bias, has_lora_bias, scaling, dropout_p, seed, output_mask);
+// Backward with the masked kernels (float32, AVX-512): every low-rank product is one pass.
+detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at::Tensor& x2,
+                                                  const at::Tensor& weight, const at::Tensor& shrunk,
+                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                  const at::Tensor& bits, double scaling, double dropout_p,
+                                                  const std::optional<at::Tensor>& seed,
+                                                  std::array<bool, 4> output_mask) {
+  const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
+  const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
+  const at::Tensor none = at::empty({0}, x2.options());
+  const at::Tensor gc = g2.contiguous();
+  at::Tensor grad_x = none, grad_A = none, grad_B = none;
+  // grad_B = scaling * g^T @ shrunk; grad_s = scaling * g @ B: two passes over g.
+  if (want_B) grad_B = kernel_accumulate(shrunk, gc, no_mask()).t().mul(scaling).contiguous();
+  if (!(want_x || want_A)) return {grad_x, none, grad_A, grad_B, none, none};
+  const at::Tensor grad_s = kernel_shrink(gc, pad_factor(lora_B.t()), rank, no_mask(), scaling);
+  std::optional<Dropout> d;
+  if (dropout_p > 0.0) d = make_dropout(dropout_p, *seed);
+  const masked::Mask mask = d ? mask_view(bits) : no_mask();
+  const double keep_scale = d ? d->keep_scale : 1.0;
+  if (want_A) grad_A = kernel_accumulate(grad_s, x2.contiguous(), mask).mul(keep_scale);
+  if (want_x) {
+    if (!d && fold_into_weight(tokens, out_features, in, in)) {
+      grad_x = at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling));
+    } else {
+      grad_x = kernel_expand(grad_s, pad_factor(lora_A), in, mask, keep_scale).addmm_(g2, weight);
+    }
   }
-  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
-  const int64_t tokens = dims.tokens, in = dims.in_features, rank = dims.rank, out_features = dims.out_features;
-  constexpr const char* op = "torchlora._linear_with_lora_backward";
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out_features && weight.size(1) == in, op,
-              ": weight must be [", out_features, ", ", in, "], got ", weight.sizes());
-  const bool want_x = output_mask[0], want_w = output_mask[1], want_A = output_mask[2], want_B = output_mask[3];
-  const at::Tensor none = at::empty({0}, x.options());
-  const at::Tensor g2 = grad_out.reshape({tokens, out_features});
-  const at::Tensor x2 = x.reshape({tokens, in});
-  at::Tensor grad_x = none, grad_w = none, grad_A = none, grad_B = none, grad_bias = none, grad_lora_bias = none;
+  return {grad_x, none, grad_A, grad_B, none, none};
+}
 
+// Backward with BLAS GEMMs on the full x and corrections at the dropped elements.
+detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, const at::Tensor& x2,
+                                                      const at::Tensor& weight, const at::Tensor& shrunk,
+                                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                      const at::Tensor& bits, double scaling, double dropout_p,
+                                                      const std::optional<at::Tensor>& seed,
+                                                      std::array<bool, 4> output_mask) {
+  const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
+  const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
+  const at::Tensor none = at::empty({0}, x2.options());
+  at::Tensor grad_x = none, grad_A = none, grad_B = none;
   if (want_B) grad_B = at::mm(g2.t(), shrunk).mul_(scaling);
-  if (has_bias || has_lora_bias) {
-    const at::Tensor column_sum = at::sum(g2, {0});
-    if (has_bias) grad_bias = column_sum;
-    if (has_lora_bias) grad_lora_bias = column_sum.mul(scaling);
-  }
-  if (want_w) grad_w = at::mm(g2.t(), x2);
-  if (!(want_x || want_A)) return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
-
+  if (!(want_x || want_A)) return {grad_x, none, grad_A, grad_B, none, none};
   const at::Tensor grad_s = at::mm(g2, lora_B.mul(scaling));  // [T, r], d(loss)/d(shrunk)
   if (dropout_p == 0.0) {
     if (want_A) grad_A = at::mm(grad_s.t(), x2);
     if (want_x) {
       grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling))
                                                               : at::mm(grad_s, lora_A).addmm_(g2, weight);
-      grad_x = grad_x.view(x.sizes());
     }
-    return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+    return {grad_x, none, grad_A, grad_B, none, none};
   }
-
-  TORCH_CHECK(dropped_bits.scalar_type() == at::kLong && dropped_bits.device().is_cpu() && dropped_bits.dim() == 1 &&
-                  dropped_bits.size(0) == dropped_words(tokens * in),
-              op, ": dropped_bits must be the forward's int64 [", dropped_words(tokens * in), "] mask, got ",
-              dropped_bits.scalar_type(), " ", dropped_bits.sizes());
-  const at::Tensor bits = dropped_bits.contiguous();
+  // The low-rank part of grad_x is keep * (grad_s @ A) / (1 - p): folded into the weight and
+  // corrected at the dropped elements, or computed, zeroed there and accumulated into.
+  // grad_A = (grad_s^T @ x - the dropped elements' terms) / (1 - p).
   const Dropout d = make_dropout(dropout_p, *seed);
-  const int64_t grain = row_grain(in, rank);
-  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
-  const bool nested = at::in_parallel_region();
-  const int64_t threads = nested ? 1 : at::get_num_threads();
-  auto slot = [&] { return nested ? int64_t{0} : std::min<int64_t>(at::get_thread_num(), threads - 1); };
-
-  if (use_masked_kernels(x)) {
-    // grad_x = keep * (grad_s @ A) / (1 - p) + grad_out @ W; grad_A = grad_s^T @ (keep * x) / (1 - p)
-    const at::Tensor padded = pad_factor(lora_A);
-    const masked::Factor A = factor_view(padded, rank, in);
-    const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
-    at::Tensor partial_A = want_A ? at::zeros({threads, rank, A.stride}, x.options()) : at::Tensor();
-    if (want_x) grad_x = at::empty({tokens, in}, x.options());
-    at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
-      if (want_x) {
-        masked::expand(A, grad_s.const_data_ptr<float>(), mask_view(bits), static_cast<float>(d.keep_scale),
-                       grad_x.mutable_data_ptr<float>(), r0, r1);
-      }
-      if (want_A) {
-        masked::accumulate(A, grad_s.const_data_ptr<float>(), xc.const_data_ptr<float>(), mask_view(bits),
-                           partial_A.mutable_data_ptr<float>() + slot() * rank * A.stride, r0, r1);
-      }
-    });
-    if (want_x) grad_x = grad_x.addmm_(g2, weight).view(x.sizes());
-    if (want_A) grad_A = partial_A.sum(0).narrow(1, 0, in).mul_(d.keep_scale);
-    return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
-  }
-
-  // Full GEMMs corrected at the dropped elements: the low-rank part of grad_x is folded into
-  // the weight or computed and zeroed there; grad_A subtracts the dropped x's terms.
   const bool folded = want_x && fold_into_weight(tokens, out_features, in, in);
   if (want_x) {
     grad_x = folded ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling * d.keep_scale))
                     : at::mm(grad_s, lora_A).mul_(d.keep_scale);
   }
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
+  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
+  const bool nested = at::in_parallel_region();
+  const int64_t threads = nested ? 1 : at::get_num_threads();
   // Per-thread sums of the dropped terms of grad_A^T ([in, r] each), reduced after the loop.
-  at::Tensor dropped_A = want_A ? at::zeros({threads, in, rank}, x.options()) : at::Tensor();
+  at::Tensor dropped_A = want_A ? at::zeros({threads, in, rank}, x2.options()) : at::Tensor();
   if (tokens > 0 && in > 0) {
     const at::Tensor At = lora_A.t().contiguous();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "torchlora_linear_with_lora_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "torchlora_linear_with_lora_backward", [&] {
       const scalar_t* gs = grad_s.const_data_ptr<scalar_t>();
       const scalar_t* ap = At.const_data_ptr<scalar_t>();
       const scalar_t* xp = want_A ? xc.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* gx = want_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* da_all = want_A ? dropped_A.mutable_data_ptr<scalar_t>() : nullptr;
       const auto keep_scale = static_cast<scalar_t>(d.keep_scale);
-      at::parallel_for(0, tokens, grain, [&](int64_t r0, int64_t r1) {
-        scalar_t* da = want_A ? da_all + slot() * in * rank : nullptr;
+      at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+        const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
+        scalar_t* da = want_A ? da_all + slot * in * rank : nullptr;
         for_each_dropped(
             bits_data(bits), r0, r1, in, [](int64_t) {},
             [&](int64_t t, int64_t j) {
@@ -316,8 +342,46 @@ detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
   }
   if (want_x && !folded) grad_x.addmm_(g2, weight);
   if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -d.keep_scale, d.keep_scale);
-  if (want_x) grad_x = grad_x.view(x.sizes());
-  return {grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias};
+  return {grad_x, none, grad_A, grad_B, none, none};
+}
+
+detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias,
+    bool has_lora_bias, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    std::array<bool, 4> output_mask) {
+  if (!has_fused_kernel(x)) {
+    return detail::linear_with_lora_backward_generic(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B,
+                                                     has_bias, has_lora_bias, scaling, dropout_p, seed, output_mask);
+  }
+  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const int64_t tokens = dims.tokens, in = dims.in_features, out_features = dims.out_features;
+  constexpr const char* op = "torchlora._linear_with_lora_backward";
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out_features && weight.size(1) == in, op,
+              ": weight must be [", out_features, ", ", in, "], got ", weight.sizes());
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(dropped_bits.scalar_type() == at::kLong && dropped_bits.device().is_cpu() && dropped_bits.dim() == 1 &&
+                    dropped_bits.size(0) == dropped_words(tokens * in),
+                op, ": dropped_bits must be the forward's int64 [", dropped_words(tokens * in), "] mask, got ",
+                dropped_bits.scalar_type(), " ", dropped_bits.sizes());
+  }
+  const at::Tensor bits = dropped_bits.contiguous();
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features});
+  const at::Tensor x2 = x.reshape({tokens, in});
+  auto grads = use_masked_kernels(x) && tokens > 0
+                   ? backward_with_kernels(g2, x2, weight, shrunk, lora_A, lora_B, bits, scaling, dropout_p, seed,
+                                           output_mask)
+                   : backward_with_corrections(g2, x2, weight, shrunk, lora_A, lora_B, bits, scaling, dropout_p,
+                                               seed, output_mask);
+  auto& [grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias] = grads;
+  if (output_mask[0]) grad_x = grad_x.view(x.sizes());
+  if (output_mask[1]) grad_w = at::mm(g2.t(), x2);
+  if (has_bias || has_lora_bias) {
+    const at::Tensor column_sum = at::sum(g2, {0});
+    if (has_bias) grad_bias = column_sum;
+    if (has_lora_bias) grad_lora_bias = column_sum.mul(scaling);
+  }
+  return grads;
 }
 
 }  // namespace

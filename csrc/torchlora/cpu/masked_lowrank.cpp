@@ -5,28 +5,29 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-#define TORCHLORA_MASKED_AVX512 1
-#define TORCHLORA_AVX512 __attribute__((target("avx512f")))
+#define TOR4LORA_MASKED_AVX512 1
+#define TOR4LORA_AVX512 __attribute__((target("avx512f")))
 #endif
 
 #include <c10/util/Exception.h>
 
 namespace torchlora::cpu::masked {
 
-#ifdef TORCHLORA_MASKED_AVX512
+#ifdef TOR4LORA_MASKED_AVX512
 namespace {
 
 // Keep lanes of the 16 columns starting at 16 * chunk of row t (valid columns only).
 inline __mmask16 keep_lanes(const Mask& mask, int64_t t, int64_t chunk, int64_t in) {
-  const uint32_t dropped = dropped16(mask.words, mask.n_words, t * in + 16 * chunk);
   const int64_t valid = in - 16 * chunk;
   const uint32_t lanes = valid >= 16 ? 0xFFFFu : ((1u << valid) - 1u);
+  if (mask.words == nullptr) return static_cast<__mmask16>(lanes);
+  const uint32_t dropped = dropped16(mask.words, mask.n_words, t * in + 16 * chunk);
   return static_cast<__mmask16>(~dropped & lanes);
 }
 
 // Lane k of the result = the sum of the 16 lanes of v[k]: a transpose-and-add tree
 // (halves, then quarters, then pairs within 128-bit lanes) instead of 16 horizontal sums.
-TORCHLORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
+TOR4LORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
   __m512 halves[8], quarters[4], pairs[2];
   for (int i = 0; i < 8; ++i) {  // 256-bit halves: [v[2i] partials x 8 | v[2i+1] partials x 8]
     halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -57,79 +58,124 @@ bool available() {
   return ok;
 }
 
-TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1) {
+TOR4LORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t) {
   const int64_t chunks = A.in_pad / 16;
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* xr = x + t * A.in;
-    for (int64_t k0 = 0; k0 < A.rank; k0 += 16) {
-      __m512 acc[16];
-      for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
-      const float* a0 = A.A_pad + k0 * A.stride;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 xv = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), xr + 16 * c);
-        for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a0 + k * A.stride + 16 * c), acc[k]);
-      }
-      const int64_t n = A.rank - k0 < 16 ? A.rank - k0 : 16;
-      const __m512 sums = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale));
-      _mm512_mask_storeu_ps(s + t * A.rank + k0, static_cast<__mmask16>((1u << n) - 1u), sums);
+  const float* xr = x + t * A.in;
+  for (int64_t k0 = 0; k0 < A.rank; k0 += 16) {
+    __m512 acc[16];
+    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
+    const float* a0 = A.A_pad + k0 * A.stride;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512 xv = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), xr + 16 * c);
+      for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a0 + k * A.stride + 16 * c), acc[k]);
     }
+    const int64_t n = A.rank - k0 < 16 ? A.rank - k0 : 16;
+    const __m512 sums = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale));
+    _mm512_mask_storeu_ps(s + t * A.rank + k0, static_cast<__mmask16>((1u << n) - 1u), sums);
   }
 }
 
-TORCHLORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0, int64_t t1) {
+// Blocks of 2 rows x 8 ranks: each loaded vector of A serves both rows, halving the A traffic
+// (A outgrows L1 for wide inputs and then streams from L2).
+TOR4LORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
+                             int64_t t1) {
   const int64_t chunks = A.in_pad / 16;
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* g = gs + t * A.rank;
-    float* out = gx + t * A.in;
-    int64_t c = 0;
-    // Four column chunks at a time: four independent FMA chains over the rank.
-    for (; c + 4 <= chunks; c += 4) {
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
-             acc3 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < A.rank; ++k) {
-        const __m512 gk = _mm512_set1_ps(g[k]);
-        const float* a = A.A_pad + k * A.stride + 16 * c;
-        acc0 = _mm512_fmadd_ps(gk, _mm512_loadu_ps(a), acc0);
-        acc1 = _mm512_fmadd_ps(gk, _mm512_loadu_ps(a + 16), acc1);
-        acc2 = _mm512_fmadd_ps(gk, _mm512_loadu_ps(a + 32), acc2);
-        acc3 = _mm512_fmadd_ps(gk, _mm512_loadu_ps(a + 48), acc3);
+  int64_t t = t0;
+  for (; t + 2 <= t1; t += 2) {
+    for (int64_t k0 = 0; k0 < A.rank; k0 += 8) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      const float* a0 = A.A_pad + k0 * A.stride;
+      const float* x0 = x + t * A.in;
+      const float* x1 = x0 + A.in;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512 xv0 = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), x0 + 16 * c);
+        const __m512 xv1 = _mm512_maskz_loadu_ps(keep_lanes(mask, t + 1, c, A.in), x1 + 16 * c);
+        for (int k = 0; k < 8; ++k) {
+          const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
+          acc[k] = _mm512_fmadd_ps(xv0, av, acc[k]);
+          acc[8 + k] = _mm512_fmadd_ps(xv1, av, acc[8 + k]);
+        }
       }
-      const __m512 sc = _mm512_set1_ps(scale);
-      const __m512 accs[4] = {acc0, acc1, acc2, acc3};
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+      const int64_t n = A.rank - k0 < 8 ? A.rank - k0 : 8;
+      for (int64_t k = 0; k < n; ++k) {
+        s[t * A.rank + k0 + k] = sums[k];
+        s[(t + 1) * A.rank + k0 + k] = sums[8 + k];
+      }
+    }
+  }
+  for (; t < t1; ++t) shrink_row(A, x, mask, scale, s, t);
+}
+
+// Stores scale * v under the keep lanes of row t, chunk c (valid columns only).
+TOR4LORA_AVX512 inline void store_kept(float* out, const Mask& mask, int64_t t, int64_t c, int64_t in, __m512 v,
+                                        __m512 scale) {
+  const int64_t valid = in - 16 * c;
+  const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
+  _mm512_mask_storeu_ps(out + t * in + 16 * c, lanes, _mm512_maskz_mul_ps(keep_lanes(mask, t, c, in), v, scale));
+}
+
+TOR4LORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0,
+                             int64_t t1) {
+  const int64_t chunks = A.in_pad / 16;
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) {
+    int64_t c = 0;
+    for (; c + 4 <= chunks; c += 4) {
+      __m512 acc[4 * 4];
+      for (int i = 0; i < 4 * 4; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < A.rank; ++k) {
+        const float* a = A.A_pad + k * A.stride + 16 * c;
+        __m512 av[4];
+        for (int q = 0; q < 4; ++q) av[q] = _mm512_loadu_ps(a + 16 * q);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 g = _mm512_set1_ps(gs[(t + i) * A.rank + k]);
+          for (int q = 0; q < 4; ++q) acc[4 * i + q] = _mm512_fmadd_ps(g, av[q], acc[4 * i + q]);
+        }
+      }
       for (int i = 0; i < 4; ++i) {
-        const int64_t cc = c + i;
-        const int64_t valid = A.in - 16 * cc;
-        const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
-        _mm512_mask_storeu_ps(out + 16 * cc, lanes, _mm512_maskz_mul_ps(keep_lanes(mask, t, cc, A.in), accs[i], sc));
+        for (int q = 0; q < 4; ++q) store_kept(gx, mask, t + i, c + q, A.in, acc[4 * i + q], sc);
       }
     }
     for (; c < chunks; ++c) {
+      __m512 acc[4];
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < A.rank; ++k) {
+        const __m512 av = _mm512_loadu_ps(A.A_pad + k * A.stride + 16 * c);
+        for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(gs[(t + i) * A.rank + k]), av, acc[i]);
+      }
+      for (int i = 0; i < 4; ++i) store_kept(gx, mask, t + i, c, A.in, acc[i], sc);
+    }
+  }
+  for (; t < t1; ++t) {
+    for (int64_t c = 0; c < chunks; ++c) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < A.rank; ++k) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(g[k]), _mm512_loadu_ps(A.A_pad + k * A.stride + 16 * c), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(gs[t * A.rank + k]), _mm512_loadu_ps(A.A_pad + k * A.stride + 16 * c), acc);
       }
-      const int64_t valid = A.in - 16 * c;
-      const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
-      _mm512_mask_storeu_ps(out + 16 * c, lanes, _mm512_maskz_mul_ps(keep_lanes(mask, t, c, A.in), acc, _mm512_set1_ps(scale)));
+      store_kept(gx, mask, t, c, A.in, acc, sc);
     }
   }
 }
 
-TORCHLORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0, int64_t t1) {
+TOR4LORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0, int64_t t1) {
   const int64_t chunks = A.in_pad / 16;
   int64_t t = t0;
-  // Four rows at a time: one load and store of the accumulator per four FMAs.
-  for (; t + 4 <= t1; t += 4) {
+  // Eight rows at a time: one load and store of the accumulator per eight FMAs.
+  for (; t + 8 <= t1; t += 8) {
     const float* x0 = x + t * A.in;
     for (int64_t c = 0; c < chunks; ++c) {
-      __m512 xv[4];
-      for (int i = 0; i < 4; ++i) {
+      __m512 xv[8];
+      for (int i = 0; i < 8; ++i) {
         xv[i] = _mm512_maskz_loadu_ps(keep_lanes(mask, t + i, c, A.in), x0 + i * A.in + 16 * c);
       }
       for (int64_t k = 0; k < A.rank; ++k) {
         float* a = acc + k * A.stride + 16 * c;
         __m512 v = _mm512_loadu_ps(a);
-        for (int i = 0; i < 4; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(gs[(t + i) * A.rank + k]), xv[i], v);
+        for (int i = 0; i < 8; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(gs[(t + i) * A.rank + k]), xv[i], v);
         _mm512_storeu_ps(a, v);
       }
     }
@@ -153,13 +199,13 @@ bool available() {
 }
 
 void shrink(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 void expand(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 void accumulate(const Factor&, const float*, const float*, const Mask&, float*, int64_t, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 
 #endif

@@ -1,5 +1,6 @@
-// AVX-512 kernels of the low-rank path under a dropout mask, for float32 rows. The mask comes
-// as packed bits (dropped_bits.h), so the kernels load x with the keep bits as the lane mask:
+// AVX-512 kernels of the low-rank path for float32 rows, optionally under a dropout mask. They
+// beat BLAS on these skinny shapes (one side is the rank) by keeping the rank in registers. The
+// mask comes as packed bits (dropped_bits.h) and serves as the lane mask of the loads of x:
 // dropout costs no masked copy and no extra pass, only the bits.
 #pragma once
 
@@ -12,8 +13,9 @@ namespace torchlora::cpu::masked {
 // Whether this CPU runs the kernels (AVX-512F); callers fall back to BLAS and corrections.
 bool available();
 
-// lora_A zero-padded to [round16(rank), round16(in)] so every load is a full vector, with rows
-// `stride` floats apart (padded off multiples of 4 KiB, whose rows would share L1 sets).
+// A [rank, in] factor zero-padded to [round16(rank), round16(in)] so every load is a full
+// vector, with rows `stride` floats apart (off multiples of 4 KiB, whose rows share L1 sets).
+// accumulate uses only the shape and stride (A_pad may be null).
 struct Factor {
   const float* A_pad;
   int64_t rank, in, rank_pad, in_pad, stride;
@@ -27,7 +29,8 @@ inline int64_t padded_stride(int64_t in) {
   return round16(in) + 16;
 }
 
-// The dropout mask: the bit stream of dropped_bits.h over x's [T, in] elements.
+// The dropout mask: the bit stream of dropped_bits.h over x's [T, in] elements; words ==
+// nullptr keeps every element (the kernels then serve the dropout-free path too).
 struct Mask {
   const uint64_t* words;
   int64_t n_words;
