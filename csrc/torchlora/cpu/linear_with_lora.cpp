@@ -107,10 +107,8 @@ int64_t row_grain(int64_t in, int64_t rank) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in + rank));
 }
 
-// The masked kernels over rows, in parallel. x: contiguous float32 [T, in].
-//   shrink:     [T, r] = scale * (keep * x) @ M^T            (M [r, in], padded)
-//   accumulate: [r, in] = gs^T @ (keep * x)                   (gs [T, r]; per-thread sums)
-//   expand:     [T, in] = keep * scale * (gs @ M)             (M [r, in], padded)
+// [T, r] = scale * (keep * x) @ M^T over rows in parallel; x contiguous float32 [T, in], M the
+// padded [r, in] factor.
 at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t rank, const masked::Mask& mask,
                          double scale) {
   const int64_t tokens = x.size(0), in = x.size(1);
@@ -120,33 +118,6 @@ at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t 
     masked::shrink(M, x.const_data_ptr<float>(), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
   });
   return s;
-}
-
-at::Tensor kernel_accumulate(const at::Tensor& gs, const at::Tensor& x, const masked::Mask& mask) {
-  const int64_t tokens = x.size(0), in = x.size(1), rank = gs.size(1);
-  const masked::Factor shape{nullptr, rank, in, masked::round16(rank), masked::round16(in), masked::padded_stride(in)};
-  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
-  const bool nested = at::in_parallel_region();
-  const int64_t threads = nested ? 1 : at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, rank, shape.stride}, x.options());
-  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-    const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
-    masked::accumulate(shape, gs.const_data_ptr<float>(), x.const_data_ptr<float>(), mask,
-                       partial.mutable_data_ptr<float>() + slot * rank * shape.stride, r0, r1);
-  });
-  return partial.sum(0).narrow(1, 0, in);
-}
-
-at::Tensor kernel_expand(const at::Tensor& gs, const at::Tensor& padded, int64_t in, const masked::Mask& mask,
-                         double scale) {
-  const int64_t tokens = gs.size(0), rank = gs.size(1);
-  at::Tensor out = at::empty({tokens, in}, gs.options());
-  const masked::Factor M = factor_view(padded, rank, in);
-  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-    masked::expand(M, gs.const_data_ptr<float>(), mask, static_cast<float>(scale), out.mutable_data_ptr<float>(), r0,
-                   r1);
-  });
-  return out;
 }
 
 // s = dropout(x2) @ A^T, [T, r], for x2 contiguous and the mask's bits: the GEMM on the full x,
@@ -238,7 +209,9 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   return {out.view(out_shape), shrunk, bits};
 }
 
-// Backward with the masked kernels (float32, AVX-512): every low-rank product is one pass.
+// Backward with the masked kernels (float32, AVX-512), in one parallel pass over row blocks:
+// each block's grad_s = scaling * g @ B is computed and then used while it and the block's
+// rows of g and x are still in cache, for grad_B, grad_A and the low-rank part of grad_x.
 detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at::Tensor& x2,
                                                   const at::Tensor& weight, const at::Tensor& shrunk,
                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -248,24 +221,55 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
   const at::Tensor none = at::empty({0}, x2.options());
-  const at::Tensor gc = g2.contiguous();
   at::Tensor grad_x = none, grad_A = none, grad_B = none;
-  // grad_B = scaling * g^T @ shrunk; grad_s = scaling * g @ B: two passes over g.
-  if (want_B) grad_B = kernel_accumulate(shrunk, gc, no_mask()).t().mul(scaling).contiguous();
-  if (!(want_x || want_A)) return {grad_x, none, grad_A, grad_B, none, none};
-  const at::Tensor grad_s = kernel_shrink(gc, pad_factor(lora_B.t()), rank, no_mask(), scaling);
+  if (!(want_x || want_A || want_B)) return {grad_x, none, grad_A, grad_B, none, none};
+
   std::optional<Dropout> d;
   if (dropout_p > 0.0) d = make_dropout(dropout_p, *seed);
   const masked::Mask mask = d ? mask_view(bits) : no_mask();
   const double keep_scale = d ? d->keep_scale : 1.0;
-  if (want_A) grad_A = kernel_accumulate(grad_s, x2.contiguous(), mask).mul(keep_scale);
-  if (want_x) {
-    if (!d && fold_into_weight(tokens, out_features, in, in)) {
-      grad_x = at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling));
-    } else {
-      grad_x = kernel_expand(grad_s, pad_factor(lora_A), in, mask, keep_scale).addmm_(g2, weight);
+  // Without dropout, folding the adapter into the weight is cheaper for grad_x when out < T.
+  const bool fold_x = want_x && !d && fold_into_weight(tokens, out_features, in, in);
+  const bool expand_x = want_x && !fold_x;
+
+  const at::Tensor gc = g2.contiguous(), xc = want_A ? x2.contiguous() : at::Tensor();
+  const at::Tensor B_pad = pad_factor(lora_B.t()), A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
+  const masked::Factor Bt = factor_view(B_pad, rank, out_features);
+  const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
+  const masked::Factor B_shape{nullptr, rank, out_features, masked::round16(rank), masked::round16(out_features),
+                               masked::padded_stride(out_features)};
+  const masked::Factor A_shape{nullptr, rank, in, masked::round16(rank), masked::round16(in),
+                               masked::padded_stride(in)};
+  // Inside another parallel region parallel_for runs inline on this thread: one buffer each.
+  const bool nested = at::in_parallel_region();
+  const int64_t threads = nested ? 1 : at::get_num_threads();
+  at::Tensor partial_B = want_B ? at::zeros({threads, rank, B_shape.stride}, x2.options()) : at::Tensor();
+  at::Tensor partial_A = want_A ? at::zeros({threads, rank, A_shape.stride}, x2.options()) : at::Tensor();
+  at::Tensor grad_s = at::empty({tokens, rank}, x2.options());
+  if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
+
+  constexpr int64_t kBlock = 8;
+  at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
+    const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
+    float* gs = grad_s.mutable_data_ptr<float>();
+    for (int64_t t = r0; t < r1; t += kBlock) {
+      const int64_t e = std::min(t + kBlock, r1);
+      masked::shrink(Bt, gc.const_data_ptr<float>(), no_mask(), static_cast<float>(scaling), gs, t, e);
+      if (want_B) {
+        masked::accumulate(B_shape, shrunk.const_data_ptr<float>(), gc.const_data_ptr<float>(), no_mask(),
+                           partial_B.mutable_data_ptr<float>() + slot * rank * B_shape.stride, t, e);
+      }
+      if (want_A) {
+        masked::accumulate(A_shape, gs, xc.const_data_ptr<float>(), mask,
+                           partial_A.mutable_data_ptr<float>() + slot * rank * A_shape.stride, t, e);
+      }
+      if (expand_x) masked::expand(A, gs, mask, static_cast<float>(keep_scale), grad_x.mutable_data_ptr<float>(), t, e);
     }
-  }
+  });
+  if (want_B) grad_B = partial_B.sum(0).narrow(1, 0, out_features).t().mul(scaling).contiguous();
+  if (want_A) grad_A = partial_A.sum(0).narrow(1, 0, in).mul(keep_scale);
+  if (fold_x) grad_x = at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling));
+  if (expand_x) grad_x.addmm_(g2, weight);
   return {grad_x, none, grad_A, grad_B, none, none};
 }
 
