@@ -333,3 +333,31 @@ def test_conv2d_channels_last_base_keeps_its_layout():
     ref = base + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, A), B)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_linear_with_lora_matches_cpu_and_its_mask_bits(p):
+    """The layer op on CUDA (base GEMM + the lora_linear kernels) equals the CPU op in float64
+    terms, and its dropped bits equal the CPU kernel's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 45, dtype=torch.float64)
+    W, b = torch.randn(21, 45, dtype=torch.float64), torch.randn(21, dtype=torch.float64)
+    A, B = torch.randn(6, 45, dtype=torch.float64), torch.randn(21, 6, dtype=torch.float64)
+    seed = torch.tensor([1234], dtype=torch.int64) if p else None
+    cpu = [t.clone().requires_grad_(True) for t in (x, W, b, A, B)]
+    gpu = [t.to(DEV, torch.float32).requires_grad_(True) for t in (x, W, b, A, B)]
+    out_cpu = ops.linear_with_lora(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], None, 0.5, p, seed)
+    out_gpu = ops.linear_with_lora(gpu[0], gpu[1], gpu[2], gpu[3], gpu[4], None, 0.5, p,
+                                   None if seed is None else seed.to(DEV))
+    grad = torch.randn_like(out_cpu)
+    out_cpu.backward(grad)
+    out_gpu.backward(grad.to(DEV, torch.float32))
+    torch.testing.assert_close(out_gpu.double().cpu(), out_cpu, rtol=1e-3, atol=1e-3)
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.grad.double().cpu(), c.grad, rtol=1e-3, atol=1e-3)
+    if p:
+        forward = torch.ops.torchlora._linear_with_lora_forward
+        bits_cpu = forward(*(t.detach() for t in cpu[:3]), cpu[3].detach(), cpu[4].detach(), None, 0.5, p, seed, True)[2]
+        bits_gpu = forward(*(t.detach() for t in gpu[:3]), gpu[3].detach(), gpu[4].detach(), None, 0.5, p,
+                           seed.to(DEV), True)[2]
+        assert torch.equal(bits_gpu.cpu(), bits_cpu)

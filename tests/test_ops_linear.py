@@ -127,6 +127,17 @@ def test_opcheck_private_ops():
     )
 
 
+@pytest.mark.parametrize("mask", [[False, True, False], [True, False, False], [False, False, True]])
+def test_opcheck_backward_with_gradients_not_asked_for(mask):
+    """Outputs not asked for are [0] placeholders, each its own tensor (the schema says no
+    outputs alias)."""
+    x, base, A, B, b = make((5,), 10, 6, 4, bias=True)
+    _, shrunk = torch.ops.torchlora._lora_linear_forward(x, base, A, B, b, 0.5, 0.0, None)
+    grad = torch.randn(5, 6)
+    torch.library.opcheck(torch.ops.torchlora._lora_linear_backward.default,
+                          (grad, x, shrunk, A, B, False, 0.5, 0.0, None, mask))
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_fullgraph(dynamic):
     layer = torchlora.LoraLinear(torch.nn.Linear(12, 7), r=4, lora_alpha=8, init_lora_weights=False)

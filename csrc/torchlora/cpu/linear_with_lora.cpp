@@ -220,9 +220,10 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
                                                   std::array<bool, 4> output_mask) {
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
-  const at::Tensor none = at::empty({0}, x2.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none;
-  if (!(want_x || want_A || want_B)) return {grad_x, none, grad_A, grad_B, none, none};
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x2.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none();
+  if (!(want_x || want_A || want_B)) return {grad_x, none(), grad_A, grad_B, none(), none()};
 
   std::optional<Dropout> d;
   if (dropout_p > 0.0) d = make_dropout(dropout_p, *seed);
@@ -236,19 +237,19 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   const at::Tensor B_pad = pad_factor(lora_B.t()), A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
   const masked::Factor Bt = factor_view(B_pad, rank, out_features);
   const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
-  const masked::Factor B_shape{nullptr, rank, out_features, masked::round16(rank), masked::round16(out_features),
-                               masked::padded_stride(out_features)};
-  const masked::Factor A_shape{nullptr, rank, in, masked::round16(rank), masked::round16(in),
-                               masked::padded_stride(in)};
+  const masked::Factor B_shape{nullptr, rank, out_features, masked::round4(rank), masked::round16(out_features),
+                               masked::accumulate_stride(out_features)};
+  const masked::Factor A_shape{nullptr, rank, in, masked::round4(rank), masked::round16(in),
+                               masked::accumulate_stride(in)};
   // Inside another parallel region parallel_for runs inline on this thread: one buffer each.
   const bool nested = at::in_parallel_region();
   const int64_t threads = nested ? 1 : at::get_num_threads();
-  at::Tensor partial_B = want_B ? at::zeros({threads, rank, B_shape.stride}, x2.options()) : at::Tensor();
-  at::Tensor partial_A = want_A ? at::zeros({threads, rank, A_shape.stride}, x2.options()) : at::Tensor();
+  at::Tensor partial_B = want_B ? at::zeros({threads, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
+  at::Tensor partial_A = want_A ? at::zeros({threads, A_shape.rank_pad, A_shape.stride}, x2.options()) : at::Tensor();
   at::Tensor grad_s = at::empty({tokens, rank}, x2.options());
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
-  constexpr int64_t kBlock = 8;
+  constexpr int64_t kBlock = 64;  // rows of g and x that stay in L2 across the four kernels
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
     const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
     float* gs = grad_s.mutable_data_ptr<float>();
@@ -257,20 +258,20 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
       masked::shrink(Bt, gc.const_data_ptr<float>(), no_mask(), static_cast<float>(scaling), gs, t, e);
       if (want_B) {
         masked::accumulate(B_shape, shrunk.const_data_ptr<float>(), gc.const_data_ptr<float>(), no_mask(),
-                           partial_B.mutable_data_ptr<float>() + slot * rank * B_shape.stride, t, e);
+                           partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
       }
       if (want_A) {
         masked::accumulate(A_shape, gs, xc.const_data_ptr<float>(), mask,
-                           partial_A.mutable_data_ptr<float>() + slot * rank * A_shape.stride, t, e);
+                           partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
       }
       if (expand_x) masked::expand(A, gs, mask, static_cast<float>(keep_scale), grad_x.mutable_data_ptr<float>(), t, e);
     }
   });
-  if (want_B) grad_B = partial_B.sum(0).narrow(1, 0, out_features).t().mul(scaling).contiguous();
-  if (want_A) grad_A = partial_A.sum(0).narrow(1, 0, in).mul(keep_scale);
+  if (want_B) grad_B = partial_B.sum(0).narrow(0, 0, rank).narrow(1, 0, out_features).t().mul(scaling).contiguous();
+  if (want_A) grad_A = partial_A.sum(0).narrow(0, 0, rank).narrow(1, 0, in).mul(keep_scale);
   if (fold_x) grad_x = at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling));
   if (expand_x) grad_x.addmm_(g2, weight);
-  return {grad_x, none, grad_A, grad_B, none, none};
+  return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
 
 // Backward with BLAS GEMMs on the full x and corrections at the dropped elements.
@@ -282,10 +283,11 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
                                                       std::array<bool, 4> output_mask) {
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
-  const at::Tensor none = at::empty({0}, x2.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x2.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none();
   if (want_B) grad_B = at::mm(g2.t(), shrunk).mul_(scaling);
-  if (!(want_x || want_A)) return {grad_x, none, grad_A, grad_B, none, none};
+  if (!(want_x || want_A)) return {grad_x, none(), grad_A, grad_B, none(), none()};
   const at::Tensor grad_s = at::mm(g2, lora_B.mul(scaling));  // [T, r], d(loss)/d(shrunk)
   if (dropout_p == 0.0) {
     if (want_A) grad_A = at::mm(grad_s.t(), x2);
@@ -293,7 +295,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
       grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling))
                                                               : at::mm(grad_s, lora_A).addmm_(g2, weight);
     }
-    return {grad_x, none, grad_A, grad_B, none, none};
+    return {grad_x, none(), grad_A, grad_B, none(), none()};
   }
   // The low-rank part of grad_x is keep * (grad_s @ A) / (1 - p): folded into the weight and
   // corrected at the dropped elements, or computed, zeroed there and accumulated into.
@@ -346,7 +348,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   }
   if (want_x && !folded) grad_x.addmm_(g2, weight);
   if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -d.keep_scale, d.keep_scale);
-  return {grad_x, none, grad_A, grad_B, none, none};
+  return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
 
 detail::LinearWithLoraGrads linear_with_lora_backward_cpu(

@@ -304,8 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const auto cd_opts = x.options().dtype(cd);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
   const at::Tensor A_cd = lora_A.to(cd);
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
 
   if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
   if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());

@@ -5,20 +5,21 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-#define TOR4LORA_MASKED_AVX512 1
-#define TOR4LORA_AVX512 __attribute__((target("avx512f")))
+#define TORCHLORA_MASKED_AVX512 1
+#define TORCHLORA_AVX512 __attribute__((target("avx512f")))
 #endif
 
 #include <c10/util/Exception.h>
 
 namespace torchlora::cpu::masked {
 
-#ifdef TOR4LORA_MASKED_AVX512
+#ifdef TORCHLORA_MASKED_AVX512
 namespace {
 
 // Keep lanes of the 16 columns starting at 16 * chunk of row t (valid columns only).
 inline __mmask16 keep_lanes(const Mask& mask, int64_t t, int64_t chunk, int64_t in) {
   const int64_t valid = in - 16 * chunk;
+  if (valid <= 0) return 0;
   const uint32_t lanes = valid >= 16 ? 0xFFFFu : ((1u << valid) - 1u);
   if (mask.words == nullptr) return static_cast<__mmask16>(lanes);
   const uint32_t dropped = dropped16(mask.words, mask.n_words, t * in + 16 * chunk);
@@ -27,7 +28,7 @@ inline __mmask16 keep_lanes(const Mask& mask, int64_t t, int64_t chunk, int64_t 
 
 // Lane k of the result = the sum of the 16 lanes of v[k]: a transpose-and-add tree
 // (halves, then quarters, then pairs within 128-bit lanes) instead of 16 horizontal sums.
-TOR4LORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
+TORCHLORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
   __m512 halves[8], quarters[4], pairs[2];
   for (int i = 0; i < 8; ++i) {  // 256-bit halves: [v[2i] partials x 8 | v[2i+1] partials x 8]
     halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -58,7 +59,7 @@ bool available() {
   return ok;
 }
 
-TOR4LORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t) {
+TORCHLORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t) {
   const int64_t chunks = A.in_pad / 16;
   const float* xr = x + t * A.in;
   for (int64_t k0 = 0; k0 < A.rank; k0 += 16) {
@@ -77,7 +78,7 @@ TOR4LORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mas
 
 // Blocks of 2 rows x 8 ranks: each loaded vector of A serves both rows, halving the A traffic
 // (A outgrows L1 for wide inputs and then streams from L2).
-TOR4LORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
+TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
                              int64_t t1) {
   const int64_t chunks = A.in_pad / 16;
   int64_t t = t0;
@@ -110,14 +111,14 @@ TOR4LORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, f
 }
 
 // Stores scale * v under the keep lanes of row t, chunk c (valid columns only).
-TOR4LORA_AVX512 inline void store_kept(float* out, const Mask& mask, int64_t t, int64_t c, int64_t in, __m512 v,
+TORCHLORA_AVX512 inline void store_kept(float* out, const Mask& mask, int64_t t, int64_t c, int64_t in, __m512 v,
                                         __m512 scale) {
   const int64_t valid = in - 16 * c;
   const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
   _mm512_mask_storeu_ps(out + t * in + 16 * c, lanes, _mm512_maskz_mul_ps(keep_lanes(mask, t, c, in), v, scale));
 }
 
-TOR4LORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0,
+TORCHLORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0,
                              int64_t t1) {
   const int64_t chunks = A.in_pad / 16;
   const __m512 sc = _mm512_set1_ps(scale);
@@ -161,32 +162,36 @@ TOR4LORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, 
   }
 }
 
-TOR4LORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0, int64_t t1) {
-  const int64_t chunks = A.in_pad / 16;
-  int64_t t = t0;
-  // Eight rows at a time: one load and store of the accumulator per eight FMAs.
-  for (; t + 8 <= t1; t += 8) {
-    const float* x0 = x + t * A.in;
-    for (int64_t c = 0; c < chunks; ++c) {
-      __m512 xv[8];
-      for (int i = 0; i < 8; ++i) {
-        xv[i] = _mm512_maskz_loadu_ps(keep_lanes(mask, t + i, c, A.in), x0 + i * A.in + 16 * c);
-      }
-      for (int64_t k = 0; k < A.rank; ++k) {
-        float* a = acc + k * A.stride + 16 * c;
-        __m512 v = _mm512_loadu_ps(a);
-        for (int i = 0; i < 8; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(gs[(t + i) * A.rank + k]), xv[i], v);
-        _mm512_storeu_ps(a, v);
-      }
-    }
-  }
-  for (; t < t1; ++t) {
-    const float* xr = x + t * A.in;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 xv = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), xr + 16 * c);
-      for (int64_t k = 0; k < A.rank; ++k) {
-        float* a = acc + k * A.stride + 16 * c;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(gs[t * A.rank + k]), xv, _mm512_loadu_ps(a)));
+// Register tiles of 4 ranks x 4 column chunks, loaded once and stored once per block of up to
+// 64 rows (whose x stays in L2 while the tiles sweep it): 4 loads of x and 4 broadcasts of gs
+// per 16 FMAs. Ranks past `rank` multiply by zero into the padding rows of acc.
+TORCHLORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc,
+                                 int64_t t0, int64_t t1) {
+  constexpr int64_t kRows = 64;
+  const int64_t chunk_groups = (A.in_pad / 16 + 3) / 4;
+  for (int64_t tb = t0; tb < t1; tb += kRows) {
+    const int64_t te = tb + kRows < t1 ? tb + kRows : t1;
+    for (int64_t k0 = 0; k0 < A.rank; k0 += 4) {
+      const int64_t nk = A.rank - k0 < 4 ? A.rank - k0 : 4;
+      for (int64_t cg = 0; cg < chunk_groups; ++cg) {
+        const int64_t c0 = 4 * cg;
+        __m512 tile[16];  // tile[4 * rank + chunk]
+        for (int k = 0; k < 4; ++k) {
+          for (int q = 0; q < 4; ++q) tile[4 * k + q] = _mm512_loadu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q));
+        }
+        for (int64_t t = tb; t < te; ++t) {
+          __m512 xv[4], g[4];
+          for (int q = 0; q < 4; ++q) {
+            xv[q] = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c0 + q, A.in), x + t * A.in + 16 * (c0 + q));
+          }
+          for (int k = 0; k < 4; ++k) g[k] = k < nk ? _mm512_set1_ps(gs[t * A.rank + k0 + k]) : _mm512_setzero_ps();
+          for (int k = 0; k < 4; ++k) {
+            for (int q = 0; q < 4; ++q) tile[4 * k + q] = _mm512_fmadd_ps(g[k], xv[q], tile[4 * k + q]);
+          }
+        }
+        for (int k = 0; k < 4; ++k) {
+          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q), tile[4 * k + q]);
+        }
       }
     }
   }
@@ -199,13 +204,13 @@ bool available() {
 }
 
 void shrink(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
-  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 void expand(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
-  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 void accumulate(const Factor&, const float*, const float*, const Mask&, float*, int64_t, int64_t) {
-  TOR4_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 
 #endif

@@ -29,6 +29,15 @@ inline int64_t padded_stride(int64_t in) {
   return round16(in) + 16;
 }
 
+// accumulate works on tiles of four 16-column chunks: its rows cover whole tiles.
+inline int64_t accumulate_stride(int64_t in) {
+  return (in + 63) / 64 * 64 + 16;
+}
+
+inline int64_t round4(int64_t n) {
+  return (n + 3) / 4 * 4;
+}
+
 // The dropout mask: the bit stream of dropped_bits.h over x's [T, in] elements; words ==
 // nullptr keeps every element (the kernels then serve the dropout-free path too).
 struct Mask {
@@ -39,7 +48,8 @@ struct Mask {
 // Rows t in [t0, t1) of x [T, in] (row-major):
 //   shrink:     s[t, :]  = scale * sum_j keep[t, j] * x[t, j] * A[:, j]          (s [T, rank])
 //   expand:     gx[t, j] = keep[t, j] ? scale * sum_k gs[t, k] * A[k, j] : 0       (gx [T, in])
-//   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]     (acc [rank, stride])
+//   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]
+//               (acc [round4(rank), accumulate_stride(in)], zero-initialised by the caller)
 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0, int64_t t1);
 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,

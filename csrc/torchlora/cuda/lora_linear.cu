@@ -95,8 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
   const DropoutParams dropout = make_dropout_params(dropout_p, seed);
   const float keep_scale = dropout_scale(dropout_p);
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
 
   if (output_mask[2] || has_bias) {
     const at::Tensor dB = output_mask[2] ? at::empty({N, R}, B.options()) : at::Tensor();

@@ -50,7 +50,8 @@ LinearWithLoraGrads linear_with_lora_backward_generic(
     const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask) {
   const int64_t in = weight.size(1), out_features = weight.size(0);
-  const at::Tensor none = at::empty({0}, x.options());
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
   auto [grad_x, grad_A, grad_B, grad_lora_bias] = lora_linear_backward_op().call(
       grad_out, x, shrunk, lora_A, lora_B, has_lora_bias, scaling, dropout_p, seed,
       {output_mask[0], output_mask[2], output_mask[3]});
@@ -59,9 +60,9 @@ LinearWithLoraGrads linear_with_lora_backward_generic(
     at::Tensor gx2 = grad_x.reshape({-1, in}).contiguous();  // a fresh tensor of this op's own
     grad_x = gx2.addmm_(g2, weight).view(x.sizes());
   }
-  at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})) : none;
-  at::Tensor grad_bias = has_bias ? at::sum(g2, {0}) : none;
-  return {grad_x, grad_weight, grad_A, grad_B, grad_bias, has_lora_bias ? grad_lora_bias : none};
+  at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})) : none();
+  at::Tensor grad_bias = has_bias ? at::sum(g2, {0}) : none();
+  return {grad_x, grad_weight, grad_A, grad_B, grad_bias, has_lora_bias ? grad_lora_bias : none()};
 }
 
 }  // namespace torchlora::detail

@@ -48,8 +48,9 @@ TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tenso
   check_dropout(dropout_p, seed, x.device(), op);
   const auto cd = compute_dtype(x);
   const at::Tensor g = grad_out.to(cd);
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
   const bool need_h = output_mask[0] || output_mask[1];
   const int64_t cout = lora_B.size(0);
   const std::vector<int64_t> bias_size{cout};

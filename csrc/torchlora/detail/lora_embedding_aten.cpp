@@ -42,8 +42,9 @@ TensorPair lora_embedding_backward_aten(const at::Tensor& grad_out, const at::Te
               " is outside [-1, ", vocab, ")");
   const auto cd = compute_dtype(lora_A);
   const at::Tensor g2 = grad_out.reshape({tokens, dim}).to(cd);
-  const at::Tensor none = at::empty({0}, lora_A.options());
-  at::Tensor grad_A = none, grad_B = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, lora_A.options()); };
+  at::Tensor grad_A = none(), grad_B = none();
   if (output_mask[1]) grad_B = at::mm(g2.t(), gathered.to(cd)).mul_(scaling).to(lora_B.scalar_type());
   if (output_mask[0]) {
     const at::Tensor grad_h = at::mm(g2, lora_B.to(cd)).mul_(scaling);  // [N, r]

@@ -79,8 +79,9 @@ TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tenso
   const int64_t tokens = dims.tokens, in = dims.in_features, out_features = dims.out_features;
   const auto cd = compute_dtype(x);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_A = none, grad_B = none, grad_bias = none;
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
 
   if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
   if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());

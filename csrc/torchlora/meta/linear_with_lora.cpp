@@ -32,9 +32,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& /*grad_out*/, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& /*shrunk*/,
     const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double /*scaling*/,
     double /*dropout_p*/, const std::optional<at::Tensor>& /*seed*/, std::array<bool, 4> output_mask) {
-  const at::Tensor none = at::empty({0}, x.options());
-  auto like = [&](bool wanted, const at::Tensor& t) { return wanted ? at::empty_symint(t.sym_sizes(), t.options()) : none; };
-  auto bias_like = [&](bool wanted) { return wanted ? at::empty_symint({weight.sym_size(0)}, x.options()) : none; };
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
+  auto like = [&](bool wanted, const at::Tensor& t) { return wanted ? at::empty_symint(t.sym_sizes(), t.options()) : none(); };
+  auto bias_like = [&](bool wanted) { return wanted ? at::empty_symint({weight.sym_size(0)}, x.options()) : none(); };
   return {like(output_mask[0], x), like(output_mask[1], weight), like(output_mask[2], lora_A),
           like(output_mask[3], lora_B), bias_like(has_bias), bias_like(has_lora_bias)};
 }

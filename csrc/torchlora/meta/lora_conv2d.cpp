@@ -25,12 +25,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_conv2d_backward_
     const at::Tensor& lora_B, bool has_bias, at::IntArrayRef /*stride*/, at::IntArrayRef /*padding*/,
     at::IntArrayRef /*dilation*/, int64_t /*groups*/, double /*scaling*/, double /*dropout_p*/,
     const std::optional<at::Tensor>& /*seed*/, std::array<bool, 3> output_mask) {
-  const at::Tensor none = at::empty({0}, x.options());
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, x.options()); };
   return {output_mask[0] ? at::empty_symint(x.sym_sizes(), x.options().memory_format(x.suggest_memory_format()))
-                         : none,
-          output_mask[1] ? at::empty_symint(lora_A.sym_sizes(), lora_A.options()) : none,
-          output_mask[2] ? at::empty_symint(lora_B.sym_sizes(), lora_B.options()) : none,
-          has_bias ? at::empty_symint({lora_B.sym_size(0)}, lora_B.options()) : none};
+                         : none(),
+          output_mask[1] ? at::empty_symint(lora_A.sym_sizes(), lora_A.options()) : none(),
+          output_mask[2] ? at::empty_symint(lora_B.sym_sizes(), lora_B.options()) : none(),
+          has_bias ? at::empty_symint({lora_B.sym_size(0)}, lora_B.options()) : none()};
 }
 
 }  // namespace

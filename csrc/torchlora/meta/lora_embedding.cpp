@@ -20,9 +20,10 @@ std::tuple<at::Tensor, at::Tensor> lora_embedding_backward_meta(
     const at::Tensor& /*grad_out*/, const at::Tensor& /*ids*/, const at::Tensor& /*gathered*/,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double /*scaling*/, int64_t /*padding_idx*/,
     bool /*scale_grad_by_freq*/, std::array<bool, 2> output_mask) {
-  const at::Tensor none = at::empty({0}, lora_A.options());
-  return {output_mask[0] ? at::empty_symint(lora_A.sym_sizes(), lora_A.options()) : none,
-          output_mask[1] ? at::empty_symint(lora_B.sym_sizes(), lora_B.options()) : none};
+  // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
+  auto none = [&] { return at::empty({0}, lora_A.options()); };
+  return {output_mask[0] ? at::empty_symint(lora_A.sym_sizes(), lora_A.options()) : none(),
+          output_mask[1] ? at::empty_symint(lora_B.sym_sizes(), lora_B.options()) : none()};
 }
 
 }  // namespace
