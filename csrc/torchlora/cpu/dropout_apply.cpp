@@ -5,8 +5,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "../detail/dropout_checks.h"
 #include "../detail/philox_dropout.h"
+#include "dropped_bits.h"
 
 namespace torchlora::cpu {
 namespace {
@@ -19,20 +23,22 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x, double p, const at::Tensor& se
   const int64_t n = xc.numel();
   if (n == 0) return out;
   const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  const uint64_t threshold = detail::dropout_threshold(p);
+  const auto threshold = static_cast<uint32_t>(detail::dropout_threshold(p));
   const float scale = static_cast<float>(1.0 / (1.0 - p));
-  const int64_t quads = (n + 3) / 4;
+  // 64 elements (one word of mask bits, dropped_bits.h) at a time.
+  const int64_t words = dropped_words(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torchlora_dropout_apply_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = xc.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, quads, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const uint32_t bits = detail::keep_bits4(key, static_cast<uint64_t>(q), threshold);
-        const int64_t first = 4 * q, last = std::min<int64_t>(first + 4, n);
+    at::parallel_for(0, words, 64, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        uint64_t dropped = 0;
+        fill_dropped_words(&dropped, w, w + 1, n, key, threshold);
+        const int64_t first = 64 * w, last = std::min<int64_t>(first + 64, n);
         for (int64_t i = first; i < last; ++i) {
-          using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-          dst[i] = ((bits >> (i - first)) & 1u) ? static_cast<scalar_t>(static_cast<acc_t>(src[i]) * scale)
-                                                : static_cast<scalar_t>(0);
+          dst[i] = ((dropped >> (i - first)) & 1u) ? static_cast<scalar_t>(0)
+                                                   : static_cast<scalar_t>(static_cast<acc_t>(src[i]) * scale);
         }
       }
     });

@@ -131,11 +131,11 @@ DroppedWordFn dropped_word() {
 
 }  // namespace
 
-void fill_dropped_words(uint64_t* words, int64_t w0, int64_t w1, int64_t count, uint64_t key, uint32_t threshold) {
+void fill_dropped_words(uint64_t* out, int64_t w0, int64_t w1, int64_t count, uint64_t key, uint32_t threshold) {
   const DroppedWordFn word = dropped_word();
-  for (int64_t w = w0; w < w1; ++w) words[w] = word(16 * static_cast<uint64_t>(w), key, threshold);
+  for (int64_t w = w0; w < w1; ++w) out[w - w0] = word(16 * static_cast<uint64_t>(w), key, threshold);
   const int tail = static_cast<int>(count & 63);
-  if (tail != 0 && w1 == dropped_words(count)) words[w1 - 1] &= (uint64_t{1} << tail) - 1;
+  if (tail != 0 && w1 == dropped_words(count) && w1 > w0) out[w1 - 1 - w0] &= (uint64_t{1} << tail) - 1;
 }
 
 }  // namespace torchlora::cpu

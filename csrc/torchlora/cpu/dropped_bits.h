@@ -13,8 +13,9 @@ inline int64_t dropped_words(int64_t count) {
   return (count + 63) / 64;
 }
 
-// Words [w0, w1) of the stream of a `count`-element tensor (bits past count are clear).
-void fill_dropped_words(uint64_t* words, int64_t w0, int64_t w1, int64_t count, uint64_t key, uint32_t threshold);
+// Words [w0, w1) of the stream of a `count`-element tensor into out[0 .. w1 - w0) (bits past
+// count are clear).
+void fill_dropped_words(uint64_t* out, int64_t w0, int64_t w1, int64_t count, uint64_t key, uint32_t threshold);
 
 // The 16 bits of elements e .. e + 15 (bit i = element e + i); words past n_words read as 0.
 inline uint32_t dropped16(const uint64_t* words, int64_t n_words, int64_t e) {

@@ -60,7 +60,7 @@ at::Tensor draw_dropped_bits(int64_t tokens, int64_t in, const Dropout& d) {
   at::Tensor bits = at::empty({words}, at::TensorOptions().dtype(at::kLong));
   auto* p = reinterpret_cast<uint64_t*>(bits.mutable_data_ptr<int64_t>());
   at::parallel_for(0, words, 256, [&](int64_t w0, int64_t w1) {
-    fill_dropped_words(p, w0, w1, count, d.key, d.threshold);
+    fill_dropped_words(p + w0, w0, w1, count, d.key, d.threshold);
   });
   return bits;
 }

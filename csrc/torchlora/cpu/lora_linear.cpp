@@ -18,10 +18,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -29,6 +25,7 @@
 #include "../detail/aten_math.h"
 #include "../detail/checks.h"
 #include "../detail/philox_dropout.h"
+#include "dropped_bits.h"
 
 namespace torchlora::cpu {
 namespace {
@@ -53,96 +50,16 @@ DropoutMask make_mask(double p, const at::Tensor& seed) {
                      static_cast<float>(1.0 / (1.0 - p))};
 }
 
-constexpr int kQuadBatch = 8;
-
-// Keep bytes of the 4 * kQuadBatch elements of quads q0 .. q0 + kQuadBatch - 1, scalar.
-void keep_quad_batch_scalar(uint8_t* keep, uint64_t q0, uint64_t key, uint32_t threshold) {
-  for (int j = 0; j < kQuadBatch; ++j) {
-    const uint32_t bits = detail::keep_bits4(key, q0 + static_cast<uint64_t>(j), threshold);
-    for (int lane = 0; lane < 4; ++lane) keep[4 * j + lane] = static_cast<uint8_t>((bits >> lane) & 1u);
-  }
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TORCHLORA_HAVE_AVX2_PHILOX 1
-
-// (hi, lo) of the eight 32 x 32 -> 64-bit products a[i] * m.
-__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// The same Philox-4x32-10 as detail::philox4x32_10, eight counters at a time.
-__attribute__((target("avx2"))) void keep_quad_batch_avx2(uint8_t* keep, uint64_t q0, uint64_t key,
-                                                          uint32_t threshold) {
-  alignas(32) uint32_t lo_words[kQuadBatch], hi_words[kQuadBatch];
-  for (int j = 0; j < kQuadBatch; ++j) {
-    const uint64_t q = q0 + static_cast<uint64_t>(j);
-    lo_words[j] = static_cast<uint32_t>(q);
-    hi_words[j] = static_cast<uint32_t>(q >> 32);
-  }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, m0, hi0, lo0);
-    mulhilo8(c2, m1, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // word >= threshold (unsigned) <=> max(word, threshold) == word
-  const __m256i t = _mm256_set1_epi32(static_cast<int>(threshold));
-  alignas(32) uint32_t kept[4][kQuadBatch];
-  const __m256i words[4] = {c0, c1, c2, c3};
-  for (int lane = 0; lane < 4; ++lane) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(kept[lane]),
-                       _mm256_cmpeq_epi32(_mm256_max_epu32(words[lane], t), words[lane]));
-  }
-  for (int j = 0; j < kQuadBatch; ++j) {
-    for (int lane = 0; lane < 4; ++lane) keep[4 * j + lane] = static_cast<uint8_t>(kept[lane][j] & 1u);
-  }
-}
-#endif
-
-using KeepBatchFn = void (*)(uint8_t*, uint64_t, uint64_t, uint32_t);
-
-KeepBatchFn keep_quad_batch() {
-#ifdef TORCHLORA_HAVE_AVX2_PHILOX
-  static const KeepBatchFn fn = __builtin_cpu_supports("avx2") ? &keep_quad_batch_avx2 : &keep_quad_batch_scalar;
-  return fn;
-#else
-  return &keep_quad_batch_scalar;
-#endif
-}
-
 // keep[i] = whether element first + i (row-major index over [T, in]) survives dropout.
 void fill_keep(uint8_t* keep, int64_t first, int64_t count, const DropoutMask& m) {
-  int64_t i = 0;
-  auto scalar_quad = [&](uint64_t e) {  // elements e .. up to the next quad boundary
-    const int lane = static_cast<int>(e & 3u);
-    const uint32_t bits = detail::keep_bits4(m.key, e >> 2, m.threshold);
-    const int64_t n = std::min<int64_t>(4 - lane, count - i);
-    for (int64_t j = 0; j < n; ++j) keep[i + j] = static_cast<uint8_t>((bits >> (lane + j)) & 1u);
-    i += n;
-  };
-  if ((first & 3) != 0 && count > 0) scalar_quad(static_cast<uint64_t>(first));
-  const KeepBatchFn batch = keep_quad_batch();
-  for (; i + 4 * kQuadBatch <= count; i += 4 * kQuadBatch) {
-    batch(keep + i, static_cast<uint64_t>(first + i) >> 2, m.key, m.threshold);
+  if (count <= 0) return;
+  const int64_t w0 = first >> 6, w1 = dropped_words(first + count);
+  std::vector<uint64_t> words(static_cast<size_t>(w1 - w0));
+  fill_dropped_words(words.data(), w0, w1, first + count, m.key, m.threshold);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t e = first + i;
+    keep[i] = static_cast<uint8_t>(((words[(e >> 6) - w0] >> (e & 63)) & 1u) ^ 1u);
   }
-  while (i < count) scalar_quad(static_cast<uint64_t>(first + i));
 }
 
 // dst[i] = keep[i] ? src[i] * scale : 0, computed in acc_t (src and dst may alias).
