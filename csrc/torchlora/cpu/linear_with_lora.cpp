@@ -28,6 +28,7 @@
 #include "../detail/linear_with_lora.h"
 #include "../detail/philox_dropout.h"
 #include "dropped_bits.h"
+#include "lowrank_factor.h"
 #include "masked_lowrank.h"
 
 namespace torchlora::cpu {
@@ -85,23 +86,6 @@ void for_each_dropped(const uint64_t* bits, int64_t r0, int64_t r1, int64_t in, 
 bool use_masked_kernels(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && masked::available();
 }
-
-// A float32 [rank, in] factor zero-padded to [round16(rank), padded_stride(in)] (the kernels' layout).
-at::Tensor pad_factor(const at::Tensor& factor) {
-  const int64_t rank = factor.size(0), in = factor.size(1);
-  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options());
-  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
-  return padded;
-}
-
-masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_t in) {
-  return masked::Factor{padded.const_data_ptr<float>(), rank, in, padded.size(0), masked::round16(in), padded.size(1)};
-}
-
-masked::Mask no_mask() {
-  return masked::Mask{nullptr, 0};
-}
-
 
 int64_t row_grain(int64_t in, int64_t rank) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in + rank));

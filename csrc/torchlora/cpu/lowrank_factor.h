@@ -1,0 +1,27 @@
+// Tensors in the layout of the masked low-rank kernels (masked_lowrank.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+
+#include "masked_lowrank.h"
+
+namespace torchlora::cpu {
+
+// A float32 [rank, in] factor zero-padded to [round16(rank), padded_stride(in)].
+inline at::Tensor pad_factor(const at::Tensor& factor) {
+  const int64_t rank = factor.size(0), in = factor.size(1);
+  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options());
+  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
+  return padded;
+}
+
+inline masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_t in) {
+  return masked::Factor{padded.const_data_ptr<float>(), rank, in, padded.size(0), masked::round16(in), padded.size(1)};
+}
+
+inline masked::Mask no_mask() {
+  return masked::Mask{nullptr, 0};
+}
+
+}  // namespace torchlora::cpu
