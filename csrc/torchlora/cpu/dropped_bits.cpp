@@ -1,6 +1,7 @@
 #include "dropped_bits.h"
 
 #include "../detail/philox_dropout.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // GCC 12's AVX-512 shift intrinsics pass an "undefined" vector that -Wuninitialized flags.
@@ -117,16 +118,16 @@ using DroppedWordFn = uint64_t (*)(uint64_t, uint64_t, uint32_t);
 
 DroppedWordFn dropped_word() {
 #ifdef TORCHLORA_X86_SIMD
-  static const DroppedWordFn fn = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) return &dropped_word_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return &dropped_word_avx2;
-    return &dropped_word_scalar;
-  }();
-  return fn;
-#else
-  return &dropped_word_scalar;
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &dropped_word_avx512;
+    case Isa::kAvx2:
+      return &dropped_word_avx2;
+    case Isa::kScalar:
+      break;
+  }
 #endif
+  return &dropped_word_scalar;
 }
 
 }  // namespace

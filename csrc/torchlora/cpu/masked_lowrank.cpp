@@ -1,5 +1,7 @@
 #include "masked_lowrank.h"
 
+#include "isa.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // GCC 12's AVX-512 intrinsics pass "undefined" vectors that its uninitialised-use warnings flag.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -52,11 +54,7 @@ TORCHLORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
 }  // namespace
 
 bool available() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return ok;
+  return cpu_isa() == Isa::kAvx512;
 }
 
 TORCHLORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t) {

@@ -1,0 +1,42 @@
+#include "isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace torchlora::cpu {
+namespace {
+
+Isa detect() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  // Both vector paths use BMI2 (pdep) next to the vector ISA.
+  if (!__builtin_cpu_supports("bmi2")) return Isa::kScalar;
+  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+Isa cap_from_environment() {
+  const char* value = std::getenv("TORCHLORA_CPU_ISA");
+  if (value == nullptr || *value == '\0') return Isa::kAvx512;
+  const std::string isa(value);
+  if (isa == "avx512") return Isa::kAvx512;
+  if (isa == "avx2") return Isa::kAvx2;
+  if (isa == "scalar") return Isa::kScalar;
+  TORCH_CHECK(false, "TORCHLORA_CPU_ISA must be avx512, avx2 or scalar, got '", isa, "'");
+}
+
+}  // namespace
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const Isa cpu = detect(), cap = cap_from_environment();
+    return static_cast<int>(cpu) < static_cast<int>(cap) ? cpu : cap;
+  }();
+  return isa;
+}
+
+}  // namespace torchlora::cpu

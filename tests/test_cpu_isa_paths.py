@@ -1,0 +1,89 @@
+"""The CPU kernels' lower vector paths (AVX2 and scalar Philox; BLAS with corrections instead of
+the AVX-512 low-rank kernels), forced with TORCHLORA_CPU_ISA in a subprocess, against the
+default path of this process: identical dropout masks and bits, the same numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchlora
+from torchlora import ops
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(torchlora.__file__)))
+
+# Writes the results of one fixed computation to argv[1].
+SCRIPT = r"""
+import sys, torch, torchlora
+from torchlora import ops
+torch.manual_seed(0)
+x = torch.randn(3, 41, 77, requires_grad=True)
+W = torch.randn(29, 77, requires_grad=True)
+b = torch.randn(29, requires_grad=True)
+A = torch.randn(5, 77, requires_grad=True)
+B = torch.randn(29, 5, requires_grad=True)
+seed = torch.tensor([987654321], dtype=torch.int64)
+results = {"mask": ops.dropout_apply(torch.ones(1000, 37), 0.3, seed)}
+for p in (0.0, 0.1):
+    out = ops.linear_with_lora(x, W, b, A, B, None, 0.7, p, seed if p else None)
+    grads = torch.autograd.grad(out, (x, W, b, A, B), torch.ones_like(out))
+    results[f"out{p}"] = out.detach()
+    results[f"grads{p}"] = [g.detach() for g in grads]
+forward = torch.ops.torchlora._linear_with_lora_forward
+results["bits"] = forward(x.detach(), W.detach(), b.detach(), A.detach(), B.detach(), None, 0.7, 0.1, seed, True)[2]
+torch.save(results, sys.argv[1])
+"""
+
+
+def run(tmp_path, isa: str | None) -> dict:
+    path = tmp_path / f"{isa or 'default'}.pt"
+    env = {**os.environ, "PYTHONPATH": PYTHON_DIR}
+    env.pop("TORCHLORA_CPU_ISA", None)
+    if isa is not None:
+        env["TORCHLORA_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_lower_isa_paths_give_the_same_masks_and_numbers(tmp_path, isa):
+    want, got = run(tmp_path, None), run(tmp_path, isa)
+    assert torch.equal(got["mask"], want["mask"])
+    assert torch.equal(got["bits"], want["bits"])
+    for p in (0.0, 0.1):
+        torch.testing.assert_close(got[f"out{p}"], want[f"out{p}"], rtol=1e-4, atol=1e-4)
+        for g, w in zip(got[f"grads{p}"], want[f"grads{p}"]):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_the_mask_is_philox_of_the_element_index():
+    """The scalar Philox-4x32-10 written out in Python: element 4q + lane is kept when word
+    `lane` of philox(counter=q, key=seed) is at least p * 2^32."""
+    def philox(counter: int, key: int) -> list[int]:
+        m = 0xFFFFFFFF
+        c = [counter & m, counter >> 32, 0, 0]
+        k0, k1 = key & m, key >> 32
+        for _ in range(10):
+            p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+            c = [((p1 >> 32) ^ c[1] ^ k0) & m, p1 & m, ((p0 >> 32) ^ c[3] ^ k1) & m, p0 & m]
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        return c
+
+    p, key, n = 0.3, 987654321, 203
+    threshold = int(p * 2**32)
+    want = torch.tensor([philox(e // 4, key)[e % 4] >= threshold for e in range(n)])
+    got = ops.dropout_apply(torch.ones(n, dtype=torch.float64), p, torch.tensor([key])) != 0
+    assert torch.equal(got, want)
+
+
+def test_a_bad_isa_setting_is_an_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": PYTHON_DIR, "TORCHLORA_CPU_ISA": "sse9"}
+    code = "import torch, torchlora; torchlora.ops.dropout_apply(torch.ones(8), 0.5, torch.tensor([1]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "TORCHLORA_CPU_ISA must be avx512, avx2 or scalar" in done.stderr
