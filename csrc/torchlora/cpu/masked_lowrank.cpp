@@ -13,6 +13,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace torchlora::cpu::masked {
 
 #ifdef TORCHLORA_MASKED_AVX512
@@ -26,6 +28,14 @@ inline __mmask16 keep_lanes(const Mask& mask, int64_t t, int64_t chunk, int64_t 
   if (mask.words == nullptr) return static_cast<__mmask16>(lanes);
   const uint32_t dropped = dropped16(mask.words, mask.n_words, t * in + 16 * chunk);
   return static_cast<__mmask16>(~dropped & lanes);
+}
+
+// keep_lanes of rows [t0, t0 + rows) x chunks [0, chunks) into lanes (row-major), once for all
+// the register tiles that sweep those rows.
+inline void fill_lanes(__mmask16* lanes, const Mask& mask, int64_t t0, int64_t rows, int64_t chunks, int64_t in) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < chunks; ++c) lanes[i * chunks + c] = keep_lanes(mask, t0 + i, c, in);
+  }
 }
 
 // Lane k of the result = the sum of the 16 lanes of v[k]: a transpose-and-add tree
@@ -79,8 +89,10 @@ TORCHLORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& ma
 TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
                              int64_t t1) {
   const int64_t chunks = A.in_pad / 16;
+  std::vector<__mmask16> lanes(static_cast<size_t>(2 * chunks));
   int64_t t = t0;
   for (; t + 2 <= t1; t += 2) {
+    fill_lanes(lanes.data(), mask, t, 2, chunks, A.in);
     for (int64_t k0 = 0; k0 < A.rank; k0 += 8) {
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
@@ -88,8 +100,8 @@ TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, 
       const float* x0 = x + t * A.in;
       const float* x1 = x0 + A.in;
       for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 xv0 = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), x0 + 16 * c);
-        const __m512 xv1 = _mm512_maskz_loadu_ps(keep_lanes(mask, t + 1, c, A.in), x1 + 16 * c);
+        const __m512 xv0 = _mm512_maskz_loadu_ps(lanes[c], x0 + 16 * c);
+        const __m512 xv1 = _mm512_maskz_loadu_ps(lanes[chunks + c], x1 + 16 * c);
         for (int k = 0; k < 8; ++k) {
           const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
           acc[k] = _mm512_fmadd_ps(xv0, av, acc[k]);
@@ -166,9 +178,11 @@ TORCHLORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask,
 TORCHLORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc,
                                  int64_t t0, int64_t t1) {
   constexpr int64_t kRows = 64;
-  const int64_t chunk_groups = (A.in_pad / 16 + 3) / 4;
+  const int64_t chunk_groups = (A.in_pad / 16 + 3) / 4, chunks = 4 * chunk_groups;
+  std::vector<__mmask16> lanes(static_cast<size_t>(kRows * chunks));
   for (int64_t tb = t0; tb < t1; tb += kRows) {
     const int64_t te = tb + kRows < t1 ? tb + kRows : t1;
+    fill_lanes(lanes.data(), mask, tb, te - tb, chunks, A.in);
     for (int64_t k0 = 0; k0 < A.rank; k0 += 4) {
       const int64_t nk = A.rank - k0 < 4 ? A.rank - k0 : 4;
       for (int64_t cg = 0; cg < chunk_groups; ++cg) {
@@ -180,7 +194,7 @@ TORCHLORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* 
         for (int64_t t = tb; t < te; ++t) {
           __m512 xv[4], g[4];
           for (int q = 0; q < 4; ++q) {
-            xv[q] = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c0 + q, A.in), x + t * A.in + 16 * (c0 + q));
+            xv[q] = _mm512_maskz_loadu_ps(lanes[(t - tb) * chunks + c0 + q], x + t * A.in + 16 * (c0 + q));
           }
           for (int k = 0; k < 4; ++k) g[k] = k < nk ? _mm512_set1_ps(gs[t * A.rank + k0 + k]) : _mm512_setzero_ps();
           for (int k = 0; k < 4; ++k) {
