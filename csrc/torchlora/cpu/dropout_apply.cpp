@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "../detail/dropout_checks.h"
-#include "../detail/philox_dropout.h"
+#include "dropout_draw.h"
 #include "dropped_bits.h"
 
 namespace torchlora::cpu {
@@ -17,14 +17,11 @@ namespace {
 
 at::Tensor dropout_apply_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
   detail::check_dropout_apply(x, p, seed);
-  TORCH_CHECK(seed.device().is_cpu(), "torchlora.dropout_apply: seed for a CPU input must be on the CPU");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = xc.numel();
   if (n == 0) return out;
-  const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
-  const auto threshold = static_cast<uint32_t>(detail::dropout_threshold(p));
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const DropoutDraw d = dropout_draw(p, seed, "torchlora.dropout_apply");
   // 64 elements (one word of mask bits, dropped_bits.h) at a time.
   const int64_t words = dropped_words(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torchlora_dropout_apply_cpu", [&] {
@@ -34,11 +31,11 @@ at::Tensor dropout_apply_cpu(const at::Tensor& x, double p, const at::Tensor& se
     at::parallel_for(0, words, 64, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         uint64_t dropped = 0;
-        fill_dropped_words(&dropped, w, w + 1, n, key, threshold);
+        fill_dropped_words(&dropped, w, w + 1, n, d.key, d.threshold);
         const int64_t first = 64 * w, last = std::min<int64_t>(first + 64, n);
         for (int64_t i = first; i < last; ++i) {
           dst[i] = ((dropped >> (i - first)) & 1u) ? static_cast<scalar_t>(0)
-                                                   : static_cast<scalar_t>(static_cast<acc_t>(src[i]) * scale);
+                                                   : static_cast<scalar_t>(static_cast<acc_t>(src[i]) * d.scale);
         }
       }
     });

@@ -26,7 +26,7 @@
 
 #include "../detail/checks.h"
 #include "../detail/linear_with_lora.h"
-#include "../detail/philox_dropout.h"
+#include "dropout_draw.h"
 #include "dropped_bits.h"
 #include "lowrank_factor.h"
 #include "masked_lowrank.h"
@@ -42,21 +42,8 @@ bool defined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-struct Dropout {
-  uint64_t key;
-  uint32_t threshold;
-  double keep_scale;  // 1 / (1 - p)
-};
-
-Dropout make_dropout(double p, const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu(), "torchlora.linear_with_lora: the seed for a CPU input must be on the CPU");
-  // The scale is rounded to float32 as in dropout_apply and the other kernels, so all agree.
-  return Dropout{static_cast<uint64_t>(seed.item<int64_t>()), static_cast<uint32_t>(detail::dropout_threshold(p)),
-                 static_cast<double>(static_cast<float>(1.0 / (1.0 - p)))};
-}
-
 // The mask of x's [T, in] elements as packed bits: [dropped_words(T * in)] int64 (read as uint64).
-at::Tensor draw_dropped_bits(int64_t tokens, int64_t in, const Dropout& d) {
+at::Tensor draw_dropped_bits(int64_t tokens, int64_t in, const DropoutDraw& d) {
   const int64_t count = tokens * in, words = dropped_words(count);
   at::Tensor bits = at::empty({words}, at::TensorOptions().dtype(at::kLong));
   auto* p = reinterpret_cast<uint64_t*>(bits.mutable_data_ptr<int64_t>());
@@ -107,7 +94,7 @@ at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t 
 // s = dropout(x2) @ A^T, [T, r], for x2 contiguous and the mask's bits: the GEMM on the full x,
 // then per row the dropped elements' terms subtracted.
 at::Tensor shrink_with_corrections(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& bits,
-                                   const Dropout& d) {
+                                   const DropoutDraw& d) {
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0);
   at::Tensor s = at::mm(x2, lora_A.t());
   if (tokens == 0 || in == 0) return s;
@@ -116,7 +103,7 @@ at::Tensor shrink_with_corrections(const at::Tensor& x2, const at::Tensor& lora_
     const scalar_t* xp = x2.const_data_ptr<scalar_t>();
     const scalar_t* ap = At.const_data_ptr<scalar_t>();
     scalar_t* sp = s.mutable_data_ptr<scalar_t>();
-    const auto scale = static_cast<scalar_t>(d.keep_scale);
+    const auto scale = static_cast<scalar_t>(static_cast<double>(d.scale));
     at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> dropped(static_cast<size_t>(rank));
       for_each_dropped(
@@ -168,14 +155,14 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
     const at::Tensor merged = at::addmm(weight, lora_B, lora_A, 1.0, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
   } else {
-    std::optional<Dropout> d;
+    std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
-      d = make_dropout(dropout_p, *seed);
+      d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
       bits = draw_dropped_bits(tokens, in, *d);
     }
     if (use_masked_kernels(x) && tokens > 0) {
       shrunk = kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, d ? mask_view(bits) : no_mask(),
-                             d ? d->keep_scale : 1.0);
+                             d ? static_cast<double>(d->scale) : 1.0);
     } else {
       shrunk = d ? shrink_with_corrections(x2.contiguous(), lora_A, bits, *d) : at::mm(x2, lora_A.t());
     }
@@ -209,10 +196,10 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   at::Tensor grad_x = none(), grad_A = none(), grad_B = none();
   if (!(want_x || want_A || want_B)) return {grad_x, none(), grad_A, grad_B, none(), none()};
 
-  std::optional<Dropout> d;
-  if (dropout_p > 0.0) d = make_dropout(dropout_p, *seed);
+  std::optional<DropoutDraw> d;
+  if (dropout_p > 0.0) d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const masked::Mask mask = d ? mask_view(bits) : no_mask();
-  const double keep_scale = d ? d->keep_scale : 1.0;
+  const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
   // Without dropout, folding the adapter into the weight is cheaper for grad_x when out < T.
   const bool fold_x = want_x && !d && fold_into_weight(tokens, out_features, in, in);
   const bool expand_x = want_x && !fold_x;
@@ -284,11 +271,11 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   // The low-rank part of grad_x is keep * (grad_s @ A) / (1 - p): folded into the weight and
   // corrected at the dropped elements, or computed, zeroed there and accumulated into.
   // grad_A = (grad_s^T @ x - the dropped elements' terms) / (1 - p).
-  const Dropout d = make_dropout(dropout_p, *seed);
+  const DropoutDraw d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const bool folded = want_x && fold_into_weight(tokens, out_features, in, in);
   if (want_x) {
-    grad_x = folded ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling * d.keep_scale))
-                    : at::mm(grad_s, lora_A).mul_(d.keep_scale);
+    grad_x = folded ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling * static_cast<double>(d.scale)))
+                    : at::mm(grad_s, lora_A).mul_(static_cast<double>(d.scale));
   }
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
   // Inside another parallel region parallel_for runs inline on this thread: one buffer.
@@ -304,7 +291,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
       const scalar_t* xp = want_A ? xc.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* gx = want_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* da_all = want_A ? dropped_A.mutable_data_ptr<scalar_t>() : nullptr;
-      const auto keep_scale = static_cast<scalar_t>(d.keep_scale);
+      const auto keep_scale = static_cast<scalar_t>(static_cast<double>(d.scale));
       at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
         const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
         scalar_t* da = want_A ? da_all + slot * in * rank : nullptr;
@@ -331,7 +318,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
     });
   }
   if (want_x && !folded) grad_x.addmm_(g2, weight);
-  if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -d.keep_scale, d.keep_scale);
+  if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -static_cast<double>(d.scale), static_cast<double>(d.scale));
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
 

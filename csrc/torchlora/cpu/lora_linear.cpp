@@ -24,7 +24,7 @@
 
 #include "../detail/aten_math.h"
 #include "../detail/checks.h"
-#include "../detail/philox_dropout.h"
+#include "dropout_draw.h"
 #include "dropped_bits.h"
 
 namespace torchlora::cpu {
@@ -37,21 +37,8 @@ int64_t rows_per_block(int64_t tokens, int64_t in) {
   return std::max<int64_t>(1, std::min(rows, tokens));
 }
 
-struct DropoutMask {
-  uint64_t key;
-  uint32_t threshold;
-  float scale;
-};
-
-DropoutMask make_mask(double p, const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu(), "torchlora.lora_linear: the seed for a CPU input must be on the CPU");
-  const uint64_t threshold = detail::dropout_threshold(p);  // < 2^32 since p < 1
-  return DropoutMask{static_cast<uint64_t>(seed.item<int64_t>()), static_cast<uint32_t>(threshold),
-                     static_cast<float>(1.0 / (1.0 - p))};
-}
-
 // keep[i] = whether element first + i (row-major index over [T, in]) survives dropout.
-void fill_keep(uint8_t* keep, int64_t first, int64_t count, const DropoutMask& m) {
+void fill_keep(uint8_t* keep, int64_t first, int64_t count, const DropoutDraw& m) {
   if (count <= 0) return;
   const int64_t w0 = first >> 6, w1 = dropped_words(first + count);
   std::vector<uint64_t> words(static_cast<size_t>(w1 - w0));
@@ -103,7 +90,7 @@ void dispatch_input(at::ScalarType dtype, Fn&& fn) {
 // Parallel over the rows [t0, t0 + rows) of a block: keep bytes of those rows, and (when
 // masked_x is defined) x's rows masked and scaled into masked_x [rows, in] (compute dtype).
 void mask_block(const at::Tensor& xc, at::Tensor& masked_x, uint8_t* keep, int64_t t0, int64_t rows,
-                const DropoutMask& mask) {
+                const DropoutDraw& mask) {
   const int64_t in = xc.size(1);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / in), [&](int64_t r0, int64_t r1) {
     const int64_t offset = r0 * in, count = (r1 - r0) * in;
@@ -137,7 +124,7 @@ at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A_cd, double dropout_p
   if (dropout_p == 0.0) return at::mm(x2.to(cd), A_cd.t());
   const at::Tensor xc = x2.contiguous();
   const int64_t tokens = xc.size(0), in = xc.size(1), rank = A_cd.size(0);
-  const DropoutMask mask = make_mask(dropout_p, *seed);
+  const DropoutDraw mask = dropout_draw(dropout_p, *seed, "torchlora.lora_linear");
   at::Tensor shrunk = at::empty({tokens, rank}, A_cd.options());
   if (tokens == 0 || in == 0) return shrunk.zero_();
   const int64_t block = rows_per_block(tokens, in);
@@ -216,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   }
   const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
   const int64_t tokens = dims.tokens, in = dims.in_features, rank = dims.rank, out_features = dims.out_features;
-  const DropoutMask mask = make_mask(dropout_p, *seed);
+  const DropoutDraw mask = dropout_draw(dropout_p, *seed, "torchlora.lora_linear");
   const auto cd = detail::compute_dtype(x);
   const auto cd_opts = x.options().dtype(cd);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
