@@ -180,6 +180,16 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   return {out.view(out_shape), shrunk, bits};
 }
 
+// Which per-thread accumulator a parallel_for chunk adds into. Inside another parallel region
+// parallel_for runs inline on the calling thread, so a single accumulator serves.
+struct ThreadSlots {
+  bool nested = at::in_parallel_region();
+  int64_t count = nested ? 1 : at::get_num_threads();
+  int64_t current() const {
+    return nested ? 0 : std::min<int64_t>(at::get_thread_num(), count - 1);
+  }
+};
+
 // Backward with the masked kernels (float32, AVX-512), in one parallel pass over row blocks:
 // each block's grad_s = scaling * g @ B is computed and then used while it and the block's
 // rows of g and x are still in cache, for grad_B, grad_A and the low-rank part of grad_x.
@@ -212,17 +222,15 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
                                masked::accumulate_stride(out_features)};
   const masked::Factor A_shape{nullptr, rank, in, masked::round4(rank), masked::round16(in),
                                masked::accumulate_stride(in)};
-  // Inside another parallel region parallel_for runs inline on this thread: one buffer each.
-  const bool nested = at::in_parallel_region();
-  const int64_t threads = nested ? 1 : at::get_num_threads();
-  at::Tensor partial_B = want_B ? at::zeros({threads, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
-  at::Tensor partial_A = want_A ? at::zeros({threads, A_shape.rank_pad, A_shape.stride}, x2.options()) : at::Tensor();
+  const ThreadSlots slots;
+  at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
+  at::Tensor partial_A = want_A ? at::zeros({slots.count, A_shape.rank_pad, A_shape.stride}, x2.options()) : at::Tensor();
   at::Tensor grad_s = at::empty({tokens, rank}, x2.options());
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
   constexpr int64_t kBlock = 64;  // rows of g and x that stay in L2 across the four kernels
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
-    const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
+    const int64_t slot = slots.current();
     float* gs = grad_s.mutable_data_ptr<float>();
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
@@ -278,11 +286,9 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
                     : at::mm(grad_s, lora_A).mul_(static_cast<double>(d.scale));
   }
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
-  // Inside another parallel region parallel_for runs inline on this thread: one buffer.
-  const bool nested = at::in_parallel_region();
-  const int64_t threads = nested ? 1 : at::get_num_threads();
+  const ThreadSlots slots;
   // Per-thread sums of the dropped terms of grad_A^T ([in, r] each), reduced after the loop.
-  at::Tensor dropped_A = want_A ? at::zeros({threads, in, rank}, x2.options()) : at::Tensor();
+  at::Tensor dropped_A = want_A ? at::zeros({slots.count, in, rank}, x2.options()) : at::Tensor();
   if (tokens > 0 && in > 0) {
     const at::Tensor At = lora_A.t().contiguous();
     AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "torchlora_linear_with_lora_backward", [&] {
@@ -293,8 +299,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
       scalar_t* da_all = want_A ? dropped_A.mutable_data_ptr<scalar_t>() : nullptr;
       const auto keep_scale = static_cast<scalar_t>(static_cast<double>(d.scale));
       at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-        const int64_t slot = nested ? 0 : std::min<int64_t>(at::get_thread_num(), threads - 1);
-        scalar_t* da = want_A ? da_all + slot * in * rank : nullptr;
+        scalar_t* da = want_A ? da_all + slots.current() * in * rank : nullptr;
         for_each_dropped(
             bits_data(bits), r0, r1, in, [](int64_t) {},
             [&](int64_t t, int64_t j) {
