@@ -17,15 +17,16 @@ namespace torchlora::detail {
 namespace {
 
 // The packed dropped bits of a [T, in] input (bit e of word e / 64 = element e dropped), from
-// the dropout_apply op of x's device.
+// the dropout_apply op of x's device. Packed a byte at a time (bool -> uint8 weights summed in
+// uint8), so the temporaries stay at a byte per element; 8 little-endian bytes are a word.
 at::Tensor pack_dropped_bits(const at::Tensor& x, int64_t tokens, int64_t in, double dropout_p,
                              const at::Tensor& seed) {
   const int64_t count = tokens * in, words = (count + 63) / 64;
   const at::Tensor dropped = dropout_apply_op().call(at::ones({count}, x.options()), dropout_p, seed).eq(0);
-  const auto long_options = x.options().dtype(at::kLong);
-  const at::Tensor padded = at::constant_pad_nd(dropped.to(at::kLong), {0, words * 64 - count}).view({words, 64});
-  const at::Tensor bit = at::bitwise_left_shift(at::ones({64}, long_options), at::arange(64, long_options));
-  return padded.mul(bit).sum(-1);  // distinct bits: the sum is their OR
+  const auto byte_options = x.options().dtype(at::kByte);
+  const at::Tensor bits = at::constant_pad_nd(dropped.to(at::kByte), {0, words * 64 - count}).view({words * 8, 8});
+  const at::Tensor weight = at::bitwise_left_shift(at::ones({8}, byte_options), at::arange(8, byte_options));
+  return at::sum(bits.mul(weight), {1}, false, at::kByte).view(at::kLong);  // distinct bits: the sum is their OR
 }
 
 }  // namespace
