@@ -137,6 +137,19 @@ def test_token_counts(dtype, tokens, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_in,d_out", [(53, 71), (71, 53), (48, 97)])
+@pytest.mark.parametrize("r", [1, 5, 20])
+def test_folded_weight_paths_with_odd_sizes(dtype, d_in, d_out, r):
+    """More rows than features: the adapter is folded into the weight in training forward,
+    inference and grad_x, over sizes that are not whole vector tiles."""
+    run_and_check((300,), d_in, d_out, r, 0.0, True, True, dtype, scaling=1.7)
+    tensors = make((300,), d_in, d_out, r, dtype)
+    with torch.no_grad():
+        got = ops.linear_with_lora(*tensors, 1.7, 0.0, None)
+    assert_close(got, reference(*[t.double() for t in tensors], 1.7, 0.0, None), what="no_grad", **VS_FLOAT64[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_wide_rows_and_odd_rank(dtype, p):
     run_and_check((2, 11), 1000, 37, 35, p, True, False, dtype, scaling=2.0)

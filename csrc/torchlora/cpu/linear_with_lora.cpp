@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -33,6 +34,10 @@
 
 namespace torchlora::cpu {
 namespace {
+
+bool use_masked_kernels(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && masked::available();
+}
 
 bool has_fused_kernel(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
@@ -68,10 +73,6 @@ void for_each_dropped(const uint64_t* bits, int64_t r0, int64_t r1, int64_t in, 
     for_each_dropped_in(bits, t * in, (t + 1) * in, [&](int64_t j) { fn(t, j); });
     row_done(t);
   }
-}
-
-bool use_masked_kernels(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && masked::available();
 }
 
 int64_t row_grain(int64_t in, int64_t rank) {
@@ -131,6 +132,25 @@ bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_featu
   return out * in < tokens * via_features;
 }
 
+// W + scaling * B @ A: with the kernels one pass that reads W and writes the sum (BLAS's addmm
+// copies W into the result first and then reads and writes it again).
+at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
+                         double scaling) {
+  if (!use_masked_kernels(weight) || !weight.is_contiguous() || weight.numel() == 0) {
+    return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+  }
+  const int64_t out_features = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
+  const at::Tensor A_pad = pad_factor(lora_A);
+  const masked::Factor A = factor_view(A_pad, rank, in);
+  const at::Tensor Bt = lora_B.t().contiguous();  // [r, out]: the coefficients of each row of W
+  at::Tensor merged = at::empty_like(weight);
+  at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
+    masked::expand(A, Bt.const_data_ptr<float>() + o0, out_features, weight.const_data_ptr<float>(), no_mask(),
+                   static_cast<float>(scaling), merged.mutable_data_ptr<float>(), o0, o1);
+  });
+  return merged;
+}
+
 detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
@@ -150,10 +170,17 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   if (defined(lora_bias)) fused_bias = fused_bias.defined() ? fused_bias.add(*lora_bias, scaling) : lora_bias->mul(scaling);
 
   at::Tensor shrunk, out, bits;
-  if (dropout_p == 0.0 && !keep_shrunk && fold_into_weight(tokens, out_features, in, in + out_features)) {
-    // Inference: one GEMM with the adapter folded into the weight.
-    const at::Tensor merged = at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+  // Without dropout the adapter can be folded into the weight for one GEMM; training still
+  // needs the shrink for backward, which then costs T x in x r on top of the fold.
+  const int64_t lowrank_features = keep_shrunk ? out_features : in + out_features;
+  if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
+    const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
+    if (keep_shrunk) {
+      shrunk = use_masked_kernels(x) && tokens > 0
+                   ? kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, no_mask(), 1.0)
+                   : at::mm(x2, lora_A.t());
+    }
   } else {
     std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
@@ -218,9 +245,9 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   const at::Tensor B_pad = pad_factor(lora_B.t()), A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
   const masked::Factor Bt = factor_view(B_pad, rank, out_features);
   const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
-  const masked::Factor B_shape{nullptr, rank, out_features, masked::round4(rank), masked::round16(out_features),
+  const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank), masked::round16(out_features),
                                masked::accumulate_stride(out_features)};
-  const masked::Factor A_shape{nullptr, rank, in, masked::round4(rank), masked::round16(in),
+  const masked::Factor A_shape{nullptr, rank, in, masked::accumulate_ranks(rank), masked::round16(in),
                                masked::accumulate_stride(in)};
   const ThreadSlots slots;
   at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
@@ -232,6 +259,7 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
     const int64_t slot = slots.current();
     float* gs = grad_s.mutable_data_ptr<float>();
+    std::vector<float> gs_t(expand_x ? static_cast<size_t>(rank * kBlock) : 0);
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
       masked::shrink(Bt, gc.const_data_ptr<float>(), no_mask(), static_cast<float>(scaling), gs, t, e);
@@ -243,12 +271,19 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
         masked::accumulate(A_shape, gs, xc.const_data_ptr<float>(), mask,
                            partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
       }
-      if (expand_x) masked::expand(A, gs, mask, static_cast<float>(keep_scale), grad_x.mutable_data_ptr<float>(), t, e);
+      if (expand_x) {
+        // expand reads the coefficients transposed: the block's grad_s as [r, kBlock]
+        for (int64_t i = t; i < e; ++i) {
+          for (int64_t k = 0; k < rank; ++k) gs_t[k * kBlock + (i - t)] = gs[i * rank + k];
+        }
+        masked::expand(A, gs_t.data(), kBlock, nullptr, mask, static_cast<float>(keep_scale),
+                       grad_x.mutable_data_ptr<float>(), t, e);
+      }
     }
   });
   if (want_B) grad_B = partial_B.sum(0).narrow(0, 0, rank).narrow(1, 0, out_features).t().mul(scaling).contiguous();
   if (want_A) grad_A = partial_A.sum(0).narrow(0, 0, rank).narrow(1, 0, in).mul(keep_scale);
-  if (fold_x) grad_x = at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling));
+  if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling));
   if (expand_x) grad_x.addmm_(g2, weight);
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
@@ -271,7 +306,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   if (dropout_p == 0.0) {
     if (want_A) grad_A = at::mm(grad_s.t(), x2);
     if (want_x) {
-      grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling))
+      grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling))
                                                               : at::mm(grad_s, lora_A).addmm_(g2, weight);
     }
     return {grad_x, none(), grad_A, grad_B, none(), none()};

@@ -13,6 +13,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace torchlora::cpu::masked {
@@ -61,151 +62,212 @@ TORCHLORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
   return _mm512_permutexvar_ps(order, sums);
 }
 
+// Loads 16 columns of x: under the precomputed keep lanes when there is a mask, plainly when
+// the chunk is whole and there is none (no mask register to read).
+template <bool kMasked>
+TORCHLORA_AVX512 inline __m512 load_x(const float* p, __mmask16 lanes) {
+  if constexpr (kMasked) {
+    return _mm512_maskz_loadu_ps(lanes, p);
+  } else {
+    return _mm512_loadu_ps(p);
+  }
+}
+
+template <int R, int KR, bool kMasked>
+TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const float* const (&xr)[R],
+                                         const __mmask16* lanes, int64_t chunks, int64_t c, __m512 (&acc)[16],
+                                         const float* prefetch_row) {
+  if (prefetch_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch_row + 16 * c), _MM_HINT_T0);
+  __m512 xv[R];
+  for (int i = 0; i < R; ++i) xv[i] = load_x<kMasked>(xr[i] + 16 * c, lanes[i * chunks + c]);
+  for (int k = 0; k < KR; ++k) {
+    const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
+    for (int i = 0; i < R; ++i) acc[i * KR + k] = _mm512_fmadd_ps(xv[i], av, acc[i * KR + k]);
+  }
+}
+
+// One register tile of shrink: R rows x KR ranks (R * KR = 16 accumulators), reduced with
+// sum_each. The rows' x stays in L1 across the rank tiles; each loaded vector of A serves R rows.
+template <int R, int KR, bool kMasked>
+TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask16* lanes, int64_t full_chunks,
+                                  int64_t chunks, float scale, float* s, int64_t t, int64_t t_end) {
+  static_assert(R * KR == 16);
+  const float* xr[R];
+  for (int i = 0; i < R; ++i) xr[i] = x + (t + i) * A.in;
+  for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    const float* a0 = A.A_pad + k0 * A.stride;
+    // The rank passes over these rows prefetch the next tile's rows, one row per pass.
+    const int64_t next = t + R + k0 / KR;
+    const float* prefetch_row = k0 / KR < R && next < t_end ? x + next * A.in : nullptr;
+    int64_t c = 0;
+    for (; c < full_chunks; ++c) shrink_step<R, KR, kMasked>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
+    for (; c < chunks; ++c) shrink_step<R, KR, true>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+    const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
+    for (int i = 0; i < R; ++i) {
+      for (int64_t k = 0; k < n; ++k) s[(t + i) * A.rank + k0 + k] = sums[i * KR + k];
+    }
+  }
+}
+
+template <bool kMasked>
+TORCHLORA_AVX512 void shrink_rows(const Factor& A, const float* x, const Mask& mask, float scale, float* s,
+                                  int64_t t0, int64_t t1) {
+  constexpr int64_t kRows = 4;
+  const int64_t chunks = A.in_pad / 16, full_chunks = A.in / 16;
+  std::vector<__mmask16> lanes(static_cast<size_t>(kRows * chunks));
+  int64_t t = t0;
+  for (; t + kRows <= t1; t += kRows) {
+    fill_lanes(lanes.data(), mask, t, kRows, chunks, A.in);
+    shrink_tile<4, 4, kMasked>(A, x, lanes.data(), full_chunks, chunks, scale, s, t, t1);
+  }
+  for (; t < t1; ++t) {
+    fill_lanes(lanes.data(), mask, t, 1, chunks, A.in);
+    shrink_tile<1, 16, kMasked>(A, x, lanes.data(), full_chunks, chunks, scale, s, t, t1);
+  }
+}
+
 }  // namespace
 
 bool available() {
   return cpu_isa() == Isa::kAvx512;
 }
 
-TORCHLORA_AVX512 void shrink_row(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t) {
-  const int64_t chunks = A.in_pad / 16;
-  const float* xr = x + t * A.in;
-  for (int64_t k0 = 0; k0 < A.rank; k0 += 16) {
-    __m512 acc[16];
-    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
-    const float* a0 = A.A_pad + k0 * A.stride;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 xv = _mm512_maskz_loadu_ps(keep_lanes(mask, t, c, A.in), xr + 16 * c);
-      for (int k = 0; k < 16; ++k) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(a0 + k * A.stride + 16 * c), acc[k]);
-    }
-    const int64_t n = A.rank - k0 < 16 ? A.rank - k0 : 16;
-    const __m512 sums = _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale));
-    _mm512_mask_storeu_ps(s + t * A.rank + k0, static_cast<__mmask16>((1u << n) - 1u), sums);
+void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1) {
+  if (mask.words != nullptr) {
+    shrink_rows<true>(A, x, mask, scale, s, t0, t1);
+  } else {
+    shrink_rows<false>(A, x, mask, scale, s, t0, t1);
   }
 }
 
-// Blocks of 2 rows x 8 ranks: each loaded vector of A serves both rows, halving the A traffic
-// (A outgrows L1 for wide inputs and then streams from L2).
-TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
-                             int64_t t1) {
-  const int64_t chunks = A.in_pad / 16;
-  std::vector<__mmask16> lanes(static_cast<size_t>(2 * chunks));
-  int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) {
-    fill_lanes(lanes.data(), mask, t, 2, chunks, A.in);
-    for (int64_t k0 = 0; k0 < A.rank; k0 += 8) {
-      __m512 acc[16];
-      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      const float* a0 = A.A_pad + k0 * A.stride;
-      const float* x0 = x + t * A.in;
-      const float* x1 = x0 + A.in;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 xv0 = _mm512_maskz_loadu_ps(lanes[c], x0 + 16 * c);
-        const __m512 xv1 = _mm512_maskz_loadu_ps(lanes[chunks + c], x1 + 16 * c);
-        for (int k = 0; k < 8; ++k) {
-          const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
-          acc[k] = _mm512_fmadd_ps(xv0, av, acc[k]);
-          acc[8 + k] = _mm512_fmadd_ps(xv1, av, acc[8 + k]);
-        }
-      }
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
-      const int64_t n = A.rank - k0 < 8 ? A.rank - k0 : 8;
-      for (int64_t k = 0; k < n; ++k) {
-        s[t * A.rank + k0 + k] = sums[k];
-        s[(t + 1) * A.rank + k0 + k] = sums[8 + k];
-      }
+namespace {
+
+// One register tile of expand: R rows x CV column chunks, summed over the ranks; per rank CV
+// loads of A and R broadcasts from the transposed coefficients (constant offsets).
+template <int R, int CV>
+TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const float* init,
+                                         const Mask& mask, float scale, float* out, int64_t t, int64_t c0) {
+  __m512 acc[R * CV];
+  for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < A.rank; ++k) {
+    const float* a = A.A_pad + k * A.stride + 16 * c0;
+    const float* g = gsT + k * ldg;
+    __m512 av[CV];
+    for (int q = 0; q < CV; ++q) av[q] = _mm512_loadu_ps(a + 16 * q);
+    for (int i = 0; i < R; ++i) {
+      const __m512 gv = _mm512_set1_ps(g[i]);
+      for (int q = 0; q < CV; ++q) acc[i * CV + q] = _mm512_fmadd_ps(gv, av[q], acc[i * CV + q]);
     }
   }
-  for (; t < t1; ++t) shrink_row(A, x, mask, scale, s, t);
-}
-
-// Stores scale * v under the keep lanes of row t, chunk c (valid columns only).
-TORCHLORA_AVX512 inline void store_kept(float* out, const Mask& mask, int64_t t, int64_t c, int64_t in, __m512 v,
-                                        __m512 scale) {
-  const int64_t valid = in - 16 * c;
-  const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
-  _mm512_mask_storeu_ps(out + t * in + 16 * c, lanes, _mm512_maskz_mul_ps(keep_lanes(mask, t, c, in), v, scale));
-}
-
-TORCHLORA_AVX512 void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0,
-                             int64_t t1) {
-  const int64_t chunks = A.in_pad / 16;
   const __m512 sc = _mm512_set1_ps(scale);
-  int64_t t = t0;
-  for (; t + 4 <= t1; t += 4) {
-    int64_t c = 0;
-    for (; c + 4 <= chunks; c += 4) {
-      __m512 acc[4 * 4];
-      for (int i = 0; i < 4 * 4; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < A.rank; ++k) {
-        const float* a = A.A_pad + k * A.stride + 16 * c;
-        __m512 av[4];
-        for (int q = 0; q < 4; ++q) av[q] = _mm512_loadu_ps(a + 16 * q);
-        for (int i = 0; i < 4; ++i) {
-          const __m512 g = _mm512_set1_ps(gs[(t + i) * A.rank + k]);
-          for (int q = 0; q < 4; ++q) acc[4 * i + q] = _mm512_fmadd_ps(g, av[q], acc[4 * i + q]);
-        }
-      }
-      for (int i = 0; i < 4; ++i) {
-        for (int q = 0; q < 4; ++q) store_kept(gx, mask, t + i, c + q, A.in, acc[4 * i + q], sc);
-      }
-    }
-    for (; c < chunks; ++c) {
-      __m512 acc[4];
-      for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < A.rank; ++k) {
-        const __m512 av = _mm512_loadu_ps(A.A_pad + k * A.stride + 16 * c);
-        for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(gs[(t + i) * A.rank + k]), av, acc[i]);
-      }
-      for (int i = 0; i < 4; ++i) store_kept(gx, mask, t + i, c, A.in, acc[i], sc);
-    }
-  }
-  for (; t < t1; ++t) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < A.rank; ++k) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(gs[t * A.rank + k]), _mm512_loadu_ps(A.A_pad + k * A.stride + 16 * c), acc);
-      }
-      store_kept(gx, mask, t, c, A.in, acc, sc);
+  for (int i = 0; i < R; ++i) {
+    for (int q = 0; q < CV; ++q) {
+      const int64_t c = c0 + q, valid = A.in - 16 * c;
+      const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
+      const int64_t at = (t + i) * A.in + 16 * c;
+      __m512 v = _mm512_maskz_mul_ps(keep_lanes(mask, t + i, c, A.in), acc[i * CV + q], sc);
+      if (init != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, init + at));
+      _mm512_mask_storeu_ps(out + at, lanes, v);
     }
   }
 }
 
-// Register tiles of 4 ranks x 4 column chunks, loaded once and stored once per block of up to
-// 64 rows (whose x stays in L2 while the tiles sweep it): 4 loads of x and 4 broadcasts of gs
-// per 16 FMAs. Ranks past `rank` multiply by zero into the padding rows of acc.
-TORCHLORA_AVX512 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc,
-                                 int64_t t0, int64_t t1) {
+template <int R>
+TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const float* init,
+                                         const Mask& mask, float scale, float* out, int64_t t) {
+  const int64_t chunks = (A.in + 15) / 16;
+  int64_t c = 0;
+  for (; c + 3 <= chunks; c += 3) expand_tile<R, 3>(A, gsT, ldg, init, mask, scale, out, t, c);
+  for (; c < chunks; ++c) expand_tile<R, 1>(A, gsT, ldg, init, mask, scale, out, t, c);
+}
+
+}  // namespace
+
+void expand(const Factor& A, const float* gsT, int64_t ldg, const float* init, const Mask& mask, float scale,
+            float* out, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) expand_rows<8>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
+  for (; t < t1; ++t) expand_rows<1>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
+}
+
+namespace {
+
+// tile[CV * k + q] += sum over rows [tb, te) of gs[t, k0 + k] * x[t, chunk c0 + q]; the last
+// rank tile (kFull false) reads only the nk valid ranks of gs.
+template <int KR, int CV, bool kMasked, bool kFull>
+TORCHLORA_AVX512 inline void accumulate_sweep(const float* gs, int64_t rank, const float* x, int64_t in,
+                                              const __mmask16* lanes, int64_t chunks, int64_t rows, int64_t nk,
+                                              bool prefetch, __m512 (&tile)[KR * CV]) {
+  for (int64_t t = 0; t < rows; ++t, x += in, gs += rank, lanes += chunks) {
+    if (prefetch) {
+      for (int q = 0; q < CV; ++q) _mm_prefetch(reinterpret_cast<const char*>(x + 16 * (CV + q)), _MM_HINT_T0);
+    }
+    __m512 xv[CV];
+    for (int q = 0; q < CV; ++q) xv[q] = load_x<kMasked>(x + 16 * q, lanes[q]);
+    for (int k = 0; k < KR; ++k) {
+      const __m512 gv = kFull || k < nk ? _mm512_set1_ps(gs[k]) : _mm512_setzero_ps();
+      for (int q = 0; q < CV; ++q) tile[CV * k + q] = _mm512_fmadd_ps(gv, xv[q], tile[CV * k + q]);
+    }
+  }
+}
+
+// Register tiles of 8 ranks x 3 column chunks, loaded once and stored once per block of up to
+// 64 rows (whose x stays in L2 while the tiles sweep it): 3 loads of x and 8 broadcasts of gs
+// per 24 FMAs. Ranks past `rank` multiply by zero into the padding rows of acc.
+template <bool kMasked>
+TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc,
+                                      int64_t t0, int64_t t1) {
   constexpr int64_t kRows = 64;
-  const int64_t chunk_groups = (A.in_pad / 16 + 3) / 4, chunks = 4 * chunk_groups;
+  constexpr int KR = 8, CV = 3;
+  const int64_t groups = (A.in_pad / 16 + CV - 1) / CV, chunks = CV * groups;
   std::vector<__mmask16> lanes(static_cast<size_t>(kRows * chunks));
   for (int64_t tb = t0; tb < t1; tb += kRows) {
     const int64_t te = tb + kRows < t1 ? tb + kRows : t1;
+    // Without a mask only the last group can have partial or absent chunks.
     fill_lanes(lanes.data(), mask, tb, te - tb, chunks, A.in);
-    for (int64_t k0 = 0; k0 < A.rank; k0 += 4) {
-      const int64_t nk = A.rank - k0 < 4 ? A.rank - k0 : 4;
-      for (int64_t cg = 0; cg < chunk_groups; ++cg) {
-        const int64_t c0 = 4 * cg;
-        __m512 tile[16];  // tile[4 * rank + chunk]
-        for (int k = 0; k < 4; ++k) {
-          for (int q = 0; q < 4; ++q) tile[4 * k + q] = _mm512_loadu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q));
+    for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
+      const int64_t nk = A.rank - k0 < KR ? A.rank - k0 : KR;
+      for (int64_t cg = 0; cg < groups; ++cg) {
+        const int64_t c0 = CV * cg;
+        const bool whole = !kMasked && 16 * (c0 + CV) <= A.in;
+        __m512 tile[KR * CV];  // tile[CV * rank + chunk]
+        for (int k = 0; k < KR; ++k) {
+          for (int q = 0; q < CV; ++q) tile[CV * k + q] = _mm512_loadu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q));
         }
-        for (int64_t t = tb; t < te; ++t) {
-          __m512 xv[4], g[4];
-          for (int q = 0; q < 4; ++q) {
-            xv[q] = _mm512_maskz_loadu_ps(lanes[(t - tb) * chunks + c0 + q], x + t * A.in + 16 * (c0 + q));
-          }
-          for (int k = 0; k < 4; ++k) g[k] = k < nk ? _mm512_set1_ps(gs[t * A.rank + k0 + k]) : _mm512_setzero_ps();
-          for (int k = 0; k < 4; ++k) {
-            for (int q = 0; q < 4; ++q) tile[4 * k + q] = _mm512_fmadd_ps(g[k], xv[q], tile[4 * k + q]);
-          }
+        const float* g = gs + tb * A.rank + k0;
+        const float* xr = x + tb * A.in + 16 * c0;
+        const __mmask16* ln = lanes.data() + c0;
+        const int64_t rows = te - tb;
+        // The sweeps go down the rows a few lines at a time, which the hardware prefetchers do
+        // not follow: the first rank tile fetches the next column group's lines ahead.
+        const bool prefetch = k0 == 0 && 16 * (c0 + CV) < A.in;
+        if (whole && nk == KR) {
+          accumulate_sweep<KR, CV, false, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
+        } else if (nk == KR) {
+          accumulate_sweep<KR, CV, true, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
+        } else {
+          accumulate_sweep<KR, CV, true, false>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
         }
-        for (int k = 0; k < 4; ++k) {
-          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q), tile[4 * k + q]);
+        for (int k = 0; k < KR; ++k) {
+          for (int q = 0; q < CV; ++q) _mm512_storeu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q), tile[CV * k + q]);
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,
+                int64_t t1) {
+  if (mask.words != nullptr) {
+    accumulate_rows<true>(A, gs, x, mask, acc, t0, t1);
+  } else {
+    accumulate_rows<false>(A, gs, x, mask, acc, t0, t1);
   }
 }
 
@@ -218,7 +280,7 @@ bool available() {
 void shrink(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-void expand(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
+void expand(const Factor&, const float*, int64_t, const float*, const Mask&, float, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 void accumulate(const Factor&, const float*, const float*, const Mask&, float*, int64_t, int64_t) {

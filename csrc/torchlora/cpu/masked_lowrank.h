@@ -29,13 +29,14 @@ inline int64_t padded_stride(int64_t in) {
   return round16(in) + 16;
 }
 
-// accumulate works on tiles of four 16-column chunks: its rows cover whole tiles.
+// accumulate works on tiles of 8 ranks x three 16-column chunks: its [ranks, stride]
+// accumulator covers whole tiles.
 inline int64_t accumulate_stride(int64_t in) {
-  return (in + 63) / 64 * 64 + 16;
+  return (in + 47) / 48 * 48 + 16;
 }
 
-inline int64_t round4(int64_t n) {
-  return (n + 3) / 4 * 4;
+inline int64_t accumulate_ranks(int64_t rank) {
+  return (rank + 7) / 8 * 8;
 }
 
 // The dropout mask: the bit stream of dropped_bits.h over x's [T, in] elements; words ==
@@ -46,12 +47,17 @@ struct Mask {
 };
 
 // Rows t in [t0, t1) of x [T, in] (row-major):
-//   shrink:     s[t, :]  = scale * sum_j keep[t, j] * x[t, j] * A[:, j]          (s [T, rank])
-//   expand:     gx[t, j] = keep[t, j] ? scale * sum_k gs[t, k] * A[k, j] : 0       (gx [T, in])
+//   shrink:     s[t, :]    = scale * sum_j keep[t, j] * x[t, j] * A[:, j]        (s [T, rank])
+//   expand:     out[t, j]  = init[t, j] + (keep[t, j] ? scale * sum_k g[k, t] * A[k, j] : 0)
+//               (out, init [T, in]; init may be null for 0; g the coefficients transposed:
+//               g[k, t] at gT[k * ldg + t - t0], so their broadcasts have constant offsets)
 //   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]
-//               (acc [round4(rank), accumulate_stride(in)], zero-initialised by the caller)
+//               (acc [accumulate_ranks(rank), accumulate_stride(in)], zero-initialised by the caller)
+// expand also folds an adapter into a weight: out = W + scale * B @ A with rows = W's rows,
+// gT = B^T and init = W.
 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
-void expand(const Factor& A, const float* gs, const Mask& mask, float scale, float* gx, int64_t t0, int64_t t1);
+void expand(const Factor& A, const float* gT, int64_t ldg, const float* init, const Mask& mask, float scale,
+            float* out, int64_t t0, int64_t t1);
 void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,
                 int64_t t1);
 
