@@ -1,8 +1,11 @@
-"""Interleaved timing: every round runs each contender once, in a rotating order, so that load
-from other processes hits all of them alike; results are medians and paired ratios."""
+"""Interleaved timing: every round runs each contender once, in a fresh random order, so that load
+from other processes hits all of them alike and no contender always runs right after the same
+other one (what a contender leaves behind, freed memory or evicted caches, shifts the next one's
+time); results are medians and paired ratios."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,16 +27,18 @@ class Timings:
         return statistics.median(pairs) if pairs else float("nan")
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> Timings:
-    """Time each callable ``rounds`` times, interleaved, after ``warmup`` untimed rounds."""
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 2,
+                seed: int = 0) -> Timings:
+    """Time each callable ``rounds`` times, interleaved in a random order per round (seeded), after
+    ``warmup`` untimed rounds."""
     names = list(contenders)
+    order = random.Random(seed)
     for _ in range(warmup):
         for name in names:
             contenders[name]()
     timings = Timings({name: [] for name in names})
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             contenders[name]()
             timings.samples[name].append(time.perf_counter() - start)

@@ -132,6 +132,20 @@ bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_featu
   return out * in < tokens * via_features;
 }
 
+// The folded weight lives only for one GEMM. A fresh weight-sized tensor per call costs page
+// faults (the allocator hands large blocks back to the system and takes them again, about 3% of
+// an eval forward at d = 1024), so each thread keeps one buffer, up to 16 MiB, and reuses it
+// while no one else holds it.
+at::Tensor fold_scratch(const at::Tensor& weight) {
+  constexpr int64_t kMaxCachedElements = int64_t{4} << 20;
+  if (weight.numel() > kMaxCachedElements) return at::empty_like(weight, at::MemoryFormat::Contiguous);
+  static thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.use_count() != 1) {
+    buffer = at::empty(weight.sizes(), weight.options());
+  }
+  return buffer;
+}
+
 // W + scaling * B @ A: with the kernels one pass that reads W and writes the sum (BLAS's addmm
 // copies W into the result first and then reads and writes it again).
 at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
@@ -143,7 +157,7 @@ at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, con
   const at::Tensor A_pad = pad_factor(lora_A);
   const masked::Factor A = factor_view(A_pad, rank, in);
   const at::Tensor Bt = lora_B.t().contiguous();  // [r, out]: the coefficients of each row of W
-  at::Tensor merged = at::empty_like(weight);
+  at::Tensor merged = fold_scratch(weight);
   at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
     masked::expand(A, Bt.const_data_ptr<float>() + o0, out_features, weight.const_data_ptr<float>(), no_mask(),
                    static_cast<float>(scaling), merged.mutable_data_ptr<float>(), o0, o1);
@@ -176,22 +190,21 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
     const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
-    if (keep_shrunk) {
-      shrunk = use_masked_kernels(x) && tokens > 0
-                   ? kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, no_mask(), 1.0)
-                   : at::mm(x2, lora_A.t());
-    }
+    if (keep_shrunk) shrunk = at::mm(x2, lora_A.t());
   } else {
     std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
       d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
       bits = draw_dropped_bits(tokens, in, *d);
     }
-    if (use_masked_kernels(x) && tokens > 0) {
-      shrunk = kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, d ? mask_view(bits) : no_mask(),
-                             d ? static_cast<double>(d->scale) : 1.0);
+    // Without dropout BLAS's own GEMM is the fastest shrink; with it the kernels read x under
+    // the keep bits, and the generic fallback subtracts the dropped elements' terms.
+    if (!d) {
+      shrunk = at::mm(x2, lora_A.t());
+    } else if (use_masked_kernels(x) && tokens > 0) {
+      shrunk = kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, mask_view(bits), static_cast<double>(d->scale));
     } else {
-      shrunk = d ? shrink_with_corrections(x2.contiguous(), lora_A, bits, *d) : at::mm(x2, lora_A.t());
+      shrunk = shrink_with_corrections(x2.contiguous(), lora_A, bits, *d);
     }
     out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
                                : at::mm(shrunk, lora_B.t().mul(scaling));
@@ -217,9 +230,10 @@ struct ThreadSlots {
   }
 };
 
-// Backward with the masked kernels (float32, AVX-512), in one parallel pass over row blocks:
-// each block's grad_s = scaling * g @ B is computed and then used while it and the block's
-// rows of g and x are still in cache, for grad_B, grad_A and the low-rank part of grad_x.
+// Backward with the masked kernels (float32, AVX-512). grad_s = scaling * g @ B is BLAS's (no
+// mask applies to g); then one parallel pass over row blocks computes grad_B and grad_A (x read
+// under the keep bits) and, with dropout, the low-rank part of grad_x while grad_s's rows are
+// in cache.
 detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at::Tensor& x2,
                                                   const at::Tensor& weight, const at::Tensor& shrunk,
                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -240,29 +254,28 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   // Without dropout, folding the adapter into the weight is cheaper for grad_x when out < T.
   const bool fold_x = want_x && !d && fold_into_weight(tokens, out_features, in, in);
   const bool expand_x = want_x && !fold_x;
+  const bool need_s = want_A || expand_x;
 
-  const at::Tensor gc = g2.contiguous(), xc = want_A ? x2.contiguous() : at::Tensor();
-  const at::Tensor B_pad = pad_factor(lora_B.t()), A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
-  const masked::Factor Bt = factor_view(B_pad, rank, out_features);
+  const at::Tensor gc = want_B ? g2.contiguous() : at::Tensor(), xc = want_A ? x2.contiguous() : at::Tensor();
+  const at::Tensor grad_s = need_s ? at::mm(g2, lora_B.mul(scaling)) : at::Tensor();  // [T, r]
+  const at::Tensor A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
   const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
-  const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank), masked::round16(out_features),
-                               masked::accumulate_stride(out_features)};
+  const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank),
+                               masked::round16(out_features), masked::accumulate_stride(out_features)};
   const masked::Factor A_shape{nullptr, rank, in, masked::accumulate_ranks(rank), masked::round16(in),
                                masked::accumulate_stride(in)};
   const ThreadSlots slots;
   at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
   at::Tensor partial_A = want_A ? at::zeros({slots.count, A_shape.rank_pad, A_shape.stride}, x2.options()) : at::Tensor();
-  at::Tensor grad_s = at::empty({tokens, rank}, x2.options());
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
-  constexpr int64_t kBlock = 64;  // rows of g and x that stay in L2 across the four kernels
+  constexpr int64_t kBlock = 64;  // rows whose grad_s stays in L1 across the kernels
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
     const int64_t slot = slots.current();
-    float* gs = grad_s.mutable_data_ptr<float>();
+    const float* gs = need_s ? grad_s.const_data_ptr<float>() : nullptr;
     std::vector<float> gs_t(expand_x ? static_cast<size_t>(rank * kBlock) : 0);
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
-      masked::shrink(Bt, gc.const_data_ptr<float>(), no_mask(), static_cast<float>(scaling), gs, t, e);
       if (want_B) {
         masked::accumulate(B_shape, shrunk.const_data_ptr<float>(), gc.const_data_ptr<float>(), no_mask(),
                            partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
