@@ -3,8 +3,10 @@
 // The base GEMM and the low-rank path share their passes over memory:
 // - the expand lands in the output before the base GEMM accumulates into it (beta = 1), so
 //   there is no separate pass that adds the adapter's term;
-// - where it costs fewer flops, the adapter is folded into the weight for one GEMM:
-//   W' = W + scaling * B @ A (out x in x r) instead of T x (in + out) x r;
+// - without dropout, where it costs fewer flops, the adapter is folded into the weight for one
+//   GEMM: W' = W + scaling * B @ A (out x in x r) instead of T x (in + out) x r, in inference,
+//   in the training forward and for grad_x. The fold is one kernel pass (read W, stream W' into
+//   a reused buffer); these products are bound by memory bandwidth more than by arithmetic;
 // - grad_x is one GEMM chain: the low-rank part first, the base GEMM accumulating into it.
 // Dropout: the mask is drawn once in forward and kept as bits (T * in of them, set = dropped)
 // for backward. With AVX-512 (float32) the low-rank kernels load x under the keep

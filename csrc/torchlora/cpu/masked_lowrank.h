@@ -1,7 +1,9 @@
-// AVX-512 kernels of the low-rank path for float32 rows, optionally under a dropout mask. They
-// beat BLAS on these skinny shapes (one side is the rank) by keeping the rank in registers. The
+// AVX-512 kernels of the low-rank path for float32 rows, optionally under a dropout mask. The
 // mask comes as packed bits (dropped_bits.h) and serves as the lane mask of the loads of x:
-// dropout costs no masked copy and no extra pass, only the bits.
+// dropout costs no masked copy and no extra pass, only the bits. Without a mask BLAS is as fast
+// for shrink; accumulate (the T-long reductions of grad_A and grad_B) beats it by keeping the
+// rank x column tile in registers, and expand with an initial value folds an adapter into a
+// weight in one pass.
 #pragma once
 
 #include <cstdint>
