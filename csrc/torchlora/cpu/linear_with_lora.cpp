@@ -5,7 +5,7 @@
 //   there is no separate pass that adds the adapter's term;
 // - without dropout, where it costs fewer flops, the adapter is folded into the weight for one
 //   GEMM: W' = W + scaling * B @ A (out x in x r) instead of T x (in + out) x r, in inference,
-//   in the training forward and for grad_x. The fold is one kernel pass (read W, stream W' into
+//   in the training forward and for grad_x. The fold is one kernel pass (read W, write W' into
 //   a reused buffer); these products are bound by memory bandwidth more than by arithmetic;
 // - grad_x is one GEMM chain: the low-rank part first, the base GEMM accumulating into it.
 // Dropout: the mask is drawn once in forward and kept as bits (T * in of them, set = dropped)

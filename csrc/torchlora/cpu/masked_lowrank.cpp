@@ -150,7 +150,7 @@ namespace {
 // loads of A and R broadcasts from the transposed coefficients (constant offsets).
 template <int R, int CV>
 TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const float* init,
-                                         const Mask& mask, float scale, float* out, int64_t t, int64_t c0, bool stream) {
+                                         const Mask& mask, float scale, float* out, int64_t t, int64_t c0) {
   __m512 acc[R * CV];
   for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < A.rank; ++k) {
@@ -171,35 +171,27 @@ TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int6
       const int64_t at = (t + i) * A.in + 16 * c;
       __m512 v = _mm512_maskz_mul_ps(keep_lanes(mask, t + i, c, A.in), acc[i * CV + q], sc);
       if (init != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, init + at));
-      if (stream && lanes == 0xFFFF && (reinterpret_cast<uintptr_t>(out + at) & 63) == 0) {
-        _mm512_stream_ps(out + at, v);
-      } else {
-        _mm512_mask_storeu_ps(out + at, lanes, v);
-      }
+      _mm512_mask_storeu_ps(out + at, lanes, v);
     }
   }
 }
 
 template <int R>
 TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const float* init,
-                                         const Mask& mask, float scale, float* out, int64_t t, bool stream) {
+                                         const Mask& mask, float scale, float* out, int64_t t) {
   const int64_t chunks = (A.in + 15) / 16;
   int64_t c = 0;
-  for (; c + 3 <= chunks; c += 3) expand_tile<R, 3>(A, gsT, ldg, init, mask, scale, out, t, c, stream);
-  for (; c < chunks; ++c) expand_tile<R, 1>(A, gsT, ldg, init, mask, scale, out, t, c, stream);
+  for (; c + 3 <= chunks; c += 3) expand_tile<R, 3>(A, gsT, ldg, init, mask, scale, out, t, c);
+  for (; c < chunks; ++c) expand_tile<R, 1>(A, gsT, ldg, init, mask, scale, out, t, c);
 }
 
 }  // namespace
 
 void expand(const Factor& A, const float* gsT, int64_t ldg, const float* init, const Mask& mask, float scale,
             float* out, int64_t t0, int64_t t1) {
-  // Folding writes a whole weight that is read back by the GEMM, not by this core: streaming
-  // stores skip reading the destination's lines first.
-  const bool stream = init != nullptr;
   int64_t t = t0;
-  for (; t + 8 <= t1; t += 8) expand_rows<8>(A, gsT + (t - t0), ldg, init, mask, scale, out, t, stream);
-  for (; t < t1; ++t) expand_rows<1>(A, gsT + (t - t0), ldg, init, mask, scale, out, t, stream);
-  _mm_sfence();
+  for (; t + 8 <= t1; t += 8) expand_rows<8>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
+  for (; t < t1; ++t) expand_rows<1>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
 }
 
 namespace {
