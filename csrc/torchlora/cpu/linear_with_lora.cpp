@@ -1,12 +1,12 @@
 // CPU kernels of linear_with_lora for float32 and float64 (other dtypes take the generic path).
 //
 // The base GEMM and the low-rank path share their passes over memory:
-// - the expand lands in the output before the base GEMM accumulates into it (beta = 1), so
-//   there is no separate pass that adds the adapter's term;
+// - with dropout the expand lands in the output before the base GEMM accumulates into it
+//   (beta = 1), so there is no separate pass that adds the adapter's term;
 // - without dropout, where it costs fewer flops, the adapter is folded into the weight for one
 //   GEMM: W' = W + scaling * B @ A (out x in x r) instead of T x (in + out) x r, in inference,
 //   in the training forward and for grad_x. The fold is one kernel pass (read W, write W' into
-//   a reused buffer); these products are bound by memory bandwidth more than by arithmetic;
+//   a reused buffer);
 // - grad_x is one GEMM chain: the low-rank part first, the base GEMM accumulating into it.
 // Dropout: the mask is drawn once in forward and kept as bits (T * in of them, set = dropped)
 // for backward. With AVX-512 (float32) the low-rank kernels load x under the keep
@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -140,7 +139,7 @@ bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_featu
 // while no one else holds it.
 at::Tensor fold_scratch(const at::Tensor& weight) {
   constexpr int64_t kMaxCachedElements = int64_t{4} << 20;
-  if (weight.numel() > kMaxCachedElements) return at::empty_like(weight, at::MemoryFormat::Contiguous);
+  if (weight.numel() > kMaxCachedElements) return at::empty(weight.sizes(), weight.options());
   static thread_local at::Tensor buffer;
   if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.use_count() != 1) {
     buffer = at::empty(weight.sizes(), weight.options());

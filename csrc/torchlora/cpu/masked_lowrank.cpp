@@ -73,13 +73,13 @@ TORCHLORA_AVX512 inline __m512 load_x(const float* p, __mmask16 lanes) {
   }
 }
 
-template <int R, int KR, bool kMasked>
+template <int R, int KR>
 TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const float* const (&xr)[R],
                                          const __mmask16* lanes, int64_t chunks, int64_t c, __m512 (&acc)[16],
                                          const float* prefetch_row) {
   if (prefetch_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch_row + 16 * c), _MM_HINT_T0);
   __m512 xv[R];
-  for (int i = 0; i < R; ++i) xv[i] = load_x<kMasked>(xr[i] + 16 * c, lanes[i * chunks + c]);
+  for (int i = 0; i < R; ++i) xv[i] = _mm512_maskz_loadu_ps(lanes[i * chunks + c], xr[i] + 16 * c);
   for (int k = 0; k < KR; ++k) {
     const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
     for (int i = 0; i < R; ++i) acc[i * KR + k] = _mm512_fmadd_ps(xv[i], av, acc[i * KR + k]);
@@ -88,9 +88,9 @@ TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const
 
 // One register tile of shrink: R rows x KR ranks (R * KR = 16 accumulators), reduced with
 // sum_each. The rows' x stays in L1 across the rank tiles; each loaded vector of A serves R rows.
-template <int R, int KR, bool kMasked>
-TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask16* lanes, int64_t full_chunks,
-                                  int64_t chunks, float scale, float* s, int64_t t, int64_t t_end) {
+template <int R, int KR>
+TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask16* lanes, int64_t chunks,
+                                  float scale, float* s, int64_t t, int64_t t_end) {
   static_assert(R * KR == 16);
   const float* xr[R];
   for (int i = 0; i < R; ++i) xr[i] = x + (t + i) * A.in;
@@ -101,9 +101,7 @@ TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask
     // The rank passes over these rows prefetch the next tile's rows, one row per pass.
     const int64_t next = t + R + k0 / KR;
     const float* prefetch_row = k0 / KR < R && next < t_end ? x + next * A.in : nullptr;
-    int64_t c = 0;
-    for (; c < full_chunks; ++c) shrink_step<R, KR, kMasked>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
-    for (; c < chunks; ++c) shrink_step<R, KR, true>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
+    for (int64_t c = 0; c < chunks; ++c) shrink_step<R, KR>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
     alignas(64) float sums[16];
     _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
     const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
@@ -113,34 +111,27 @@ TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask
   }
 }
 
-template <bool kMasked>
-TORCHLORA_AVX512 void shrink_rows(const Factor& A, const float* x, const Mask& mask, float scale, float* s,
-                                  int64_t t0, int64_t t1) {
-  constexpr int64_t kRows = 4;
-  const int64_t chunks = A.in_pad / 16, full_chunks = A.in / 16;
-  std::vector<__mmask16> lanes(static_cast<size_t>(kRows * chunks));
-  int64_t t = t0;
-  for (; t + kRows <= t1; t += kRows) {
-    fill_lanes(lanes.data(), mask, t, kRows, chunks, A.in);
-    shrink_tile<4, 4, kMasked>(A, x, lanes.data(), full_chunks, chunks, scale, s, t, t1);
-  }
-  for (; t < t1; ++t) {
-    fill_lanes(lanes.data(), mask, t, 1, chunks, A.in);
-    shrink_tile<1, 16, kMasked>(A, x, lanes.data(), full_chunks, chunks, scale, s, t, t1);
-  }
-}
-
 }  // namespace
 
 bool available() {
   return cpu_isa() == Isa::kAvx512;
 }
 
-void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1) {
-  if (mask.words != nullptr) {
-    shrink_rows<true>(A, x, mask, scale, s, t0, t1);
-  } else {
-    shrink_rows<false>(A, x, mask, scale, s, t0, t1);
+// Only the masked shrink is used (without dropout BLAS's GEMM is as fast), so there is one
+// path: without a mask the lanes are the valid columns.
+TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
+                             int64_t t1) {
+  constexpr int64_t kRows = 4;
+  const int64_t chunks = A.in_pad / 16;
+  std::vector<__mmask16> lanes(static_cast<size_t>(kRows * chunks));
+  int64_t t = t0;
+  for (; t + kRows <= t1; t += kRows) {
+    fill_lanes(lanes.data(), mask, t, kRows, chunks, A.in);
+    shrink_tile<4, 4>(A, x, lanes.data(), chunks, scale, s, t, t1);
+  }
+  for (; t < t1; ++t) {
+    fill_lanes(lanes.data(), mask, t, 1, chunks, A.in);
+    shrink_tile<1, 16>(A, x, lanes.data(), chunks, scale, s, t, t1);
   }
 }
 
@@ -201,11 +192,8 @@ namespace {
 template <int KR, int CV, bool kMasked, bool kFull>
 TORCHLORA_AVX512 inline void accumulate_sweep(const float* gs, int64_t rank, const float* x, int64_t in,
                                               const __mmask16* lanes, int64_t chunks, int64_t rows, int64_t nk,
-                                              bool prefetch, __m512 (&tile)[KR * CV]) {
+                                              __m512 (&tile)[KR * CV]) {
   for (int64_t t = 0; t < rows; ++t, x += in, gs += rank, lanes += chunks) {
-    if (prefetch) {
-      for (int q = 0; q < CV; ++q) _mm_prefetch(reinterpret_cast<const char*>(x + 16 * (CV + q)), _MM_HINT_T0);
-    }
     __m512 xv[CV];
     for (int q = 0; q < CV; ++q) xv[q] = load_x<kMasked>(x + 16 * q, lanes[q]);
     for (int k = 0; k < KR; ++k) {
@@ -242,15 +230,12 @@ TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const fl
         const float* xr = x + tb * A.in + 16 * c0;
         const __mmask16* ln = lanes.data() + c0;
         const int64_t rows = te - tb;
-        // The sweeps go down the rows a few lines at a time, which the hardware prefetchers do
-        // not follow: the first rank tile fetches the next column group's lines ahead.
-        const bool prefetch = k0 == 0 && 16 * (c0 + CV) < A.in;
         if (whole && nk == KR) {
-          accumulate_sweep<KR, CV, false, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
+          accumulate_sweep<KR, CV, false, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         } else if (nk == KR) {
-          accumulate_sweep<KR, CV, true, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
+          accumulate_sweep<KR, CV, true, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         } else {
-          accumulate_sweep<KR, CV, true, false>(g, A.rank, xr, A.in, ln, chunks, rows, nk, prefetch, tile);
+          accumulate_sweep<KR, CV, true, false>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         }
         for (int k = 0; k < KR; ++k) {
           for (int q = 0; q < CV; ++q) _mm512_storeu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q), tile[CV * k + q]);
