@@ -5,11 +5,9 @@
 #include <torchlora/nn/lora_conv2d.h>
 #include <torchlora/nn/lora_embedding.h>
 #include <torchlora/nn/lora_linear.h>
-#if defined(TORCHLORA_WITH_ADAPTER_IO)
 #include <torchlora/io/adapter_config.h>
 #include <torchlora/io/peft_adapter.h>
 #include <torchlora/io/safetensors.h>
-#endif
 
 namespace py = pybind11;
 namespace tnn = torchlora::nn;
@@ -143,7 +141,6 @@ void bind_modules(py::module_& m) {
   bind_forwards(conv);
 }
 
-#if defined(TORCHLORA_WITH_ADAPTER_IO)
 py::tuple contents_tuple(const torchlora::io::SafetensorsContents& c) {
   py::dict tensors;
   for (const auto& [k, v] : c.tensors) tensors[py::str(k)] = v;
@@ -188,7 +185,6 @@ void bind_io(py::module_& m) {
         },
         py::arg("dir"), "(modules, other_tensors) of a PEFT adapter folder, mapped by the C++ loader.");
 }
-#endif
 
 }  // namespace
 
@@ -210,12 +206,7 @@ void bind_cpp_api(py::module_& m) {
   });
   auto cpp = m.def_submodule("cpp", "The C++ API of torchlora (LibTorch modules, adapter files), bound for testing.");
   bind_modules(cpp);
-#if defined(TORCHLORA_WITH_ADAPTER_IO)
   bind_io(cpp);
-  cpp.attr("with_adapter_io") = true;
-#else
-  cpp.attr("with_adapter_io") = false;
-#endif
 }
 
 }  // namespace torchlora_python
