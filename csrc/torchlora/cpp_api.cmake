@@ -9,6 +9,7 @@ if(NOT TorchLora_JSON_FOUND)
 endif()
 
 set(TORCHLORA_CPP_API_SOURCES
+  peft/scaling.cpp
   nn/lora_layer.cpp
   nn/lora_pair.cpp
   nn/lora_linear.cpp
