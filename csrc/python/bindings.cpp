@@ -5,6 +5,7 @@
 #include <torchlora/build_info.h>
 
 #include "cpp_api_bindings.h"
+#include "peft_bindings.h"
 
 namespace py = pybind11;
 
@@ -24,4 +25,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "What libtorchlora was built with: version, torch_version, cuda, cuda_version, cuda_architectures.");
   torchlora_python::bind_cpp_api(m);
+  torchlora_python::bind_peft(m);
 }

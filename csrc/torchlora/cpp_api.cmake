@@ -10,6 +10,8 @@ endif()
 
 set(TORCHLORA_CPP_API_SOURCES
   peft/scaling.cpp
+  peft/keys.cpp
+  peft/config_schema.cpp
   nn/lora_layer.cpp
   nn/lora_pair.cpp
   nn/lora_linear.cpp

@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save_bytes
 from torch import Tensor, nn
 
+from ._native import _C
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig
     from .peft_model import PeftModel
@@ -35,33 +37,9 @@ WEIGHTS_NAME = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."
 SAFETENSORS_METADATA = {"format": "pt"}
 
-# Every key of a LoRA adapter_config.json that PEFT (0.21) knows; torchlora writes nothing else.
-PEFT_LORA_CONFIG_KEYS = frozenset(
-    {
-        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
-        "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
-        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "kasa_config",
-        "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
-        "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config",
-        "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version",
-        "qalora_group_size", "r", "rank_pattern", "revision", "target_modules",
-        "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora",
-        "use_qalora", "use_rslora", "velora_config",
-    }
-)  # fmt: skip
-
-# The keys PEFT has read for a long time (since about 0.10). Older PEFT versions refuse configs
-# with keys they do not know, so newer keys are written only when they differ from their default:
-# a file that uses no newer feature then loads in old and new PEFT alike.
-PEFT_BASELINE_KEYS = frozenset(
-    {
-        "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-        "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
-        "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
-        "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core",
-        "loftq_config", "use_dora", "layer_replication",
-    }
-)  # fmt: skip
+# The keys adapter_config.json may hold, and those written even at their default (PEFT has
+# read them since about 0.10; older PEFT refuses keys it does not know): the C++ schema's.
+PEFT_LORA_CONFIG_KEYS, PEFT_BASELINE_KEYS = _C.peft.peft_file_keys()
 
 
 # ---------------------------------------------------------------------------------- paths
@@ -113,39 +91,11 @@ def _remove_durably(path: str) -> None:
         _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
-def _to_json_value(value: Any) -> Any:
-    """JSON form of a config value: sets (and tuples) become sorted lists, like PEFT writes them."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    if isinstance(value, tuple):
-        return [_to_json_value(v) for v in value]
-    if isinstance(value, list):
-        return [_to_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_json_value(v) for k, v in value.items()}
-    if hasattr(value, "value") and hasattr(type(value), "__members__"):  # Enum (TaskType, ...)
-        return value.value
-    return value
-
-
-def config_to_peft_json(
-    config_dict: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``adapter_config.json`` content for a LoRA config given as a dict of its fields.
-
-    Keeps only keys PEFT knows, writes sets as lists, and sets ``peft_type`` to "LORA". Keys
-    outside ``PEFT_BASELINE_KEYS`` whose value equals ``defaults[key]`` are left out.
-    """
-    defaults = defaults or {}
-    out = {
-        key: _to_json_value(value)
-        for key, value in config_dict.items()
-        if key in PEFT_LORA_CONFIG_KEYS
-        and (key in PEFT_BASELINE_KEYS or key not in defaults or _to_json_value(value) != _to_json_value(defaults[key]))
-    }
-    out.pop("peft_version", None)
-    out["peft_type"] = "LORA"
-    return out
+def config_to_peft_json(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for a LoRA config given as a dict of its fields, as
+    the C++ core writes it: only keys PEFT knows, keys newer than PEFT ~0.10 only when they
+    differ from their default, sets as lists, ``peft_type`` "LORA"."""
+    return json.loads(_C.peft.lora_config_to_peft_json(dict(config_dict)))
 
 
 def _serialize_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -191,30 +141,14 @@ def write_adapter_files(
 
 # ---------------------------------------------------------------------------------- reading
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse ``<directory>/adapter_config.json``; errors name the file and the bad key."""
+    """Parse and validate ``<directory>/adapter_config.json`` (the C++ core's reader, so Python
+    and C++ accept the same files); errors name the file and the bad key."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isdir(os.fspath(directory)):
         raise FileNotFoundError(f"adapter folder {os.fspath(directory)!r} does not exist")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} in the adapter folder")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    peft_type = data.get("peft_type")
-    if peft_type is None:
-        raise ValueError(f"{path}: key 'peft_type' is missing")
-    if str(peft_type).upper() != "LORA":
-        raise ValueError(f"{path}: key 'peft_type' is {peft_type!r}; torchlora reads only LORA adapters")
-    for key in ("r", "lora_alpha"):
-        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))):
-            raise ValueError(f"{path}: key {key!r} must be a number, got {data[key]!r}")
-    return data
+    return _C.peft.read_adapter_config(path)
 
 
 def adapter_weights_path(directory: str | os.PathLike[str]) -> str:
@@ -311,11 +245,10 @@ def config_from_json(config_json: Mapping[str, Any], source: str) -> "LoraConfig
     """torchlora's ``LoraConfig`` from an ``adapter_config.json`` dict; errors name ``source``."""
     from .config import LoraConfig
 
+    from .config import validate_config_dict
+
     data = {key: value for key, value in config_json.items() if key != "runtime_config"}
-    try:
-        return LoraConfig.from_dict(data)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise ValueError(f"{source}: {exc}") from exc
+    return LoraConfig(**validate_config_dict(data, source))
 
 
 # ---------------------------------------------------------------------------------- models
@@ -381,25 +314,10 @@ def save_pretrained(
             config_dict["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
         write_adapter_files(
             adapter_folder(save_directory, adapter_name),
-            config_to_peft_json(config_dict, _config_defaults()),
+            config_to_peft_json(config_dict),
             tensors,
             safe_serialization=safe_serialization,
         )
-
-
-def _config_defaults() -> dict[str, Any]:
-    """Default value of every ``LoraConfig`` field."""
-    import dataclasses
-
-    from .config import LoraConfig
-
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(LoraConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
 
 
 def _adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ._native import _C
+
 CONFIG_NAME = "adapter_config.json"
-ALL_LINEAR = "all-linear"
 
 
 class PeftType(str, enum.Enum):
@@ -38,102 +36,38 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-# PEFT LoraConfig options torchlora does not implement, with the default PEFT gives them.
-# Setting one of them to anything else raises NotImplementedError.
-UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "trainable_token_indices": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
-    "use_dora": False,
-    "velora_config": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "qalora_group_size": 16,
-    "monteclora_config": None,
-    "layer_replication": None,
-    "runtime_config": None,
-    "target_parameters": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "ensure_weight_tying": False,
-}
-
-# init_lora_weights values PEFT knows but torchlora does not implement.
-_UNSUPPORTED_INITS = ("loftq", "eva", "corda", "lora_ga", "orthogonal")
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-_BIAS_CHOICES = ("none", "all", "lora_only")
+_peft = _C.peft
+# PEFT's LoraConfig fields as the C++ core defines them: name -> (default, supported).
+_FIELDS: dict[str, tuple[Any, bool]] = {name: (default, supported) for name, default, supported in
+                                        _peft.lora_config_fields()}
+# PEFT options torchlora does not implement, with PEFT's default: any other value raises
+# NotImplementedError.
+UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {name: d for name, (d, ok) in _FIELDS.items() if not ok}
 _HUB_KWARGS = frozenset({"token", "cache_dir", "local_files_only", "force_download", "proxies", "user_agent"})
-# Keys PEFT writes into adapter_config.json besides the LoraConfig fields.
-_BOOKKEEPING_KEYS = ("peft_type", "auto_mapping", "peft_version")
 
 
-def _is_default(name: str, value: Any) -> bool:
-    default = UNSUPPORTED_FIELD_DEFAULTS[name]
-    if name == "runtime_config":
-        # PEFT's LoraRuntimeConfig(ephemeral_gpu_offload=False), as an object or as a dict
-        if value is None:
-            return True
-        offload = value.get("ephemeral_gpu_offload", False) if isinstance(value, dict) else getattr(
-            value, "ephemeral_gpu_offload", None)
-        return offload is False and (not isinstance(value, dict) or set(value) <= {"ephemeral_gpu_offload"})
-    if name == "loftq_config":
-        return value is None or value == {}
-    return value == default and type(value) is type(default) or (default is None and value is None)
+def _default(name: str) -> Any:
+    """A dataclass field whose default is the C++ schema's."""
+    value = _FIELDS[name][0]
+    return field(default_factory=lambda: copy.deepcopy(value))
 
 
-def _check_str_list(name: str, value: Any, allow_str: bool) -> None:
-    if value is None or (allow_str and isinstance(value, str)):
-        return
-    if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
-        return
-    kinds = "a string, a list of strings or None" if allow_str else "a list of strings or None"
-    raise TypeError(f"{name} must be {kinds}, got {value!r}")
+def _plain(value: Any) -> Any:
+    """A config value as the schema sees it: enums by value, PEFT's runtime-config object as a dict."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_opt_str(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, got {value!r}")
-
-
-def check_rank(name: str, value: Any) -> None:
-    """A LoRA rank: a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"`{name}` should be a positive integer value but the value passed is {value}")
-
-
-def check_alpha(name: str, value: Any) -> None:
-    """A LoRA alpha: a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-
-
-def parse_init_lora_weights(value: Any) -> Union[bool, str]:
-    """Validate ``init_lora_weights``; returns it unchanged."""
-    if isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"init_lora_weights must be a bool or a string, got {value!r}")
-    if value.lower() == "gaussian" or value in ("pissa", "olora") or _PISSA_NITER.fullmatch(value):
-        return value
-    if value in _UNSUPPORTED_INITS:
-        raise NotImplementedError(f"init_lora_weights={value!r} is not supported by torchlora")
-    raise ValueError(
-        f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora', got {value!r}"
-    )
+def validate_config_dict(data: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """Check a config dict by PEFT's schema (the C++ core's): unknown keys, types, ranges,
+    combinations and unsupported options raise ValueError / TypeError / NotImplementedError
+    naming the field. Returns the dict with every field present."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a LoraConfig dict was expected, got {type(data).__name__}")
+    return _peft.normalize_lora_config({k: _plain(v) for k, v in data.items()}, source)
 
 
 @dataclass
@@ -147,57 +81,57 @@ class LoraConfig:
     with ``use_rslora``).
     """
 
-    task_type: Optional[Union[str, TaskType]] = None
-    peft_type: Optional[Union[str, PeftType]] = None
-    auto_mapping: Optional[dict] = None
-    peft_version: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
-    r: int = 8
-    target_modules: Optional[Union[list[str], set[str], str]] = None
-    exclude_modules: Optional[Union[list[str], set[str], str]] = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    lora_bias: bool = False
+    task_type: Optional[Union[str, TaskType]] = _default("task_type")
+    peft_type: Optional[Union[str, PeftType]] = _default("peft_type")
+    auto_mapping: Optional[dict] = _default("auto_mapping")
+    peft_version: Optional[str] = _default("peft_version")
+    base_model_name_or_path: Optional[str] = _default("base_model_name_or_path")
+    revision: Optional[str] = _default("revision")
+    inference_mode: bool = _default("inference_mode")
+    r: int = _default("r")
+    target_modules: Optional[Union[list[str], set[str], str]] = _default("target_modules")
+    exclude_modules: Optional[Union[list[str], set[str], str]] = _default("exclude_modules")
+    lora_alpha: float = _default("lora_alpha")
+    lora_dropout: float = _default("lora_dropout")
+    fan_in_fan_out: bool = _default("fan_in_fan_out")
+    bias: str = _default("bias")
+    use_rslora: bool = _default("use_rslora")
+    modules_to_save: Optional[list[str]] = _default("modules_to_save")
+    init_lora_weights: Union[bool, str] = _default("init_lora_weights")
+    layers_to_transform: Optional[Union[list[int], int]] = _default("layers_to_transform")
+    layers_pattern: Optional[Union[list[str], str]] = _default("layers_pattern")
+    rank_pattern: dict = _default("rank_pattern")
+    alpha_pattern: dict = _default("alpha_pattern")
+    lora_bias: bool = _default("lora_bias")
     # PEFT options torchlora does not implement: accepted only at their defaults
-    megatron_config: Optional[dict] = None
-    megatron_core: Optional[str] = "megatron.core"
-    trainable_token_indices: Any = None
-    loftq_config: Any = field(default_factory=dict)
-    eva_config: Any = None
-    corda_config: Any = None
-    lora_ga_config: Any = None
-    use_dora: bool = False
-    velora_config: Any = None
-    alora_invocation_tokens: Any = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16
-    monteclora_config: Any = None
-    layer_replication: Any = None
-    runtime_config: Any = None
-    target_parameters: Any = None
-    use_bdlora: Any = None
-    arrow_config: Any = None
-    kasa_config: Any = None
-    ensure_weight_tying: bool = False
+    megatron_config: Optional[dict] = _default("megatron_config")
+    megatron_core: Optional[str] = _default("megatron_core")
+    trainable_token_indices: Any = _default("trainable_token_indices")
+    loftq_config: Any = _default("loftq_config")
+    eva_config: Any = _default("eva_config")
+    corda_config: Any = _default("corda_config")
+    lora_ga_config: Any = _default("lora_ga_config")
+    use_dora: bool = _default("use_dora")
+    velora_config: Any = _default("velora_config")
+    alora_invocation_tokens: Any = _default("alora_invocation_tokens")
+    use_qalora: bool = _default("use_qalora")
+    qalora_group_size: int = _default("qalora_group_size")
+    monteclora_config: Any = _default("monteclora_config")
+    layer_replication: Any = _default("layer_replication")
+    runtime_config: Any = _default("runtime_config")
+    target_parameters: Any = _default("target_parameters")
+    use_bdlora: Any = _default("use_bdlora")
+    arrow_config: Any = _default("arrow_config")
+    kasa_config: Any = _default("kasa_config")
+    ensure_weight_tying: bool = _default("ensure_weight_tying")
 
     def __post_init__(self) -> None:
-        self._reject_unsupported()
-        self._check_task_and_type()
-        self._check_types()
-        self._check_values()
-        self._check_combinations()
+        validate_config_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         self.peft_type = PeftType.LORA
+        if self.task_type is not None:
+            self.task_type = TaskType(self.task_type)
+        self.loftq_config = {}
+        self.runtime_config = None
         # PEFT keeps module lists as sets; order does not matter for matching
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -205,91 +139,6 @@ class LoraConfig:
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-
-    # ------------------------------------------------------------------ validation
-    def _reject_unsupported(self) -> None:
-        for name in UNSUPPORTED_FIELD_DEFAULTS:
-            value = getattr(self, name)
-            if not _is_default(name, value):
-                raise NotImplementedError(
-                    f"LoraConfig.{name}={value!r} is not supported by torchlora (only the default "
-                    f"{UNSUPPORTED_FIELD_DEFAULTS[name]!r} is)"
-                )
-        self.loftq_config = {}
-        self.runtime_config = None
-
-    def _check_task_and_type(self) -> None:
-        if self.task_type is not None:
-            try:
-                self.task_type = TaskType(self.task_type)
-            except ValueError:
-                raise ValueError(
-                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
-                    f"{', '.join(t.value for t in TaskType)}."
-                ) from None
-        if self.peft_type is not None and str(getattr(self.peft_type, "value", self.peft_type)) != "LORA":
-            raise ValueError(f"peft_type must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
-        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
-            raise TypeError(f"auto_mapping must be a dict or None, got {self.auto_mapping!r}")
-        _check_opt_str("peft_version", self.peft_version)
-
-    def _check_types(self) -> None:
-        _check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
-        _check_opt_str("revision", self.revision)
-        for name in ("inference_mode", "fan_in_fan_out", "use_rslora", "lora_bias"):
-            _check_bool(name, getattr(self, name))
-        _check_str_list("target_modules", self.target_modules, allow_str=True)
-        _check_str_list("exclude_modules", self.exclude_modules, allow_str=True)
-        _check_str_list("modules_to_save", self.modules_to_save, allow_str=False)
-        _check_str_list("layers_pattern", self.layers_pattern, allow_str=True)
-        layers = self.layers_to_transform
-        if layers is not None:
-            items = layers if isinstance(layers, (list, tuple)) else [layers]
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                raise TypeError(f"layers_to_transform must be an int, a list of ints or None, got {layers!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name} must be a dict, got {getattr(self, name)!r}")
-
-    def _check_values(self) -> None:
-        check_rank("r", self.r)
-        check_alpha("lora_alpha", self.lora_alpha)
-        dropout = self.lora_dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"lora_dropout must be a number, got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
-        if self.bias not in _BIAS_CHOICES:
-            raise ValueError(f"bias must be one of {list(_BIAS_CHOICES)}, got {self.bias!r}")
-        parse_init_lora_weights(self.init_lora_weights)
-        for key, value in self.rank_pattern.items():
-            if not isinstance(key, str):
-                raise TypeError(f"rank_pattern keys must be strings, got {key!r}")
-            check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            if not isinstance(key, str):
-                raise TypeError(f"alpha_pattern keys must be strings, got {key!r}")
-            check_alpha(f"alpha_pattern[{key!r}]", value)
-        for name in ("target_modules", "exclude_modules"):
-            pattern = getattr(self, name)
-            if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
-
-    def _check_combinations(self) -> None:
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
-        if self.lora_bias and self.init_lora_weights not in (True, False):
-            raise ValueError(
-                "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
-                f"init_lora_weights={self.init_lora_weights} instead."
-            )
 
     # ------------------------------------------------------------------ PEFT-like helpers
     @property
@@ -316,33 +165,26 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Build a config from ``to_dict`` output or a PEFT ``adapter_config.json``.
 
-        Keys that neither torchlora nor PEFT's LoraConfig knows raise ``ValueError`` naming them;
-        PEFT options torchlora lacks are accepted at their defaults and rejected otherwise.
+        Keys that PEFT's LoraConfig does not know raise ``ValueError`` naming them; PEFT
+        options torchlora lacks are accepted at their defaults and rejected otherwise.
         """
-        if not isinstance(data, dict):
-            raise TypeError(f"from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown LoraConfig keys {unknown}; torchlora cannot interpret this config")
-        peft_type = data.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "LORA":
-            raise ValueError(f"peft_type must be 'LORA', got {peft_type!r}: torchlora only implements LoRA")
+        validate_config_dict(data)
         return cls(**data)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory ({save_directory}) should be a directory, not a file")
-        os.makedirs(save_directory, exist_ok=True)
-        output = self.to_json_dict()
+        output = self.to_dict()
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        text = _peft.lora_config_to_peft_json(output)
+        os.makedirs(save_directory, exist_ok=True)
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as writer:
-            writer.write(json.dumps(output, indent=2, sort_keys=True))
+            writer.write(text)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
@@ -354,15 +196,12 @@ class LoraConfig:
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise ValueError(f"Can't find '{CONFIG_NAME}' at '{path}'")
-        with open(config_file, encoding="utf-8") as reader:
-            data = json.load(reader)
-        data.pop("runtime_config", None)  # runtime-only, PEFT drops it too
         # Hub download options do not apply to a local folder; config fields come from the file,
         # as in PEFT, so passing them here is an error rather than a silent no-op.
         unexpected = sorted(set(kwargs) - _HUB_KWARGS)
         if unexpected:
             raise TypeError(f"from_pretrained got unexpected arguments {unexpected}")
-        return cls.from_dict(data)
+        return cls(**_peft.read_adapter_config(config_file))
 
 
 # torchlora implements one method, so PEFT's generic config entry point is the LoRA config

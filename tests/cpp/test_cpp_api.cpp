@@ -118,20 +118,42 @@ TEST(AdapterConfig, ParsesPeftFieldsAndPatternsInOrder) {
   EXPECT_EQ(c.rank_for("model.layers.1.self_attn.k_proj"), 8);
   EXPECT_DOUBLE_EQ(c.scaling_for("model.layers.1.self_attn.v_proj"), 3.0 / std::sqrt(8.0));
   EXPECT_EQ(*c.task_type, "CAUSAL_LM");
-  // Round trip keeps unknown keys and the values.
+  // Round trip keeps the values.
   const auto again = io::parse_adapter_config(io::adapter_config_to_json(c));
   EXPECT_EQ(again.rank_pattern, c.rank_pattern);
   EXPECT_NE(io::adapter_config_to_json(c).find("\"init_lora_weights\": false"), std::string::npos);
 }
 
 TEST(AdapterConfig, RejectsBadFieldsByName) {
-  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"r": 1.5})"); }).find("'r'"), std::string::npos);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"r": 1.5})"); }).find("r must be an int"), std::string::npos);
   EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"target_modules": 3})"); }).find("target_modules"), std::string::npos);
   EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"lora_dropout": 1.0})"); }).find("lora_dropout"), std::string::npos);
   EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"target_modules": "q", "layers_to_transform": [0]})"); })
                 .find("layers_to_transform"), std::string::npos);
   EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"rank_pattern": {"(": 2}})"); }).find("rank_pattern"),
             std::string::npos);
+}
+
+// The schema Python's LoraConfig uses: unknown keys, options torchlora lacks and the ranges
+// config.py enforces are errors in C++ too, with the same exception types.
+TEST(AdapterConfig, RejectsWhatPythonRejects) {
+  EXPECT_THROW(io::parse_adapter_config(R"({"r": 4, "my_option": 1})"), c10::ValueError);
+  EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"zeta": 1, "beta": 2})"); }).find("['beta', 'zeta']"),
+            std::string::npos);
+  EXPECT_THROW(io::parse_adapter_config(R"({"use_dora": true})"), c10::NotImplementedError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"arrow_config": {"top_k": 2}})"), c10::NotImplementedError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"alora_invocation_tokens": [1]})"), c10::NotImplementedError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"lora_alpha": 0})"), c10::ValueError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"lora_alpha": -1.5})"), c10::ValueError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"r": "8"})"), c10::TypeError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"init_lora_weights": "kaiming"})"), c10::ValueError);
+  EXPECT_THROW(io::parse_adapter_config(R"({"task_type": "TRANSLATION"})"), c10::ValueError);
+  // PEFT's defaults of the options torchlora lacks are accepted
+  EXPECT_NO_THROW(io::parse_adapter_config(R"({"use_dora": false, "megatron_core": "megatron.core", "loftq_config": {}})"));
+  // a struct built by hand goes through the same schema
+  io::LoraConfig c;
+  c.lora_alpha = 0;
+  EXPECT_THROW(c.validate(), c10::ValueError);
 }
 
 TEST(TargetMatch, FollowsPeftRules) {
@@ -287,6 +309,20 @@ TEST(Inject, LoadAdapterIntoModuleTreeAndSwitch) {
   none.target_modules = io::ModuleSelector::from_names({"nothing"});
   EXPECT_NE(error_of([&] { apply::inject_adapter(*net, none, "c"); }).find("not found in the base model"),
             std::string::npos);
+}
+
+// "all-linear" means every Linear of a plain module tree, as in Python for a plain nn.Module;
+// exclude_modules still applies.
+TEST(Inject, AllLinearTargetsEveryLinear) {
+  TinyNet net;
+  io::LoraConfig config;
+  config.target_modules = io::ModuleSelector::from_regex("ALL-LINEAR");
+  EXPECT_EQ(apply::inject_adapter(*net, config, "a").size(), 2u);
+  TinyNet other;
+  config.exclude_modules = io::ModuleSelector::from_names({"fc1"});
+  const auto injected = apply::inject_adapter(*other, config, "a");
+  ASSERT_EQ(injected.size(), 1u);
+  EXPECT_EQ(injected[0].name, "fc2");
 }
 
 // ------------------------------------------------------------------------- TorchScript

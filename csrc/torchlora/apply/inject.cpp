@@ -6,6 +6,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include <torchlora/apply/target_match.h>
+#include <torchlora/peft/config_schema.h>
 #include <torchlora/nn/lora_conv2d.h>
 #include <torchlora/nn/lora_embedding.h>
 #include <torchlora/nn/lora_linear.h>
@@ -66,11 +67,19 @@ std::vector<InjectedLayer> inject_adapter(torch::nn::Module& root, const io::Lor
   std::map<std::string, ModulePtr> modules;
   std::vector<std::string> lora_paths;
   std::vector<std::string> targets;
+  const bool all_linear = config.target_modules.kind == io::ModuleSelector::Kind::Regex &&
+                          peft::is_all_linear(config.target_modules.regex);
   for (const auto& item : root.named_modules("", /*include_self=*/true)) {
     modules.emplace(item.key(), item.value());
     if (inside(item.key(), lora_paths)) continue;  // the insides of a LoRA layer are not targets
     if (std::dynamic_pointer_cast<nn::LoraLayer>(item.value())) lora_paths.push_back(item.key());
-    if (!item.key().empty() && is_target_module(config, item.key())) targets.push_back(item.key());
+    if (item.key().empty()) continue;
+    // A torch::nn::Module tree has no output head to leave out (PEFT only leaves out that of a
+    // transformers model), so "all-linear" is every Linear, as in Python for a plain nn.Module.
+    const bool linear = item.value()->as<torch::nn::Linear>() != nullptr ||
+                        std::dynamic_pointer_cast<nn::LoraLinearImpl>(item.value()) != nullptr;
+    const bool target = all_linear ? linear : is_target_module(config, item.key());
+    if (target && match_target_module(config, item.key()) != TargetMatch::Excluded) targets.push_back(item.key());
   }
   TORCH_CHECK(!targets.empty(), "torchlora: Target modules ",
               config.target_modules.kind == io::ModuleSelector::Kind::Regex ? config.target_modules.regex : "(list)",

@@ -54,18 +54,18 @@ std::optional<int64_t> layer_index(const std::string& module_name, const std::ve
   return std::nullopt;
 }
 
-bool is_target_module(const io::LoraConfig& config, const std::string& module_name) {
+TargetMatch match_target_module(const io::LoraConfig& config, const std::string& module_name) {
   if (selector_matches(config.exclude_modules, module_name)) {
-    return false;
+    return TargetMatch::Excluded;
   }
   // Adapters never go inside modules_to_save: re.match(rf"(^|.*\.){m}($|\..*)", key).
   for (const auto& m : config.modules_to_save) {
     if (std::regex_match(module_name, std::regex("(^|.*\\.)" + m + "($|\\..*)", std::regex::ECMAScript))) {
-      return false;
+      return TargetMatch::Excluded;
     }
   }
   if (!selector_matches(config.target_modules, module_name)) {
-    return false;
+    return TargetMatch::NotTarget;
   }
   // Layer filters apply to suffix matches of a name list (not to an exact entry or a regex).
   const bool exact = config.target_modules.kind == io::ModuleSelector::Kind::Names &&
@@ -75,12 +75,17 @@ bool is_target_module(const io::LoraConfig& config, const std::string& module_na
       config.target_modules.kind == io::ModuleSelector::Kind::Names) {
     const auto index = layer_index(module_name, config.layers_pattern);
     if (!index.has_value()) {
-      return false;
+      return TargetMatch::NotTarget;
     }
     const auto& layers = *config.layers_to_transform;
-    return std::find(layers.begin(), layers.end(), *index) != layers.end();
+    return std::find(layers.begin(), layers.end(), *index) != layers.end() ? TargetMatch::Target
+                                                                           : TargetMatch::NotTarget;
   }
-  return true;
+  return TargetMatch::Target;
+}
+
+bool is_target_module(const io::LoraConfig& config, const std::string& module_name) {
+  return match_target_module(config, module_name) == TargetMatch::Target;
 }
 
 }  // namespace torchlora::apply

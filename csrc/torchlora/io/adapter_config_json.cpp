@@ -1,102 +1,25 @@
-// adapter_config.json <-> LoraConfig (nlohmann_json).
+// adapter_config.json <-> io::LoraConfig. Validation and the written keys are the schema's
+// (peft/config_schema.cpp); this file only maps the normalized JSON object onto the struct.
 #include <torchlora/io/adapter_config.h>
+
+#include <torchlora/peft/config_schema.h>
+#include <torchlora/peft/config_schema_json.h>
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdio>
-#include <filesystem>
 #include <fstream>
-#include <sstream>
 
 namespace torchlora::io {
 namespace {
 
 using Json = nlohmann::ordered_json;
 
-struct Reader {
-  const Json& obj;
-  const std::string& source;
-
-  const Json* get(const char* key) const {
-    auto it = obj.find(key);
-    return (it == obj.end() || it->is_null()) ? nullptr : &*it;
-  }
-  [[noreturn]] void fail(const char* key, const char* expected, const Json& value) const {
-    TORCH_CHECK(false, "torchlora: ", source, ": field '", key, "' must be ", expected, ", got ", value.dump());
-  }
-  void read(const char* key, int64_t& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_number_integer()) fail(key, "an integer", *v);
-      out = v->get<int64_t>();
-    }
-  }
-  void read(const char* key, double& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_number()) fail(key, "a number", *v);
-      out = v->get<double>();
-    }
-  }
-  void read(const char* key, bool& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_boolean()) fail(key, "true or false", *v);
-      out = v->get<bool>();
-    }
-  }
-  void read(const char* key, std::string& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_string()) fail(key, "a string", *v);
-      out = v->get<std::string>();
-    }
-  }
-  void read(const char* key, std::optional<std::string>& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_string()) fail(key, "a string or null", *v);
-      out = v->get<std::string>();
-    }
-  }
-  std::vector<std::string> strings(const char* key, const Json& v) const {
-    std::vector<std::string> out;
-    for (const auto& item : v) {
-      if (!item.is_string()) fail(key, "a list of strings", v);
-      out.push_back(item.get<std::string>());
-    }
-    return out;
-  }
-  void read(const char* key, std::vector<std::string>& out, bool allow_single) const {
-    if (const auto* v = get(key)) {
-      if (allow_single && v->is_string()) {
-        out = {v->get<std::string>()};
-      } else if (v->is_array()) {
-        out = strings(key, *v);
-      } else {
-        fail(key, allow_single ? "a string or a list of strings" : "a list of strings", *v);
-      }
-    }
-  }
-  void read(const char* key, ModuleSelector& out) const {
-    if (const auto* v = get(key)) {
-      if (v->is_string()) {
-        out = ModuleSelector::from_regex(v->get<std::string>());
-      } else if (v->is_array()) {
-        out = ModuleSelector::from_names(strings(key, *v));
-      } else {
-        fail(key, "a string (regular expression) or a list of module names", *v);
-      }
-    }
-  }
-  template <typename T>
-  void read_pattern(const char* key, std::vector<std::pair<std::string, T>>& out) const {
-    if (const auto* v = get(key)) {
-      if (!v->is_object()) fail(key, "an object", *v);
-      for (const auto& item : v->items()) {
-        const bool ok = std::is_integral_v<T> ? item.value().is_number_integer() : item.value().is_number();
-        if (!ok) fail(key, std::is_integral_v<T> ? "an object of integers" : "an object of numbers", *v);
-        out.emplace_back(item.key(), item.value().get<T>());
-      }
-    }
-  }
-};
+ModuleSelector selector_from(const Json& v) {
+  if (v.is_string()) return ModuleSelector::from_regex(v.get<std::string>());
+  if (v.is_array()) return ModuleSelector::from_names(v.get<std::vector<std::string>>());
+  return {};
+}
 
 Json selector_json(const ModuleSelector& s) {
   switch (s.kind) {
@@ -107,92 +30,81 @@ Json selector_json(const ModuleSelector& s) {
   return nullptr;
 }
 
+std::vector<std::string> strings_from(const Json& v) {
+  if (v.is_string()) return {v.get<std::string>()};
+  if (v.is_array()) return v.get<std::vector<std::string>>();
+  return {};
+}
+
+template <typename T>
+std::optional<T> optional_from(const Json& v) {
+  return v.is_null() ? std::nullopt : std::optional<T>(v.get<T>());
+}
+
 template <typename T>
 Json optional_json(const std::optional<T>& v) {
   return v.has_value() ? Json(*v) : Json(nullptr);
 }
 
-}  // namespace
+std::string init_from(const Json& v) { return v.is_boolean() ? (v.get<bool>() ? "true" : "false") : v.get<std::string>(); }
 
-LoraConfig parse_adapter_config(const std::string& json_text, const std::string& source) {
-  Json obj;
-  try {
-    obj = Json::parse(json_text);
-  } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK(false, "torchlora: ", source, ": not valid JSON: ", e.what());
-  }
-  TORCH_CHECK(obj.is_object(), "torchlora: ", source, ": expected a JSON object, got ", obj.type_name());
-  const Reader in{obj, source};
+Json init_json(const std::string& v) {
+  if (v == "true") return true;
+  if (v == "false") return false;
+  return v;
+}
+
+// The struct from a normalized object (types already checked by the schema).
+LoraConfig from_normalized(const Json& o) {
   LoraConfig c;
-  in.read("peft_type", c.peft_type);
-  in.read("r", c.r);
-  in.read("lora_alpha", c.lora_alpha);
-  in.read("lora_dropout", c.lora_dropout);
-  in.read("target_modules", c.target_modules);
-  in.read("exclude_modules", c.exclude_modules);
-  in.read("fan_in_fan_out", c.fan_in_fan_out);
-  in.read("bias", c.bias);
-  in.read("use_rslora", c.use_rslora);
-  in.read("modules_to_save", c.modules_to_save, false);
-  if (const auto* v = in.get("layers_to_transform")) {
-    if (v->is_number_integer()) {
-      c.layers_to_transform = std::vector<int64_t>{v->get<int64_t>()};
-    } else if (v->is_array()) {
-      std::vector<int64_t> layers;
-      for (const auto& item : *v) {
-        if (!item.is_number_integer()) in.fail("layers_to_transform", "an integer or a list of integers", *v);
-        layers.push_back(item.get<int64_t>());
-      }
-      c.layers_to_transform = layers;
-    } else {
-      in.fail("layers_to_transform", "an integer or a list of integers", *v);
-    }
+  c.peft_type = o["peft_type"].get<std::string>();
+  c.r = o["r"].get<int64_t>();
+  c.lora_alpha = o["lora_alpha"].get<double>();
+  c.lora_dropout = o["lora_dropout"].get<double>();
+  c.target_modules = selector_from(o["target_modules"]);
+  c.exclude_modules = selector_from(o["exclude_modules"]);
+  c.fan_in_fan_out = o["fan_in_fan_out"].get<bool>();
+  c.bias = o["bias"].get<std::string>();
+  c.use_rslora = o["use_rslora"].get<bool>();
+  c.modules_to_save = strings_from(o["modules_to_save"]);
+  const Json& layers = o["layers_to_transform"];
+  if (layers.is_number_integer()) {
+    c.layers_to_transform = std::vector<int64_t>{layers.get<int64_t>()};
+  } else if (layers.is_array()) {
+    c.layers_to_transform = layers.get<std::vector<int64_t>>();
   }
-  in.read("layers_pattern", c.layers_pattern, true);
-  in.read_pattern("rank_pattern", c.rank_pattern);
-  in.read_pattern("alpha_pattern", c.alpha_pattern);
-  in.read("lora_bias", c.lora_bias);
-  in.read("use_dora", c.use_dora);
-  in.read("inference_mode", c.inference_mode);
-  in.read("task_type", c.task_type);
-  in.read("base_model_name_or_path", c.base_model_name_or_path);
-  in.read("revision", c.revision);
-  // Features that change what the adapter computes and that torchlora does not implement.
-  if (const auto* v = in.get("target_parameters")) {
-    TORCH_CHECK(v->is_array() && v->empty(), "torchlora: ", source,
-                ": target_parameters (LoRA on raw parameters) is not supported, got ", v->dump());
-  }
-  for (const char* key : {"layer_replication", "trainable_token_indices"}) {
-    if (const auto* v = in.get(key)) {
-      TORCH_CHECK(false, "torchlora: ", source, ": '", key, "' is not supported, got ", v->dump());
-    }
-  }
-  c.original_json = obj.dump();
-  try {
-    c.validate();
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "torchlora: ", source, ": ", e.msg());
-  }
+  c.layers_pattern = strings_from(o["layers_pattern"]);
+  for (const auto& item : o["rank_pattern"].items()) c.rank_pattern.emplace_back(item.key(), item.value().get<int64_t>());
+  for (const auto& item : o["alpha_pattern"].items()) c.alpha_pattern.emplace_back(item.key(), item.value().get<double>());
+  c.lora_bias = o["lora_bias"].get<bool>();
+  c.use_dora = o["use_dora"].get<bool>();
+  c.init_lora_weights = init_from(o["init_lora_weights"]);
+  c.inference_mode = o["inference_mode"].get<bool>();
+  c.task_type = optional_from<std::string>(o["task_type"]);
+  c.base_model_name_or_path = optional_from<std::string>(o["base_model_name_or_path"]);
+  c.revision = optional_from<std::string>(o["revision"]);
+  c.original_json = o.dump();
   return c;
 }
 
-LoraConfig load_adapter_config(const std::string& path) {
-  std::ifstream in(path);
-  TORCH_CHECK(in.good(), "torchlora: ", path, ": cannot open it (no adapter_config.json?)");
-  std::stringstream text;
-  text << in.rdbuf();
-  return parse_adapter_config(text.str(), path);
-}
+// The struct as a config object (NaN stays NaN, to fail as a bad value of its field).
+Json struct_json(const LoraConfig& c);
 
-std::string adapter_config_to_json(const LoraConfig& c) {
-  c.validate();
+}  // namespace
+
+std::string LoraConfig::to_json() const { return struct_json(*this).dump(); }
+
+void LoraConfig::validate() const { peft::normalize_lora_config_object(struct_json(*this)); }
+
+namespace {
+Json struct_json(const LoraConfig& c) {
   Json obj;
   try {
     obj = Json::parse(c.original_json);
   } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK(false, "torchlora: LoraConfig::original_json is not valid JSON: ", e.what());
+    TORCH_CHECK_VALUE(false, "torchlora: LoraConfig::original_json is not valid JSON: ", e.what());
   }
-  TORCH_CHECK(obj.is_object(), "torchlora: LoraConfig::original_json must hold a JSON object");
+  TORCH_CHECK_VALUE(obj.is_object(), "torchlora: LoraConfig::original_json must hold a JSON object");
   obj["peft_type"] = c.peft_type;
   obj["r"] = c.r;
   obj["lora_alpha"] = c.lora_alpha;
@@ -212,11 +124,35 @@ std::string adapter_config_to_json(const LoraConfig& c) {
   obj["alpha_pattern"] = alpha;
   obj["lora_bias"] = c.lora_bias;
   obj["use_dora"] = c.use_dora;
-  obj["inference_mode"] = true;
+  obj["init_lora_weights"] = init_json(c.init_lora_weights);
+  obj["inference_mode"] = c.inference_mode;
   obj["task_type"] = optional_json(c.task_type);
   obj["base_model_name_or_path"] = optional_json(c.base_model_name_or_path);
   obj["revision"] = optional_json(c.revision);
-  return obj.dump(2);
+  return obj;
+}
+}  // namespace
+
+LoraConfig parse_adapter_config(const std::string& json_text, const std::string& source) {
+  Json obj;
+  try {
+    obj = Json::parse(json_text);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK_VALUE(false, source, ": not valid JSON: ", e.what());
+  }
+  TORCH_CHECK_VALUE(obj.is_object(), source, ": expected a JSON object, got ", obj.type_name());
+  obj.erase("runtime_config");  // runtime-only; PEFT drops it on load too
+  return from_normalized(peft::normalize_lora_config_object(obj, source));
+}
+
+LoraConfig load_adapter_config(const std::string& path) {
+  return from_normalized(Json::parse(peft::read_adapter_config_file(path)));
+}
+
+std::string adapter_config_to_json(const LoraConfig& c) {
+  Json obj = struct_json(c);
+  obj["inference_mode"] = true;  // a saved adapter loads for inference unless asked otherwise
+  return peft::lora_config_object_to_peft_json(obj);
 }
 
 void save_adapter_config(const std::string& path, const LoraConfig& config) {

@@ -1,7 +1,9 @@
 // PEFT state dicts <-> per-module LoRA weights, and the deltas they make to base weights.
 #include <torchlora/io/peft_adapter.h>
 
+#include <ATen/ops/all.h>
 #include <ATen/ops/conv2d.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
 
@@ -33,22 +35,25 @@ std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
+// Every adapter tensor: floating point and finite (Python's loader applies the same checks
+// through this code).
 void check_float(const at::Tensor& t, const std::string& source, const std::string& key) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "torchlora: ", source, ": tensor '", key,
-              "' must be floating point, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), source, ": tensor '", key, "' must be floating point, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), source, ": key '", key, "' holds non-finite values");
 }
 
 LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
                                const std::string& source) {
-  TORCH_CHECK(!p.other_kind, "torchlora: ", source, ": module '", path,
+  TORCH_CHECK_VALUE(!p.other_kind, "torchlora: ", source, ": module '", path,
               "' mixes lora_A/lora_B with lora_embedding_A/lora_embedding_B keys");
   const char* a_name = p.embedding ? "lora_embedding_A" : "lora_A.weight";
   const char* b_name = p.embedding ? "lora_embedding_B" : "lora_B.weight";
-  TORCH_CHECK(p.A.defined(), "torchlora: ", source, ": module '", path, "' has ", b_name, " but no ", a_name);
-  TORCH_CHECK(p.B.defined(), "torchlora: ", source, ": module '", path, "' has ", a_name, " but no ", b_name);
+  TORCH_CHECK_VALUE(p.A.defined(), "torchlora: ", source, ": module '", path, "' has ", b_name, " but no ", a_name);
+  TORCH_CHECK_VALUE(p.B.defined(), "torchlora: ", source, ": module '", path, "' has ", a_name, " but no ", b_name);
   check_float(p.A, source, p.a_key);
   check_float(p.B, source, p.b_key);
-  TORCH_CHECK(p.A.scalar_type() == p.B.scalar_type(), "torchlora: ", source, ": module '", path, "': ", a_name,
+  TORCH_CHECK_VALUE(p.A.scalar_type() == p.B.scalar_type(), "torchlora: ", source, ": module '", path, "': ", a_name,
               " is ", p.A.scalar_type(), " but ", b_name, " is ", p.B.scalar_type());
 
   LoraModuleWeights w;
@@ -57,31 +62,31 @@ LoraModuleWeights check_module(const LoraConfig& config, const std::string& path
   const int64_t r = p.A.dim() > 0 ? p.A.size(0) : 0;
   if (p.embedding) {
     w.kind = LoraKind::Embedding;
-    TORCH_CHECK(p.A.dim() == 2 && p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
+    TORCH_CHECK_VALUE(p.A.dim() == 2 && p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
                 "': embedding factors must be lora_embedding_A [r, num_embeddings] and lora_embedding_B "
                 "[embedding_dim, r], got ", shape_str(p.A), " and ", shape_str(p.B));
   } else if (p.A.dim() == 2) {
     w.kind = LoraKind::Linear;
-    TORCH_CHECK(p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
+    TORCH_CHECK_VALUE(p.B.dim() == 2 && p.B.size(1) == r, "torchlora: ", source, ": module '", path,
                 "': linear factors must be lora_A [r, in] and lora_B [out, r], got ", shape_str(p.A), " and ",
                 shape_str(p.B));
   } else if (p.A.dim() == 4) {
     w.kind = LoraKind::Conv2d;
-    TORCH_CHECK(p.B.dim() == 4 && p.B.size(2) == 1 && p.B.size(3) == 1 && p.B.size(1) > 0 && r % p.B.size(1) == 0,
+    TORCH_CHECK_VALUE(p.B.dim() == 4 && p.B.size(2) == 1 && p.B.size(3) == 1 && p.B.size(1) > 0 && r % p.B.size(1) == 0,
                 "torchlora: ", source, ": module '", path,
                 "': conv factors must be lora_A [r, in, kh, kw] and lora_B [out, r / groups, 1, 1], got ",
                 shape_str(p.A), " and ", shape_str(p.B));
   } else {
-    TORCH_CHECK(false, "torchlora: ", source, ": module '", path, "': lora_A must have 2 or 4 dimensions, got ",
+    TORCH_CHECK_VALUE(false, "torchlora: ", source, ": module '", path, "': lora_A must have 2 or 4 dimensions, got ",
                 shape_str(p.A));
   }
   const int64_t expected_r = config.rank_for(path);
-  TORCH_CHECK(r == expected_r, "torchlora: ", source, ": module '", path, "' has rank ", r,
+  TORCH_CHECK_VALUE(r == expected_r, "torchlora: ", source, ": module '", path, "' has rank ", r,
               " but adapter_config.json gives it r=", expected_r);
   if (p.bias.defined()) {
-    check_float(p.bias, source, path + ".lora_B.bias");
-    TORCH_CHECK(!p.embedding, "torchlora: ", source, ": module '", path, "': embeddings have no lora_B.bias");
-    TORCH_CHECK(p.bias.dim() == 1 && p.bias.size(0) == p.B.size(0), "torchlora: ", source, ": module '", path,
+    check_float(p.bias, source, kPeftKeyPrefix + path + ".lora_B.bias");
+    TORCH_CHECK_VALUE(!p.embedding, "torchlora: ", source, ": module '", path, "': embeddings have no lora_B.bias");
+    TORCH_CHECK_VALUE(p.bias.dim() == 1 && p.bias.size(0) == p.B.size(0), "torchlora: ", source, ": module '", path,
                 "': lora_B.bias must be [", p.B.size(0), "], got ", shape_str(p.bias));
     w.lora_bias = p.bias;
   }
@@ -98,7 +103,7 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
   PeftAdapter adapter;
   const std::string prefix = kPeftKeyPrefix;
   for (const auto& [key, tensor] : state_dict) {
-    TORCH_CHECK(tensor.defined(), "torchlora: ", source, ": tensor '", key, "' is undefined");
+    TORCH_CHECK_VALUE(tensor.defined(), "torchlora: ", source, ": tensor '", key, "' is undefined");
     const std::string rel = key.starts_with(prefix) ? key.substr(prefix.size()) : key;
     const Suffix* suffix = nullptr;
     for (const auto& s : kSuffixes) {
@@ -123,7 +128,7 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
       case Suffix::Bias: p.bias = tensor; break;
     }
   }
-  TORCH_CHECK(!parts.empty(), "torchlora: ", source, ": no LoRA tensors (keys ending in .lora_A.weight, "
+  TORCH_CHECK_VALUE(!parts.empty(), "torchlora: ", source, ": no LoRA tensors (keys ending in .lora_A.weight, "
               ".lora_B.weight, .lora_embedding_A, .lora_embedding_B) found");
   for (const auto& [path, p] : parts) {
     adapter.modules.emplace(path, check_module(config, path, p, source));

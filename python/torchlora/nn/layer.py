@@ -13,6 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._native import _C
+from ..config import validate_config_dict
+
+# The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
+BASE_ADAPTER_NAME: str = _C.peft.BASE_ADAPTER_NAME
 
 InitLoraWeights = Union[bool, str]
 
@@ -20,21 +25,11 @@ _LAYER_INIT_CHOICES = (True, False, "gaussian")
 
 
 def check_adapter_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: Any) -> None:
-    """Validate the per-adapter options a layer accepts; errors name the option."""
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r <= 0:
-        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
-        raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
-    if not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
-        raise TypeError(f"lora_dropout must be a number, got {type(lora_dropout).__name__}")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    if not (isinstance(init_lora_weights, bool) or isinstance(init_lora_weights, str)):
-        raise TypeError(f"init_lora_weights must be a bool or a string, got {type(init_lora_weights).__name__}")
+    """Validate the per-adapter options a layer accepts by the config schema's rules; errors
+    name the option."""
+    validate_config_dict(
+        {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "init_lora_weights": init_lora_weights}
+    )
 
 
 def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
@@ -114,7 +109,7 @@ class LoraLayer(nn.Module):
         return names
 
     def _scaling_for(self, r: int, lora_alpha: float, use_rslora: bool) -> float:
-        return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        return _C.peft.lora_scaling(lora_alpha, r, use_rslora)
 
     def _register_common(
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, lora_bias: bool
@@ -330,7 +325,7 @@ class LoraLayer(nn.Module):
         self._check_mixed_batch(adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         for name, rows in self._sub_batches(adapter_names, x.shape[0]).items():
-            if name == "__base__" or not self._holds(name):
+            if name == BASE_ADAPTER_NAME or not self._holds(name):
                 continue
             index = torch.tensor(rows, device=x.device)
             updated = self._lora_update(name, x[index], result[index])
@@ -357,7 +352,7 @@ class LoraLayer(nn.Module):
             raise ValueError("adapter_names (mixed-batch inference) cannot be used in training mode")
         if self.merged:
             raise ValueError("adapter_names (mixed-batch inference) cannot be used while adapters are merged")
-        known = set(self.adapter_names()) | {"__base__"}
+        known = set(self.adapter_names()) | {BASE_ADAPTER_NAME}
         unknown = sorted(set(adapter_names) - known)
         if unknown:
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; this layer has {self.adapter_names()}")

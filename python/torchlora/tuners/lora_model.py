@@ -3,7 +3,6 @@ model-wide adapter lifecycle (activate, disable, merge, unload, delete), as PEFT
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Any, Optional, Union
@@ -15,7 +14,7 @@ from ..config import LoraConfig
 from ..nn import LoraLayer
 from ..target_defaults import default_target_modules
 from .dispatch import cast_adapter_dtype, create_lora_module
-from .matching import Excluded, expand_all_linear, is_target, pattern_value
+from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
 from .mixed_batch import adapter_names_hooks
 from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
 
@@ -102,11 +101,12 @@ class LoraModel(nn.Module):
                     if f".{adapter_name}." not in full and not full.endswith(f".{adapter_name}"):
                         previous_requires_grad.append((param, param.requires_grad))
 
+        rules = rules_for(config)
         plan, excluded, unmatched = [], [], []
         for key, module in named_modules:
             if not key or any(key.startswith(p) for p in lora_prefixes):
                 continue
-            found = is_target(config, key)
+            found = is_target(rules, key)
             if isinstance(found, Excluded):
                 excluded.append(key)
             elif found:
@@ -123,7 +123,7 @@ class LoraModel(nn.Module):
         undo: list = []
         try:
             for key in plan:
-                undo.append(self._create_and_replace(config, adapter_name, key, model))
+                undo.append(self._create_and_replace(config, adapter_name, key, model, rules))
         except Exception:
             for restore in reversed(undo):  # leave the model as it was before this adapter
                 restore()
@@ -167,16 +167,17 @@ class LoraModel(nn.Module):
     def _warn_unused_patterns(config: LoraConfig, targeted: list[str]) -> None:
         for attr in ("rank_pattern", "alpha_pattern"):
             patterns = getattr(config, attr)
-            unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted))
+            unmatched = sorted(p for p in patterns if not any(pattern_matches(p, k) for k in targeted))
             if unmatched:
                 warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module):
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module, rules=None):
         """Wrap (or extend) the module ``key``; returns a function that undoes it."""
         parent, target, target_name = get_submodules(model, key)
-        r = pattern_value(config.rank_pattern, key, config.r)
-        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        rules = rules if rules is not None else rules_for(config)
+        r = rules.rank_for(key)
+        alpha = rules.alpha_for(key)
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
         # PiSSA / OLoRA replace the base weight's data; keep the original to restore on failure
         weight = getattr(base, "weight", None)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from typing import Optional
-
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig, TaskType
+from .._native import _C
+from ..config import LoraConfig, TaskType
 from ..nn import LoraLayer
+
+# TargetRules.match results (torchlora::apply::TargetMatch)
+_TARGET, _EXCLUDED = 1, 2
 
 # Names a sequence-classification head usually has, checked in this order.
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -21,58 +22,22 @@ class Excluded:
         return False
 
 
-def _matches_name_list(names, key: str) -> bool:
-    return key in names or any(key.endswith(f".{name}") for name in names)
+def rules_for(config: LoraConfig) -> "_C.peft.TargetRules":
+    """The config's per-module rules (targets, rank_pattern, alpha_pattern, scaling), parsed
+    once by the C++ core, which defines them for Python and C++ alike."""
+    return _C.peft.TargetRules(config.to_dict())
 
 
-def _layer_index(key: str, layers_pattern) -> Optional[int]:
-    """The first ``.<pattern>.<N>.`` index in ``key`` (any ``.<x>.<N>.`` without a pattern)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
-
-
-def is_target(config: LoraConfig, key: str):
+def is_target(rules: "_C.peft.TargetRules", key: str):
     """True when the module named ``key`` is a target; an ``Excluded`` (falsy) when it is
     excluded; False otherwise."""
-    excluded = config.exclude_modules
-    if excluded:
-        if isinstance(excluded, str):
-            if re.fullmatch(excluded, key):
-                return Excluded()
-        elif _matches_name_list(excluded, key):
-            return Excluded()
-    # a module saved whole is never also given an adapter
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
-        return Excluded()
-    targets = config.target_modules
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.layers_to_transform
-    if layers is None or (isinstance(layers, list) and not layers):
-        return True
-    index = _layer_index(key, config.layers_pattern)
-    if index is None:
-        return False
-    return index == layers if isinstance(layers, int) else index in layers
+    found = rules.match(key)
+    return Excluded() if found == _EXCLUDED else found == _TARGET
 
 
-def pattern_value(patterns: dict, key: str, default):
-    """The value of the first regex in ``patterns`` that matches the end of ``key``."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+def pattern_matches(pattern: str, key: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key applies to the module named ``key``."""
+    return _C.peft.pattern_matches(pattern, key)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -88,7 +53,7 @@ def expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
     """Replace ``target_modules="all-linear"`` by the names of every Linear / Conv1D except the
     output head (and, for SEQ_CLS without one, the classifier head)."""
     targets = config.target_modules
-    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+    if not (isinstance(targets, str) and _C.peft.is_all_linear(targets)):
         return
     names = set()
     for name, module in model.named_modules():

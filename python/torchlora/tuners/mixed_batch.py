@@ -11,6 +11,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..nn import LoraLayer
+from ..nn.layer import BASE_ADAPTER_NAME
 from .modules_to_save import ModulesToSaveWrapper
 
 
@@ -18,9 +19,9 @@ def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_na
     if isinstance(module, LoraLayer):
         # an adapter that does not touch this layer leaves its rows as the base layer computes them
         held = set(module.adapter_names())
-        adapter_names = [n if n in held else "__base__" for n in adapter_names]
+        adapter_names = [n if n in held else BASE_ADAPTER_NAME for n in adapter_names]
     elif isinstance(module, ModulesToSaveWrapper):
-        adapter_names = [n if n in module.modules_to_save else "__base__" for n in adapter_names]
+        adapter_names = [n if n in module.modules_to_save else BASE_ADAPTER_NAME for n in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
@@ -40,7 +41,7 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
     known: set[str] = set()
     for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
         known.update(layer.adapter_names())
-    unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+    unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
     adapter_names = list(adapter_names)

@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..nn.layer import BASE_ADAPTER_NAME
+
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """(parent, module, attribute name in parent) of the submodule named ``key``."""
     parent_name, _, target_name = key.rpartition(".")
@@ -137,13 +139,13 @@ class ModulesToSaveWrapper(nn.Module):
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(adapter_names)} and {len(x)} respectively."
             )
-        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(self.modules_to_save))
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - set(self.modules_to_save))
         if unknown:
             raise ValueError(f"adapter_names contains adapters without a modules_to_save copy here: {unknown}")
         results: list[Any] = [None] * len(x)
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            module = self.original_module if name == "__base__" else self.modules_to_save[name]
+            module = self.original_module if name == BASE_ADAPTER_NAME else self.modules_to_save[name]
             out = module(x[rows], *args, **kwargs)
             for j, row in enumerate(rows):
                 results[row] = out[j]

@@ -18,8 +18,12 @@ TORCHLORA_API bool selector_matches(const io::ModuleSelector& selector, const st
 TORCHLORA_API std::optional<int64_t> layer_index(const std::string& module_name,
                                                  const std::vector<std::string>& layers_pattern);
 
-// target_modules match, exclude_modules do not, and layers_to_transform (if set) contains
-// the module's layer index.
+enum class TargetMatch : int { NotTarget = 0, Target = 1, Excluded = 2 };
+
+// Excluded when exclude_modules match or the module lies inside a modules_to_save module;
+// Target when target_modules match and layers_to_transform (if set) holds its layer index.
+// ("all-linear" is expanded into names by the caller, which knows the module types.)
+TORCHLORA_API TargetMatch match_target_module(const io::LoraConfig& config, const std::string& module_name);
 TORCHLORA_API bool is_target_module(const io::LoraConfig& config, const std::string& module_name);
 
 }  // namespace torchlora::apply

@@ -42,12 +42,14 @@ struct TORCHLORA_API LoraConfig {
   std::vector<std::pair<std::string, double>> alpha_pattern;
   bool lora_bias = false;
   bool use_dora = false;
+  // PEFT's init_lora_weights: "true", "false", or the method ("gaussian", "pissa", "olora", ...).
+  std::string init_lora_weights = "true";
   bool inference_mode = true;
   std::optional<std::string> task_type;
   std::optional<std::string> base_model_name_or_path;
   std::optional<std::string> revision;
-  // The file's JSON object as read: keys this struct does not model (init_lora_weights,
-  // megatron_config, ...) are written back unchanged by save_adapter_config.
+  // The config as read, every field present (peft::normalize_lora_config): fields this
+  // struct does not model (megatron_core, ...) are written back unchanged.
   std::string original_json = "{}";
 
   // Rank, alpha and scaling for one module (full dotted name), applying rank_pattern and
@@ -56,13 +58,19 @@ struct TORCHLORA_API LoraConfig {
   double alpha_for(const std::string& module_name) const;
   double scaling_for(const std::string& module_name) const;
 
-  // Raises c10::Error naming the field for values PEFT rejects or torchlora cannot apply
-  // (r <= 0, unknown bias, dropout outside [0, 1), use_dora, peft_type other than LORA,
-  // layers_pattern without layers_to_transform, layer filters with a regex target).
+  // Checks the config against PEFT's schema (peft/config_schema.h, the rules Python's
+  // LoraConfig uses too); raises c10::Error naming the field.
   void validate() const;
+  // The config as a JSON object with every PEFT field (original_json updated by this struct).
+  std::string to_json() const;
 };
 
-// Parses adapter_config.json text; `source` names the file in errors.
+// Whether a rank_pattern / alpha_pattern key applies to a module: PEFT's
+// re.match(rf"(.*\.)?({key})$", module_name).
+TORCHLORA_API bool pattern_key_matches(const std::string& key, const std::string& module_name);
+
+// Parses adapter_config.json text; `source` names the file in errors. Unknown keys, bad values
+// and options torchlora does not implement are errors, exactly as in Python.
 TORCHLORA_API LoraConfig parse_adapter_config(const std::string& json_text, const std::string& source = "adapter_config.json");
 TORCHLORA_API LoraConfig load_adapter_config(const std::string& path);
 // JSON text PEFT can read back (its known keys only, sets as lists, inference_mode true).

@@ -9,6 +9,7 @@
 
 #include <torchlora/export.h>
 #include <torchlora/io/adapter_config.h>
+#include <torchlora/peft/keys.h>
 
 namespace torchlora::io {
 
@@ -35,8 +36,7 @@ struct PeftAdapter {
   std::map<std::string, at::Tensor> other_tensors;
 };
 
-// PEFT's key prefix in saved adapters.
-inline constexpr const char* kPeftKeyPrefix = "base_model.model.";
+using peft::kPeftKeyPrefix;
 
 // Groups a PEFT state dict ("base_model.model.<path>.lora_A.weight", ...) by module and
 // checks it: both factors present, ranks and shapes consistent with each other and with the
