@@ -2,8 +2,9 @@
 description). Metadata lives in pyproject.toml.
 
 Environment:
-  TORCHLORA_CUDA=0/1        force the CUDA kernels off/on (default: on when nvcc is found and
-                            torch is a CUDA build; never decided by whether a GPU is present)
+  TORCHLORA_CUDA=0/1/AUTO   force the CUDA kernels off/on (default AUTO: on when nvcc is found
+                            and torch is a CUDA build; never decided by whether a GPU is
+                            present). Passed to CMake as given; cmake/TorchLoraCuda.cmake reads it.
   TORCH_CUDA_ARCH_LIST      CUDA architectures, torch's syntax (default "8.0;9.0")
   TORCHLORA_BUILD_DIR       CMake build folder to (re)use (default build/cmake-<tag>)
   TORCHLORA_BUILD_TYPE      CMake build type (default Release)
@@ -52,17 +53,6 @@ def _cmake_executable() -> str:
     )
 
 
-def _cuda_mode() -> str:
-    value = os.environ.get("TORCHLORA_CUDA", "").strip().upper()
-    if value in ("", "AUTO"):
-        return "AUTO"
-    if value in ("1", "ON", "TRUE", "YES"):
-        return "ON"
-    if value in ("0", "OFF", "FALSE", "NO"):
-        return "OFF"
-    raise RuntimeError(f"TORCHLORA_CUDA must be 0, 1 or AUTO, got {os.environ['TORCHLORA_CUDA']!r}")
-
-
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch
@@ -72,7 +62,6 @@ class CMakeBuild(build_ext):
             # editable installs import from the source tree: lib/, include/, share/ go there too
             package_dirs.append(ROOT / "python" / "torchlora")
         torch_root = Path(torch.__file__).parent
-        cuda_mode = _cuda_mode()
         tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}"
         build_dir = Path(os.environ.get("TORCHLORA_BUILD_DIR", ROOT / "build" / f"cmake-{tag}")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +72,8 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DTORCH_ROOT={torch_root}",
             f"-DPython3_EXECUTABLE={sys.executable}",
-            f"-DTORCHLORA_CUDA={cuda_mode}",
+            # read by cmake/TorchLoraCuda.cmake (the one place that interprets it); unset is AUTO
+            f"-DTORCHLORA_CUDA={os.environ.get('TORCHLORA_CUDA', 'AUTO')}",
             "-DTORCHLORA_PYTHON_PACKAGE_LAYOUT=ON",
             "-DTORCHLORA_BUILD_PYTHON=ON",
             f"-DTORCHLORA_BUILD_TESTS={os.environ.get('TORCHLORA_BUILD_TESTS', 'OFF')}",

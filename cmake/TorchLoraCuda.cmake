@@ -1,11 +1,17 @@
 # Decides whether the CUDA kernels are built, from the toolchain and the torch build, never
-# from whether a GPU is present (build hosts often have none).
-#   TORCHLORA_CUDA=AUTO  build them when nvcc is found and torch is a CUDA build
-#   TORCHLORA_CUDA=ON    build them or fail;  OFF: never
+# from whether a GPU is present (build hosts often have none). This is the one reader of
+# TORCHLORA_CUDA: setup.py and the scripts pass the user's value through unchanged.
+#   TORCHLORA_CUDA=AUTO  build them when nvcc is found and torch is a CUDA build (also: empty)
+#   TORCHLORA_CUDA=ON    build them or fail (also 1, TRUE, YES);  OFF: never (also 0, FALSE, NO)
+# Case and surrounding spaces do not matter.
 # Architectures come from TORCH_CUDA_ARCH_LIST (cache or environment, torch's syntax:
 # "8.0;9.0+PTX", spaces allowed), default "8.0;9.0".
 
-string(TOUPPER "${TORCHLORA_CUDA}" _mode)
+string(STRIP "${TORCHLORA_CUDA}" _mode)
+string(TOUPPER "${_mode}" _mode)
+if(_mode STREQUAL "")
+  set(_mode AUTO)
+endif()
 set(TORCHLORA_WITH_CUDA OFF)
 if(_mode MATCHES "^(ON|1|TRUE|YES)$")
   if(NOT TORCHLORA_TORCH_HAS_CUDA)
@@ -28,7 +34,7 @@ elseif(_mode STREQUAL "AUTO")
     endif()
   endif()
 elseif(NOT _mode MATCHES "^(OFF|0|FALSE|NO)$")
-  message(FATAL_ERROR "torchlora: TORCHLORA_CUDA must be ON, OFF or AUTO, got '${TORCHLORA_CUDA}'")
+  message(FATAL_ERROR "torchlora: TORCHLORA_CUDA must be ON (1), OFF (0) or AUTO, got '${TORCHLORA_CUDA}'")
 endif()
 
 set(TORCHLORA_CUDA_ARCHS "")

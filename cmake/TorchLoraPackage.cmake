@@ -38,5 +38,7 @@ configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/TorchLoraConfig.cmake.
   INSTALL_DESTINATION ${TORCHLORA_INSTALL_CMAKEDIR})
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/TorchLoraConfigVersion.cmake
   COMPATIBILITY SameMinorVersion)
+# The config finds torch and nlohmann_json with the build's own modules.
 install(FILES ${PROJECT_BINARY_DIR}/TorchLoraConfig.cmake ${PROJECT_BINARY_DIR}/TorchLoraConfigVersion.cmake
+  ${PROJECT_SOURCE_DIR}/cmake/TorchLoraTorch.cmake ${PROJECT_SOURCE_DIR}/cmake/TorchLoraJson.cmake
   DESTINATION ${TORCHLORA_INSTALL_CMAKEDIR})

@@ -16,7 +16,9 @@ if [[ -z "$CLANGXX" ]]; then
   exit 2
 fi
 TORCH_ROOT=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
-# nlohmann/json.hpp: the system one, or NLOHMANN_INC=<folder holding nlohmann/>
+# nlohmann/json.hpp: NLOHMANN_INC=<folder holding nlohmann/>, else the PyPI package
+# nlohmann-json of $PYTHON, else the system one
+NLOHMANN_INC=${NLOHMANN_INC:-$("$PYTHON" -c 'import os, nlohmann_json; print(os.path.join(os.path.dirname(nlohmann_json.__file__), "include"))' 2>/dev/null || true)}
 EXTRA_INC=()
 if [[ -n "${NLOHMANN_INC:-}" ]]; then EXTRA_INC=(-isystem "$NLOHMANN_INC"); fi
 mkdir -p "$OUT/corpus" "$OUT/artifacts"

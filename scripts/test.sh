@@ -3,11 +3,13 @@
 # nvcc is present), the C++ tests (ctest) and the Python tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! dpkg -s libgtest-dev nlohmann-json3-dev >/dev/null 2>&1; then
+# GoogleTest for the C++ tests is the one system package (nlohmann_json comes from PyPI,
+# requirements/build.txt).
+if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
   if [[ $(id -u) == 0 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev nlohmann-json3-dev >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
   else
-    echo "note: install libgtest-dev and nlohmann-json3-dev (Debian) for the C++ tests" >&2
+    echo "note: install libgtest-dev (Debian) for the C++ tests" >&2
   fi
 fi
 export TORCHLORA_BUILD_TESTS=ON

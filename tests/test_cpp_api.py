@@ -105,6 +105,10 @@ def test_cmake_package_is_in_the_python_package() -> None:
     assert config.exists(), config
     text = config.read_text()
     assert "TorchLora::torch" in text and "TorchLora_WITH_ADAPTER_IO ON" in text
+    # the build's own modules find torch and nlohmann_json for the programs that link torchlora
+    for module in ("TorchLoraTorch.cmake", "TorchLoraJson.cmake"):
+        assert (config.parent / module).is_file(), module
+        assert f"/{module}" in text
 
 
 def test_server_matches_peft_on_token_model(server_binary: Path, tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def run_linear_case(T, K, N, R, dtype, p, with_bias, *, strided=False, batch_dim
 
     assert out.shape == ref.shape and out.dtype == dtype
     check_error(out, ref.detach(), plain.detach(), "out")
-    for name, ours, r, pl in zip(["grad_x", "grad_A", "grad_B", "grad_bias"], grads, ref_grads, plain_grads):
+    for name, ours, r, pl in zip(["grad_x", "grad_A", "grad_B", "grad_lora_bias"], grads, ref_grads, plain_grads):
         assert ours.shape == r.shape, name
         check_error(ours, r, pl, name)
 

@@ -118,3 +118,21 @@ def test_bad_inputs():
         ops.lora_conv2d(x, base, A, B, None, [0, 1], [1, 1], [1, 1], 2, 1.0)
     with pytest.raises(RuntimeError, match="channels"):
         ops.lora_conv2d(x, base, torch.randn(4, 3, 3, 3), B, None, [1, 1], [1, 1], [1, 1], 2, 1.0)
+
+
+def test_backward_op_rejects_bad_operands():
+    """The backward op validates through the shared checks (detail/checks.h) on every backend."""
+    x, base, A, B, _ = make(2, 4, 6, (5, 5), 3, 1, 1, 1, 4)
+    x, base, A, B = (t.detach() for t in (x, base, A, B))
+    args = ([1, 1], [1, 1], [1, 1], 1, 0.5, 0.0, None, [True, True, True])
+    _, shrunk = torch.ops.torchlora._lora_conv2d_forward(x, base, A, B, None, *args[:-1])
+    g = torch.randn_like(base)
+    backward = torch.ops.torchlora._lora_conv2d_backward
+    with pytest.raises(RuntimeError, match="grad_out .* does not match shrunk"):
+        backward(g[:, :, :4], x, shrunk, A, B, False, *args)
+    with pytest.raises(RuntimeError, match=r"shrunk must be \[N, r, H', W'\]"):
+        backward(g, x, shrunk[:1], A, B, False, *args)
+    with pytest.raises(RuntimeError, match="lora_B has dtype"):
+        backward(g, x, shrunk, A, B.double(), False, *args)
+    with pytest.raises(RuntimeError, match="scaling must be finite"):
+        backward(g, x, shrunk, A, B, False, [1, 1], [1, 1], [1, 1], 1, float("inf"), 0.0, None, [True, True, True])

@@ -100,3 +100,23 @@ def test_bad_inputs():
         ops.lora_embedding(ids, base[:2], A, B, 1.0)
     with pytest.raises(IndexError):
         ops.lora_embedding(torch.tensor([10, 0, 1]), base, A, B, 1.0)
+
+
+def test_backward_op_rejects_bad_operands():
+    """The backward op validates through the shared checks (detail/checks.h) on every backend."""
+    W, A, B = make(10, 4, 2)
+    ids = torch.randint(0, 10, (3,))
+    base = F.embedding(ids, W)
+    _, gathered = torch.ops.torchlora._lora_embedding_forward(ids, base, A, B, 0.5)
+    g = torch.randn_like(base)
+    backward = torch.ops.torchlora._lora_embedding_backward
+    with pytest.raises(RuntimeError, match=r"gathered must be \[3, 2\]"):
+        backward(g, ids, gathered[:2], A, B, 0.5, -1, False, [True, True])
+    with pytest.raises(RuntimeError, match="grad_out has 8 elements"):
+        backward(g[:2], ids, gathered, A, B, 0.5, -1, False, [True, True])
+    with pytest.raises(RuntimeError, match=r"padding_idx 10 is outside \[-1, 10\)"):
+        backward(g, ids, gathered, A, B, 0.5, 10, False, [True, True])
+    with pytest.raises(RuntimeError, match="lora_B has dtype"):
+        backward(g, ids, gathered, A, B.double(), 0.5, -1, False, [True, True])
+    with pytest.raises(RuntimeError, match="ids must be int64 or int32"):
+        backward(g, ids.float(), gathered, A, B, 0.5, -1, False, [True, True])

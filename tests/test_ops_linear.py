@@ -193,3 +193,25 @@ def test_bad_dropout_arguments():
         ops.lora_linear(x, base, A, B, torch.randn(3), 1.0)
     with pytest.raises(RuntimeError, match="scaling must be finite"):
         ops.lora_linear(x, base, A, B, None, float("nan"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backward_op_rejects_bad_operands(p):
+    """The backward op validates through the shared checks (detail/checks.h), the ones the CUDA
+    backward uses too: without dropout (ATen path) and with it (the CPU's own kernel)."""
+    x, base, A, B, _ = make((6,), 10, 5, 3)
+    seed = ops.make_seed() if p else None
+    _, shrunk = torch.ops.torchlora._lora_linear_forward(x, base, A, B, None, 0.5, p, seed)
+    g = torch.randn(6, 5)
+    mask = [True, True, True]
+    cases = [
+        ((g, x, shrunk, A.double(), B), 0.5, "lora_A has dtype"),
+        ((g, x, shrunk, A, B[:, :2]), 0.5, r"lora_A must be \[r, in\] and lora_B \[out, r\]"),
+        ((g, x, shrunk[:, :2], A, B), 0.5, r"shrunk must be \[T, 3\]"),
+        ((g[:5], x, shrunk, A, B), 0.5, "grad_out has 25 elements"),
+        ((g.long(), x, shrunk, A, B), 0.5, "grad_out must be float32"),
+        ((g, x, shrunk, A, B), float("nan"), "scaling must be finite"),
+    ]
+    for tensors, scaling, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.torchlora._lora_linear_backward(*tensors, False, scaling, p, seed, mask)

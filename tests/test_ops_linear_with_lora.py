@@ -73,9 +73,9 @@ def assert_close(got, want, rtol, atol, what=""):
     )
 
 
-def run_and_check(lead, d_in, d_out, r, p, has_bias, has_lora_bias, dtype, scaling=0.7, grad=None):
+def run_and_check(lead, d_in, d_out, r, p, with_bias, with_lora_bias, dtype, scaling=0.7, grad=None):
     """Forward and all six gradients of the op against a float64 reference."""
-    tensors = make(lead, d_in, d_out, r, dtype, has_bias, has_lora_bias, requires_grad=True)
+    tensors = make(lead, d_in, d_out, r, dtype, with_bias, with_lora_bias, requires_grad=True)
     seed = ops.make_seed() if p else None
     out = ops.linear_with_lora(*tensors, scaling, p, seed)
     assert out.shape == (*lead, d_out) and out.dtype == dtype
@@ -111,21 +111,21 @@ def _grid(leads):
     combination meets every shape, rank and dropout without multiplying the grid by four."""
     cases = []
     for i, (lead, (d_in, d_out), r, p) in enumerate(itertools.product(leads, IN_OUT, RANKS, DROPOUT)):
-        has_bias, has_lora_bias = BIASES[(i + i // len(DROPOUT)) % 4]
-        cases.append(pytest.param(lead, d_in, d_out, r, p, has_bias, has_lora_bias,
-                                  id=f"{'x'.join(map(str, lead))}-{d_in}to{d_out}-r{r}-p{p}-b{int(has_bias)}"
-                                     f"lb{int(has_lora_bias)}"))
+        with_bias, with_lora_bias = BIASES[(i + i // len(DROPOUT)) % 4]
+        cases.append(pytest.param(lead, d_in, d_out, r, p, with_bias, with_lora_bias,
+                                  id=f"{'x'.join(map(str, lead))}-{d_in}to{d_out}-r{r}-p{p}-b{int(with_bias)}"
+                                     f"lb{int(with_lora_bias)}"))
     return cases
 
 
-@pytest.mark.parametrize("lead,d_in,d_out,r,p,has_bias,has_lora_bias", _grid(LEADS))
-def test_float32_forward_and_gradients_match_reference(lead, d_in, d_out, r, p, has_bias, has_lora_bias):
-    run_and_check(lead, d_in, d_out, r, p, has_bias, has_lora_bias, torch.float32)
+@pytest.mark.parametrize("lead,d_in,d_out,r,p,with_bias,with_lora_bias", _grid(LEADS))
+def test_float32_forward_and_gradients_match_reference(lead, d_in, d_out, r, p, with_bias, with_lora_bias):
+    run_and_check(lead, d_in, d_out, r, p, with_bias, with_lora_bias, torch.float32)
 
 
-@pytest.mark.parametrize("lead,d_in,d_out,r,p,has_bias,has_lora_bias", _grid([(3, 5)]))
-def test_float64_forward_and_gradients_match_reference(lead, d_in, d_out, r, p, has_bias, has_lora_bias):
-    run_and_check(lead, d_in, d_out, r, p, has_bias, has_lora_bias, torch.float64)
+@pytest.mark.parametrize("lead,d_in,d_out,r,p,with_bias,with_lora_bias", _grid([(3, 5)]))
+def test_float64_forward_and_gradients_match_reference(lead, d_in, d_out, r, p, with_bias, with_lora_bias):
+    run_and_check(lead, d_in, d_out, r, p, with_bias, with_lora_bias, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -313,9 +313,10 @@ def test_backward_op_matches_reference_and_honours_output_mask(dtype, p):
     leaves = as_double_leaves([x, weight, bias, A, B, lb])
     want = torch.autograd.grad(reference(*leaves, 0.8, p, seed), leaves, g.double())
     for mask in itertools.product([False, True], repeat=4):
-        for has_bias, has_lora_bias in BIASES:
-            grads = BACKWARD(g, x, weight, shrunk, bits, A, B, has_bias, has_lora_bias, 0.8, p, seed, list(mask))
-            wanted = (*mask[:2], has_bias, *mask[2:], has_lora_bias)
+        for needs_bias_grad, needs_lora_bias_grad in BIASES:
+            grads = BACKWARD(g, x, weight, shrunk, bits, A, B, needs_bias_grad, needs_lora_bias_grad, 0.8, p, seed,
+                             list(mask))
+            wanted = (*mask[:2], needs_bias_grad, *mask[2:], needs_lora_bias_grad)
             for name, ours, theirs, asked in zip(NAMES, (grads[0], grads[1], grads[4], grads[2], grads[3], grads[5]),
                                                  want, wanted):
                 if asked:
@@ -356,9 +357,9 @@ def test_no_grad_and_frozen_inputs_give_the_same_numbers(dtype, tokens, p):
 def test_only_the_inputs_that_require_grad_get_one():
     """needs_input_grad counts only the tensors given: absent or frozen biases must not shift
     which gradient lands where."""
-    for has_bias, has_lora_bias in BIASES:
+    for with_bias, with_lora_bias in BIASES:
         for wanted in itertools.product([False, True], repeat=6):
-            tensors = make((5,), 9, 4, 3, torch.float64, has_bias, has_lora_bias)
+            tensors = make((5,), 9, 4, 3, torch.float64, with_bias, with_lora_bias)
             for t, w in zip(tensors, wanted):
                 if t is not None and w:
                     t.requires_grad_()
@@ -376,7 +377,7 @@ def test_only_the_inputs_that_require_grad_get_one():
                     continue
                 w = next(want)
                 if t.requires_grad:
-                    assert t.grad is not None, f"{name} got no gradient (bias={has_bias}, lora_bias={has_lora_bias})"
+                    assert t.grad is not None, f"{name} got no gradient (bias={with_bias}, lora_bias={with_lora_bias})"
                     assert_close(t.grad, w, what=f"grad {name} requires={wanted}", **VS_FLOAT64[torch.float64])
                 else:
                     assert t.grad is None, name
@@ -386,9 +387,9 @@ def test_only_the_inputs_that_require_grad_get_one():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("has_bias,has_lora_bias", BIASES)
-def test_gradcheck_float64(p, has_bias, has_lora_bias):
-    tensors = make((3, 2), 6, 5, 3, torch.float64, has_bias, has_lora_bias, requires_grad=True)
+@pytest.mark.parametrize("with_bias,with_lora_bias", BIASES)
+def test_gradcheck_float64(p, with_bias, with_lora_bias):
+    tensors = make((3, 2), 6, 5, 3, torch.float64, with_bias, with_lora_bias, requires_grad=True)
     seed = ops.make_seed() if p else None
 
     def fn(x, weight, bias, A, B, lb):
@@ -425,20 +426,20 @@ def test_opcheck_private_ops(p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize(
-    "has_bias,has_lora_bias,output_mask",
+    "with_bias,with_lora_bias,output_mask",
     [(False, True, [False, True, True, False]), (False, False, [True, True, True, True])],
     ids=["partial-mask", "no-biases"],
 )
-def test_opcheck_backward_op_with_outputs_not_asked_for(dtype, p, has_bias, has_lora_bias, output_mask):
+def test_opcheck_backward_op_with_outputs_not_asked_for(dtype, p, with_bias, with_lora_bias, output_mask):
     """The [0] placeholders of the gradients not asked for are outputs too: the schema declares
     no aliasing, so they must be distinct tensors (opcheck's test_schema). The no-biases case is
     the call autograd makes for a layer without biases."""
-    x, weight, bias, A, B, lb = make((5,), 10, 6, 4, dtype, has_bias, has_lora_bias)
+    x, weight, bias, A, B, lb = make((5,), 10, 6, 4, dtype, with_bias, with_lora_bias)
     seed = ops.make_seed() if p else None
     out, shrunk, bits = FORWARD(x, weight, bias, A, B, lb, 0.5, p, seed, True)
     grad = torch.randn_like(out)
     torch.library.opcheck(
-        BACKWARD.default, (grad, x, weight, shrunk, bits, A, B, has_bias, has_lora_bias, 0.5, p, seed, output_mask)
+        BACKWARD.default, (grad, x, weight, shrunk, bits, A, B, with_bias, with_lora_bias, 0.5, p, seed, output_mask)
     )
 
 

@@ -24,6 +24,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "What libtorchlora was built with: version, torch_version, cuda, cuda_version, cuda_architectures.");
+  m.def("cpu_kernel_isa", &torchlora::cpu_kernel_isa,
+        "The vector path of the CPU kernels in this process: 'avx512', 'avx2' or 'scalar' (the CPU's best, "
+        "capped by TORCHLORA_CPU_ISA).");
   torchlora_python::bind_cpp_api(m);
   torchlora_python::bind_peft(m);
 }

@@ -9,6 +9,9 @@
 
 namespace torchlora {
 
+// In the backward ops, needs_bias_grad asks for the gradient of the base layer's `bias` and
+// needs_lora_bias_grad for that of `lora_bias` (false when it is absent or frozen); a
+// gradient not asked for comes back as an empty [0] tensor.
 TORCH_LIBRARY(torchlora, m) {
   m.def(
       "lora_linear(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
@@ -18,8 +21,8 @@ TORCH_LIBRARY(torchlora, m) {
       "float scaling, float dropout_p, Tensor? seed) -> (Tensor out, Tensor shrunk)");
   m.def(
       "_lora_linear_backward(Tensor grad_out, Tensor x, Tensor shrunk, Tensor lora_A, Tensor lora_B, "
-      "bool has_bias, float scaling, float dropout_p, Tensor? seed, bool[3] output_mask) "
-      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_bias)");
+      "bool needs_lora_bias_grad, float scaling, float dropout_p, Tensor? seed, bool[3] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_lora_bias)");
   // In-place variant: accumulates into the base layer's output (no new [T, out] tensor).
   m.def(
       "lora_linear_(Tensor(a!) base_out, Tensor x, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
@@ -41,7 +44,7 @@ TORCH_LIBRARY(torchlora, m) {
   m.def(
       "_linear_with_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor shrunk, Tensor dropped_bits, "
       "Tensor lora_A, "
-      "Tensor lora_B, bool has_bias, bool has_lora_bias, float scaling, float dropout_p, Tensor? seed, "
+      "Tensor lora_B, bool needs_bias_grad, bool needs_lora_bias_grad, float scaling, float dropout_p, Tensor? seed, "
       "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_A, Tensor grad_B, "
       "Tensor grad_bias, Tensor grad_lora_bias)");
 
@@ -66,9 +69,9 @@ TORCH_LIBRARY(torchlora, m) {
       "Tensor? seed) -> (Tensor out, Tensor shrunk)");
   m.def(
       "_lora_conv2d_backward(Tensor grad_out, Tensor x, Tensor shrunk, Tensor lora_A, Tensor lora_B, "
-      "bool has_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, float scaling, "
+      "bool needs_lora_bias_grad, int[2] stride, int[2] padding, int[2] dilation, int groups, float scaling, "
       "float dropout_p, Tensor? seed, bool[3] output_mask) "
-      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_bias)");
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_lora_bias)");
 
   m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
 }

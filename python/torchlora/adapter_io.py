@@ -346,14 +346,12 @@ def _adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
 def _embedding_layer_tensors(peft_model: "PeftModel", adapter_name: str) -> dict[str, Tensor]:
     """The base embedding layers PEFT saves beside an adapter that targets them (or after a
     vocabulary resize); a file may hold them and they load into the base model."""
-    import warnings
-
     from .state_dict import get_peft_model_state_dict
 
+    if not hasattr(peft_model, "get_input_embeddings"):  # not a transformers model: no such layers
+        return {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+        return get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
     except NotImplementedError:  # a transformers model without input embeddings (vision models)
         return {}
 

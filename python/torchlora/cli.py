@@ -4,19 +4,73 @@
     torchlora inspect ADAPTER_DIR                           config, modules, ranks, parameter counts
     torchlora merge BASE ADAPTER_DIR OUT                    base + adapter -> merged transformers model
 
-Exit status: 0 on success, 1 when a check of the fine-tuning job fails, 2 on bad input
-(missing or malformed files, bad options).
+Exit status: 0 on success, 1 when a check of the fine-tuning job fails, 2 on a user error
+(see :class:`UserError`), with a one-line message. Any other exception is a failure of
+torchlora or of a library it uses: it propagates with its traceback (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UserError(Exception):
+    """Something the person at the command line gave and can fix: a bad option value, or an
+    input file or folder that is malformed or not a valid adapter / model / data set. Raised
+    from the ValueError, TypeError or NotImplementedError of the steps that check and read the
+    user's input (:func:`user_input`)."""
+
+
+# What main() reports in one line (exit status 2): the above, and paths that do not exist.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """Marks the steps that check or read what the user gave: their ValueError, TypeError and
+    NotImplementedError (the library's documented errors for bad input) become UserError.
+    Everything outside such a step keeps its own type, and so its traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise UserError(str(exc)) from exc
+
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def offline_quiet_transformers() -> Iterator[None]:
+    """What the commands need from transformers in this process, for their duration only:
+    models are local folders, so the Hub stays offline (unless the user set these variables);
+    its deprecation notices and download bars say nothing about the command. Undone on exit,
+    so that main() called from Python leaves nothing behind."""
+    added = [name for name in _OFFLINE_VARIABLES if name not in os.environ]
+    for name in added:
+        os.environ[name] = "1"
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        for name in added:
+            os.environ.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------- finetune
@@ -60,7 +114,7 @@ def _add_finetune_parser(subparsers: Any) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, run_finetune
+    from .finetune import FinetuneConfig, load_inputs, run_finetune
 
     config = FinetuneConfig(
         model=args.model,
@@ -84,7 +138,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
         check_peft=not args.no_peft_check,
     )
-    result = run_finetune(config)
+    with offline_quiet_transformers():
+        with user_input():
+            inputs = load_inputs(config)
+        result = run_finetune(config, inputs=inputs)
     failed = [
         name
         for name, ok in (
@@ -114,8 +171,9 @@ def describe_adapter(adapter_dir: str) -> dict[str, Any]:
     """Summary of one adapter folder: config, per-module ranks/shapes, parameter counts."""
     from .adapter_io import PEFT_KEY_PREFIX, read_adapter_config, read_adapter_weights
 
-    config = read_adapter_config(adapter_dir)
-    tensors, weights_path = read_adapter_weights(adapter_dir)
+    with user_input():
+        config = read_adapter_config(adapter_dir)
+        tensors, weights_path = read_adapter_weights(adapter_dir)
     modules: dict[str, dict[str, Any]] = {}
     other: dict[str, tuple[int, ...]] = {}
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
@@ -245,8 +303,9 @@ def _num_labels_from_adapter(adapter_dir: str) -> int | None:
                         return int(handle.get_slice(key).get_shape()[0])
             return None
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{path}: malformed or truncated safetensors file: {exc}") from exc
-    tensors, _ = read_adapter_weights(adapter_dir)
+            raise UserError(f"{path}: malformed or truncated safetensors file: {exc}") from exc
+    with user_input():
+        tensors, _ = read_adapter_weights(adapter_dir)
     return next((int(tensors[k].shape[0]) for k in _HEAD_KEYS if k in tensors), None)
 
 
@@ -255,28 +314,34 @@ def merge_adapter_into_base(base: str, adapter: str, out: str, model_class: str 
     """Load ``base`` with transformers, apply ``adapter``, merge_and_unload, save to ``out``.
 
     Returns the transformers class name used. The tokenizer is copied when ``base`` has one.
+    Bad input (a missing folder, an invalid adapter, a class that is not a transformers
+    model) raises FileNotFoundError or UserError.
     """
     import transformers
 
     from .adapter_io import read_adapter_config
     from .peft_model import PeftModel
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not os.path.isdir(base):
         raise FileNotFoundError(f"base model folder {base!r} does not exist")
-    config = read_adapter_config(adapter)
+    with user_input():
+        config = read_adapter_config(adapter)
     task = config.get("task_type")
     class_name = model_class or _AUTO_CLASS_BY_TASK.get(str(task), "AutoModel")
     auto_class = getattr(transformers, class_name, None)
     if auto_class is None or not hasattr(auto_class, "from_pretrained"):
-        raise ValueError(f"--model-class {class_name!r} is not a transformers model class")
+        raise UserError(f"--model-class {class_name!r} is not a transformers model class")
     load_kwargs: dict[str, Any] = {}
     if num_labels is not None or task in ("SEQ_CLS", "TOKEN_CLS"):
         labels = num_labels if num_labels is not None else _num_labels_from_adapter(adapter)
         if labels is not None:
             load_kwargs["num_labels"] = labels
     model = auto_class.from_pretrained(base, **load_kwargs)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload(safe_merge=safe_merge)
+    # the adapter's files against this base model: missing, unknown or mis-shaped keys are
+    # ValueErrors naming the file and key
+    with user_input():
+        adapted = PeftModel.from_pretrained(model, adapter)
+    merged = adapted.merge_and_unload(safe_merge=safe_merge)
     merged.save_pretrained(out)
     if os.path.isfile(os.path.join(base, "tokenizer_config.json")):
         transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
@@ -284,8 +349,9 @@ def merge_adapter_into_base(base: str, adapter: str, out: str, model_class: str 
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    class_name = merge_adapter_into_base(args.base, args.adapter, args.out, args.model_class, args.num_labels,
-                                         safe_merge=not args.no_safe_merge)
+    with offline_quiet_transformers():
+        class_name = merge_adapter_into_base(args.base, args.adapter, args.out, args.model_class, args.num_labels,
+                                             safe_merge=not args.no_safe_merge)
     print(f"merged {args.adapter} into {args.base} ({class_name}); saved {args.out}")
     return EXIT_OK
 
@@ -301,11 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torchlora`` console script; returns the exit status."""
+    """Entry point of the ``torchlora`` console script; returns the exit status.
+
+    User errors (:data:`USER_ERRORS`; argparse handles bad arguments itself) end in one line
+    on stderr and status 2; every other exception propagates with its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -176,17 +175,6 @@ def stratified_split(
 
 
 # ----------------------------------------------------------------------------------- model
-def _quiet_transformers() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # deprecation notices from library internals say nothing about this job
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-
-
 def load_classifier(model_path: str, labels: list[str], seed: int) -> nn.Module:
     """A sequence classifier from ``model_path``; the new head is initialized from ``seed``
     so every load in this job starts from the same weights."""
@@ -263,42 +251,54 @@ def plot_losses(losses: list[float], path: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- the job
-def run_finetune(config: FinetuneConfig, log: Any = print) -> FinetuneResult:
-    """Run the whole job; ``log`` receives the human-readable report lines."""
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+@dataclass
+class JobInputs:
+    """What the job reads before it trains: the model folder, the labels and the data split."""
 
-    from .config import LoraConfig, TaskType
-    from .mapping import get_peft_model
-    from .peft_model import PeftModel
+    model_path: str
+    data_path: str
+    labels: list[str]
+    train_rows: list[LabelledText]
+    eval_rows: list[LabelledText]
 
+
+def load_inputs(config: FinetuneConfig) -> JobInputs:
+    """Check the options, find the model folder and read and split the data set.
+
+    Everything the user gives is checked here, before any training: bad options and malformed
+    data raise ValueError, missing files FileNotFoundError, each naming what is wrong.
+    """
     config.validate()
-    started = time.perf_counter()
-    _quiet_transformers()
+    model_path = config.model or default_model_path()
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"model folder {model_path!r} does not exist")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(f"{model_path}: no config.json, so not a transformers model folder")
+    data_path = config.data or default_data_path()
+    rows = read_jsonl_dataset(data_path)
+    train_rows, eval_rows = stratified_split(rows, config.eval_fraction, config.seed)
+    return JobInputs(
+        model_path=model_path,
+        data_path=data_path,
+        labels=sorted({row.label for row in rows}),
+        train_rows=train_rows[: config.max_train_examples],
+        eval_rows=eval_rows[: config.max_eval_examples],
+    )
+
+
+def _seed_and_threads(config: FinetuneConfig) -> None:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    model_path = config.model or default_model_path()
-    data_path = config.data or default_data_path()
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = read_jsonl_dataset(data_path)
-    labels = sorted({row.label for row in rows})
-    label2id = {label: i for i, label in enumerate(labels)}
-    train_rows, eval_rows = stratified_split(rows, config.eval_fraction, config.seed)
-    train_rows = train_rows[: config.max_train_examples]
-    eval_rows = eval_rows[: config.max_eval_examples]
-    log(f"data: {data_path} ({len(train_rows)} train / {len(eval_rows)} held out, labels {labels})")
-    log(f"model: {model_path}")
+def build_lora_model(inputs: JobInputs, config: FinetuneConfig) -> nn.Module:
+    """The classifier with LoRA adapters on ``config.target_modules`` (a torchlora PeftModel)."""
+    from .config import LoraConfig, TaskType
+    from .mapping import get_peft_model
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_data = Encoded(tokenizer, train_rows, label2id, config.max_length)
-    eval_data = Encoded(tokenizer, eval_rows, label2id, config.max_length)
-
-    base = load_classifier(model_path, labels, config.seed)
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed)
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=config.r,
@@ -306,27 +306,33 @@ def run_finetune(config: FinetuneConfig, log: Any = print) -> FinetuneResult:
         lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
     )
-    model = get_peft_model(base, lora_config)
-    trainable, total = model.get_nb_trainable_parameters()
-    log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return get_peft_model(base, lora_config)
 
-    accuracy_before = accuracy(predict_logits(model, eval_data), eval_data.labels)
-    log(f"held-out accuracy before fine-tuning: {accuracy_before:.3f}")
+
+@dataclass
+class TrainingRun:
+    losses: list[float]
+    seconds: float
+
+
+def train(model: nn.Module, data: Encoded, config: FinetuneConfig) -> TrainingRun:
+    """AdamW on the trainable parameters, the learning rate decayed linearly to 0, with a
+    progress bar (``config.progress``). Raises RuntimeError when the loss stops being finite."""
+    from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(len(data) / config.batch_size) * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
-    train_started = time.perf_counter()
+    started = time.perf_counter()
     model.train()
     with tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not config.progress) as bar:
         for epoch in range(config.epochs):
-            order = torch.randperm(len(train_data), generator=generator)
-            for start in range(0, len(train_data), config.batch_size):
-                inputs, target = train_data.batch(order[start : start + config.batch_size])
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), config.batch_size):
+                inputs, target = data.batch(order[start : start + config.batch_size])
                 loss = nn.functional.cross_entropy(model(**inputs).logits.float(), target)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
@@ -337,73 +343,140 @@ def run_finetune(config: FinetuneConfig, log: Any = print) -> FinetuneResult:
                 losses.append(float(loss.detach()))
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
                 bar.update(1)
-    train_seconds = time.perf_counter() - train_started
+    return TrainingRun(losses=losses, seconds=time.perf_counter() - started)
 
+
+@dataclass
+class SameAs:
+    """How a reloaded or merged model compares with the trained one on the held-out set."""
+
+    same_predictions: bool
+    max_logit_difference: float
+
+
+def compare(logits: Tensor, reference: Tensor) -> SameAs:
+    return SameAs(
+        same_predictions=bool(torch.equal(logits.argmax(dim=-1), reference.argmax(dim=-1))),
+        max_logit_difference=float((logits - reference).abs().max()),
+    )
+
+
+def reload_with_torchlora(inputs: JobInputs, config: FinetuneConfig, adapter_dir: Path) -> nn.Module:
+    """The adapter from its files alone, on a freshly loaded base model."""
+    from .peft_model import PeftModel
+
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 1)
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def reload_with_peft(inputs: JobInputs, config: FinetuneConfig, adapter_dir: Path) -> tuple[nn.Module, str] | None:
+    """The adapter loaded by the real PEFT (and PEFT's version), or None without PEFT."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 2)
+    return peft.PeftModel.from_pretrained(base, str(adapter_dir)), peft.__version__
+
+
+def save_merged(merged: nn.Module, tokenizer: Any, merged_dir: Path) -> None:
+    merged.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))
+
+
+def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | None = None) -> FinetuneResult:
+    """Run the whole job; ``log`` receives the human-readable report lines.
+
+    ``inputs`` are those of :func:`load_inputs` when the caller checked them already.
+    """
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    inputs = inputs if inputs is not None else load_inputs(config)
+    _seed_and_threads(config)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log(f"data: {inputs.data_path} ({len(inputs.train_rows)} train / {len(inputs.eval_rows)} held out, "
+        f"labels {inputs.labels})")
+    log(f"model: {inputs.model_path}")
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs.model_path)
+    label2id = {label: i for i, label in enumerate(inputs.labels)}
+    train_data = Encoded(tokenizer, inputs.train_rows, label2id, config.max_length)
+    eval_data = Encoded(tokenizer, inputs.eval_rows, label2id, config.max_length)
+
+    model = build_lora_model(inputs, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    accuracy_before = accuracy(predict_logits(model, eval_data), eval_data.labels)
+    log(f"held-out accuracy before fine-tuning: {accuracy_before:.3f}")
+
+    run = train(model, train_data, config)
     logits_after = predict_logits(model, eval_data)
     accuracy_after = accuracy(logits_after, eval_data.labels)
-    predictions = logits_after.argmax(dim=-1)
-    log(f"held-out accuracy after fine-tuning: {accuracy_after:.3f} ({train_seconds:.1f} s of training)")
+    log(f"held-out accuracy after fine-tuning: {accuracy_after:.3f} ({run.seconds:.1f} s of training)")
 
     adapter_dir = output_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
     log(f"adapter saved in PEFT's format: {adapter_dir}")
 
-    # reload from the files alone, on a freshly loaded base model
-    reloaded = PeftModel.from_pretrained(load_classifier(model_path, labels, config.seed + 1), str(adapter_dir))
-    reloaded_logits = predict_logits(reloaded, eval_data)
-    torchlora_same = bool(torch.equal(reloaded_logits.argmax(dim=-1), predictions))
-    max_diff = float((reloaded_logits - logits_after).abs().max())
-    log(f"reloaded by torchlora: same predictions = {torchlora_same} (max logit difference {max_diff:.2e})")
+    reloaded = reload_with_torchlora(inputs, config, adapter_dir)
+    by_torchlora = compare(predict_logits(reloaded, eval_data), logits_after)
+    log(f"reloaded by torchlora: same predictions = {by_torchlora.same_predictions} "
+        f"(max logit difference {by_torchlora.max_logit_difference:.2e})")
+    differences = [by_torchlora.max_logit_difference]
 
-    peft_same: bool | None = None
+    by_peft: SameAs | None = None
     if config.check_peft:
-        try:
-            import peft
-        except ImportError:
+        loaded = reload_with_peft(inputs, config, adapter_dir)
+        if loaded is None:
             log("PEFT is not installed: skipping the PEFT reload check")
         else:
-            peft_model = peft.PeftModel.from_pretrained(load_classifier(model_path, labels, config.seed + 2), str(adapter_dir))
-            peft_logits = predict_logits(peft_model, eval_data)
-            peft_same = bool(torch.equal(peft_logits.argmax(dim=-1), predictions))
-            diff = float((peft_logits - logits_after).abs().max())
-            max_diff = max(max_diff, diff)
-            log(f"reloaded by PEFT {peft.__version__}: same predictions = {peft_same} (max logit difference {diff:.2e})")
+            peft_model, peft_version = loaded
+            by_peft = compare(predict_logits(peft_model, eval_data), logits_after)
+            differences.append(by_peft.max_logit_difference)
+            log(f"reloaded by PEFT {peft_version}: same predictions = {by_peft.same_predictions} "
+                f"(max logit difference {by_peft.max_logit_difference:.2e})")
 
     merged = reloaded.merge_and_unload()
-    merged_logits = predict_logits(merged, eval_data)
-    merged_same = bool(torch.equal(merged_logits.argmax(dim=-1), predictions))
-    diff = float((merged_logits - logits_after).abs().max())
-    max_diff = max(max_diff, diff)
+    by_merged = compare(predict_logits(merged, eval_data), logits_after)
+    differences.append(by_merged.max_logit_difference)
     merged_dir = output_dir / "merged"
-    merged.save_pretrained(str(merged_dir))
-    tokenizer.save_pretrained(str(merged_dir))
-    log(f"merged into the base model: same predictions = {merged_same} (max logit difference {diff:.2e}); saved {merged_dir}")
+    save_merged(merged, tokenizer, merged_dir)
+    log(f"merged into the base model: same predictions = {by_merged.same_predictions} "
+        f"(max logit difference {by_merged.max_logit_difference:.2e}); saved {merged_dir}")
 
     plot_path: str | None = None
     if config.plot:
         plot_path = str(output_dir / "training_loss.png")
-        plot_losses(losses, plot_path, f"LoRA fine-tuning (r={config.r}) — held-out accuracy {accuracy_before:.2f} → {accuracy_after:.2f}")
+        plot_losses(run.losses, plot_path,
+                    f"LoRA fine-tuning (r={config.r}) — held-out accuracy {accuracy_before:.2f} → {accuracy_after:.2f}")
         log(f"loss plot: {plot_path}")
 
     result = FinetuneResult(
-        num_labels=len(labels),
+        num_labels=len(inputs.labels),
         num_train=len(train_data),
         num_eval=len(eval_data),
-        steps=len(losses),
+        steps=len(run.losses),
         accuracy_before=accuracy_before,
         accuracy_after=accuracy_after,
-        train_seconds=train_seconds,
+        train_seconds=run.seconds,
         total_seconds=time.perf_counter() - started,
-        losses=losses,
+        losses=run.losses,
         adapter_dir=str(adapter_dir),
         merged_dir=str(merged_dir),
         plot_path=plot_path,
-        torchlora_reload_same_predictions=torchlora_same,
-        peft_reload_same_predictions=peft_same,
-        merged_same_predictions=merged_same,
-        max_logit_difference=max_diff,
+        torchlora_reload_same_predictions=by_torchlora.same_predictions,
+        peft_reload_same_predictions=None if by_peft is None else by_peft.same_predictions,
+        merged_same_predictions=by_merged.same_predictions,
+        max_logit_difference=max(differences),
     )
-    with open(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
-        json.dump({**result.summary(), "losses": losses}, handle, indent=2)
+    write_metrics(result, output_dir / "metrics.json")
     log(f"done in {result.total_seconds:.1f} s")
     return result
+
+
+def write_metrics(result: FinetuneResult, path: Path) -> None:
+    """The summary and the per-step losses as JSON."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({**result.summary(), "losses": result.losses}, handle, indent=2)

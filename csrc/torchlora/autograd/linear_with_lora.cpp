@@ -32,33 +32,33 @@ class LinearWithLoraFunction : public torch::autograd::Function<LinearWithLoraFu
     ctx->save_for_backward({x, weight, shrunk, lora_A, lora_B, seed.value_or(at::Tensor()), dropped_bits});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["has_bias"] = defined(bias);
-    ctx->saved_data["has_lora_bias"] = defined(lora_bias);
+    ctx->saved_data["bias_given"] = defined(bias);
+    ctx->saved_data["lora_bias_given"] = defined(lora_bias);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     // needs_input_grad counts only the tensors given: an absent bias shifts the later ones.
-    const bool bias_given = ctx->saved_data["has_bias"].toBool();
-    const bool lora_bias_given = ctx->saved_data["has_lora_bias"].toBool();
+    const bool bias_given = ctx->saved_data["bias_given"].toBool();
+    const bool lora_bias_given = ctx->saved_data["lora_bias_given"].toBool();
     const size_t edge_A = bias_given ? 3 : 2, edge_B = edge_A + 1;
-    const bool has_bias = bias_given && ctx->needs_input_grad(2);
-    const bool has_lora_bias = lora_bias_given && ctx->needs_input_grad(edge_B + 1);
+    const bool needs_bias_grad = bias_given && ctx->needs_input_grad(2);
+    const bool needs_lora_bias_grad = lora_bias_given && ctx->needs_input_grad(edge_B + 1);
     const std::optional<at::Tensor> seed = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(edge_A),
                                    ctx->needs_input_grad(edge_B)};
     variable_list out(9);
-    if (!(mask[0] || mask[1] || mask[2] || mask[3] || has_bias || has_lora_bias)) return out;
+    if (!(mask[0] || mask[1] || mask[2] || mask[3] || needs_bias_grad || needs_lora_bias_grad)) return out;
     auto [grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias] = detail::linear_with_lora_backward_op().call(
-        grads[0], saved[0], saved[1], saved[2], saved[6], saved[3], saved[4], has_bias, has_lora_bias,
+        grads[0], saved[0], saved[1], saved[2], saved[6], saved[3], saved[4], needs_bias_grad, needs_lora_bias_grad,
         ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout_p"].toDouble(), seed, mask);
     if (mask[0]) out[0] = grad_x;
     if (mask[1]) out[1] = grad_w;
-    if (has_bias) out[2] = grad_bias;
+    if (needs_bias_grad) out[2] = grad_bias;
     if (mask[2]) out[3] = grad_A;
     if (mask[3]) out[4] = grad_B;
-    if (has_lora_bias) out[5] = grad_lora_bias;
+    if (needs_lora_bias_grad) out[5] = grad_lora_bias;
     return out;
   }
 };

@@ -27,22 +27,22 @@ class LoraConv2dFunction : public torch::autograd::Function<LoraConv2dFunction> 
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["has_bias"] = lora_bias.has_value() && lora_bias->defined();
+    ctx->saved_data["lora_bias_given"] = lora_bias.has_value() && lora_bias->defined();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool needs_lora_bias_grad = ctx->saved_data["lora_bias_given"].toBool() && ctx->needs_input_grad(4);
     const std::optional<at::Tensor> seed = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3)};
-    at::Tensor grad_x, grad_A, grad_B, grad_bias;
-    if (mask[0] || mask[1] || mask[2] || has_bias) {
+    at::Tensor grad_x, grad_A, grad_B, grad_lora_bias;
+    if (mask[0] || mask[1] || mask[2] || needs_lora_bias_grad) {
       const auto stride = ctx->saved_data["stride"].toIntVector();
       const auto padding = ctx->saved_data["padding"].toIntVector();
       const auto dilation = ctx->saved_data["dilation"].toIntVector();
-      std::tie(grad_x, grad_A, grad_B, grad_bias) = detail::lora_conv2d_backward_op().call(
-          grads[0], saved[0], saved[1], saved[2], saved[3], has_bias, stride, padding, dilation,
+      std::tie(grad_x, grad_A, grad_B, grad_lora_bias) = detail::lora_conv2d_backward_op().call(
+          grads[0], saved[0], saved[1], saved[2], saved[3], needs_lora_bias_grad, stride, padding, dilation,
           ctx->saved_data["groups"].toInt(), ctx->saved_data["scaling"].toDouble(),
           ctx->saved_data["dropout_p"].toDouble(), seed, mask);
     }
@@ -51,7 +51,7 @@ class LoraConv2dFunction : public torch::autograd::Function<LoraConv2dFunction> 
             ctx->needs_input_grad(1) ? grads[0] : undefined,
             mask[1] ? grad_A : undefined,
             mask[2] ? grad_B : undefined,
-            has_bias && ctx->needs_input_grad(4) ? grad_bias : undefined,
+            needs_lora_bias_grad ? grad_lora_bias : undefined,
             undefined, undefined, undefined, undefined, undefined, undefined, undefined};
   }
 };

@@ -19,7 +19,7 @@ void save_for_lora_backward(AutogradContext* ctx, const at::Tensor& x, const at:
   ctx->save_for_backward({x, shrunk, lora_A, lora_B, seed.value_or(at::Tensor())});
   ctx->saved_data["scaling"] = scaling;
   ctx->saved_data["dropout_p"] = dropout_p;
-  ctx->saved_data["has_bias"] = lora_bias.has_value() && lora_bias->defined();
+  ctx->saved_data["lora_bias_given"] = lora_bias.has_value() && lora_bias->defined();
 }
 
 // Gradients of (base_out, x, lora_A, lora_B, lora_bias) given where each input sits in the
@@ -30,14 +30,15 @@ struct ArgIndex {
 
 variable_list lora_backward(AutogradContext* ctx, const variable_list& grads, ArgIndex at_) {
   const auto saved = ctx->get_saved_variables();
-  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const bool needs_lora_bias_grad =
+      ctx->saved_data["lora_bias_given"].toBool() && ctx->needs_input_grad(at_.lora_bias);
   const std::optional<at::Tensor> seed = saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
   const std::array<bool, 3> mask{ctx->needs_input_grad(at_.x), ctx->needs_input_grad(at_.lora_A),
                                  ctx->needs_input_grad(at_.lora_B)};
-  at::Tensor grad_x, grad_A, grad_B, grad_bias;
-  if (mask[0] || mask[1] || mask[2] || has_bias) {
-    std::tie(grad_x, grad_A, grad_B, grad_bias) = detail::lora_linear_backward_op().call(
-        grads[0], saved[0], saved[1], saved[2], saved[3], has_bias, ctx->saved_data["scaling"].toDouble(),
+  at::Tensor grad_x, grad_A, grad_B, grad_lora_bias;
+  if (mask[0] || mask[1] || mask[2] || needs_lora_bias_grad) {
+    std::tie(grad_x, grad_A, grad_B, grad_lora_bias) = detail::lora_linear_backward_op().call(
+        grads[0], saved[0], saved[1], saved[2], saved[3], needs_lora_bias_grad, ctx->saved_data["scaling"].toDouble(),
         ctx->saved_data["dropout_p"].toDouble(), seed, mask);
   }
   variable_list out(at_.count);
@@ -45,7 +46,7 @@ variable_list lora_backward(AutogradContext* ctx, const variable_list& grads, Ar
   if (ctx->needs_input_grad(at_.base_out)) out[at_.base_out] = grads[0];
   if (mask[1]) out[at_.lora_A] = grad_A;
   if (mask[2]) out[at_.lora_B] = grad_B;
-  if (has_bias && ctx->needs_input_grad(at_.lora_bias)) out[at_.lora_bias] = grad_bias;
+  if (needs_lora_bias_grad) out[at_.lora_bias] = grad_lora_bias;
   return out;
 }
 

@@ -13,8 +13,11 @@
 namespace torchlora::cpu {
 namespace {
 
-constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
-constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+using detail::kPhiloxMultiplier0;
+using detail::kPhiloxMultiplier1;
+using detail::kPhiloxRounds;
+using detail::kPhiloxWeyl0;
+using detail::kPhiloxWeyl1;
 
 // Bits of the 64 elements of quads q0 .. q0 + 15 (bit 4j + lane = element 4 (q0 + j) + lane).
 uint64_t dropped_word_scalar(uint64_t q0, uint64_t key, uint32_t threshold) {
@@ -47,9 +50,9 @@ __attribute__((target("avx512f,bmi2"))) uint64_t dropped_word_avx512(uint64_t q0
                                      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32))),
                                      _mm512_set1_epi32(1));
   __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kMul0)), m1 = _mm512_set1_epi32(static_cast<int>(kMul1));
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier0)), m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier1));
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     __m512i hi0, lo0, hi1, lo1;
     mulhilo16(c0, m0, hi0, lo0);
     mulhilo16(c2, m1, hi1, lo1);
@@ -57,8 +60,8 @@ __attribute__((target("avx512f,bmi2"))) uint64_t dropped_word_avx512(uint64_t q0
     c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
     c1 = lo1;
     c3 = lo0;
-    k0 += kWeyl0;
-    k1 += kWeyl1;
+    k0 += kPhiloxWeyl0;
+    k1 += kPhiloxWeyl1;
   }
   const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
   return spread4(_mm512_cmplt_epu32_mask(c0, t), 0) | spread4(_mm512_cmplt_epu32_mask(c1, t), 1) |
@@ -83,9 +86,9 @@ __attribute__((target("avx2,bmi2"))) uint32_t dropped_half_word_avx2(uint64_t q0
   __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
   __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
   __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kMul0)), m1 = _mm256_set1_epi32(static_cast<int>(kMul1));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxMultiplier0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxMultiplier1));
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     __m256i hi0, lo0, hi1, lo1;
     mulhilo8(c0, m0, hi0, lo0);
     mulhilo8(c2, m1, hi1, lo1);
@@ -93,8 +96,8 @@ __attribute__((target("avx2,bmi2"))) uint32_t dropped_half_word_avx2(uint64_t q0
     c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
     c1 = lo1;
     c3 = lo0;
-    k0 += kWeyl0;
-    k1 += kWeyl1;
+    k0 += kPhiloxWeyl0;
+    k1 += kPhiloxWeyl1;
   }
   const __m256i t = _mm256_set1_epi32(static_cast<int>(threshold));
   const __m256i words[4] = {c0, c1, c2, c3};

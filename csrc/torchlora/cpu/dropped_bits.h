@@ -1,17 +1,16 @@
-// Which elements torchlora's dropout drops, as packed bits: the same Philox-4x32-10 draws as
-// detail::keep_element (and so as the CUDA kernels and dropout_apply), made 16 counters (64
-// elements, one word) at a time with AVX-512 (8 with AVX2) where the CPU has it.
+// Which elements torchlora's dropout drops, as packed bits (the format of
+// detail/dropped_bits_format.h): the same Philox-4x32-10 draws as detail::keep_element (and
+// so as the CUDA kernels and dropout_apply), made 16 counters (64 elements, one word) at a
+// time with AVX-512 (8 with AVX2) where the CPU has it.
 #pragma once
 
 #include <cstdint>
 
+#include "../detail/dropped_bits_format.h"
+
 namespace torchlora::cpu {
 
-// The mask of a tensor is one bit stream over its row-major elements: bit e of word e / 64 is
-// set when element e is dropped (its draw is below detail::dropout_threshold(p)).
-inline int64_t dropped_words(int64_t count) {
-  return (count + 63) / 64;
-}
+using detail::dropped_words;
 
 // Words [w0, w1) of the stream of a `count`-element tensor into out[0 .. w1 - w0) (bits past
 // count are clear).

@@ -1,5 +1,7 @@
 #include "isa.h"
 
+#include <torchlora/build_info.h>
+
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -40,3 +42,19 @@ Isa cpu_isa() {
 }
 
 }  // namespace torchlora::cpu
+
+namespace torchlora {
+
+const char* cpu_kernel_isa() {
+  switch (cpu::cpu_isa()) {
+    case cpu::Isa::kAvx512:
+      return "avx512";
+    case cpu::Isa::kAvx2:
+      return "avx2";
+    case cpu::Isa::kScalar:
+      break;
+  }
+  return "scalar";
+}
+
+}  // namespace torchlora

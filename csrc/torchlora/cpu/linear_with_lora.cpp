@@ -378,24 +378,16 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
 
 detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
-    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias,
-    bool has_lora_bias, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool needs_bias_grad,
+    bool needs_lora_bias_grad, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
     std::array<bool, 4> output_mask) {
   if (!has_fused_kernel(x)) {
     return detail::linear_with_lora_backward_generic(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B,
-                                                     has_bias, has_lora_bias, scaling, dropout_p, seed, output_mask);
+                                                     needs_bias_grad, needs_lora_bias_grad, scaling, dropout_p, seed, output_mask);
   }
-  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const auto dims = detail::check_linear_with_lora_backward(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B,
+                                                            scaling, dropout_p, seed);
   const int64_t tokens = dims.tokens, in = dims.in_features, out_features = dims.out_features;
-  constexpr const char* op = "torchlora._linear_with_lora_backward";
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out_features && weight.size(1) == in, op,
-              ": weight must be [", out_features, ", ", in, "], got ", weight.sizes());
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(dropped_bits.scalar_type() == at::kLong && dropped_bits.device().is_cpu() && dropped_bits.dim() == 1 &&
-                    dropped_bits.size(0) == dropped_words(tokens * in),
-                op, ": dropped_bits must be the forward's int64 [", dropped_words(tokens * in), "] mask, got ",
-                dropped_bits.scalar_type(), " ", dropped_bits.sizes());
-  }
   const at::Tensor bits = dropped_bits.contiguous();
   const at::Tensor g2 = grad_out.reshape({tokens, out_features});
   const at::Tensor x2 = x.reshape({tokens, in});
@@ -407,10 +399,10 @@ detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
   auto& [grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias] = grads;
   if (output_mask[0]) grad_x = grad_x.view(x.sizes());
   if (output_mask[1]) grad_w = at::mm(g2.t(), x2);
-  if (has_bias || has_lora_bias) {
+  if (needs_bias_grad || needs_lora_bias_grad) {
     const at::Tensor column_sum = at::sum(g2, {0});
-    if (has_bias) grad_bias = column_sum;
-    if (has_lora_bias) grad_lora_bias = column_sum.mul(scaling);
+    if (needs_bias_grad) grad_bias = column_sum;
+    if (needs_lora_bias_grad) grad_lora_bias = column_sum.mul(scaling);
   }
   return grads;
 }

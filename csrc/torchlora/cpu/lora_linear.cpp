@@ -194,14 +194,14 @@ at::Tensor lora_linear_forward_inplace_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, bool has_bias, double scaling, double dropout_p,
+    const at::Tensor& lora_B, bool needs_lora_bias_grad, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> output_mask) {
   if (dropout_p == 0.0) {
     // Without dropout the ATen path is already one GEMM per gradient.
-    return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
+    return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, needs_lora_bias_grad, scaling, dropout_p,
                                              seed, output_mask);
   }
-  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed);
   const int64_t tokens = dims.tokens, in = dims.in_features, rank = dims.rank, out_features = dims.out_features;
   const DropoutDraw mask = dropout_draw(dropout_p, *seed, "torchlora.lora_linear");
   const auto cd = detail::compute_dtype(x);
@@ -210,11 +210,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const at::Tensor A_cd = lora_A.to(cd);
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_lora_bias = none();
 
   if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
-  if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
-  if (!(output_mask[0] || output_mask[1])) return {grad_x, grad_A, grad_B, grad_bias};
+  if (needs_lora_bias_grad) grad_lora_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
+  if (!(output_mask[0] || output_mask[1])) return {grad_x, grad_A, grad_B, grad_lora_bias};
 
   const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling);  // [T, r]
   const at::Tensor x2 = x.reshape({tokens, in}).contiguous();
@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   }
   if (want_A) grad_A = acc_A.to(lora_A.scalar_type());
   if (want_x) grad_x = grad_x.view(x.sizes());
-  return {grad_x, grad_A, grad_B, grad_bias};
+  return {grad_x, grad_A, grad_B, grad_lora_bias};
 }
 
 }  // namespace

@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_forward_cuda(
   const at::Tensor h = shrunk.contiguous();
   const at::Tensor base = base_out.contiguous();
   const at::Tensor B = lora_B.contiguous();
-  const bool has_bias = lora_bias.has_value() && lora_bias->defined();
-  const at::Tensor bias = has_bias ? lora_bias->contiguous() : at::Tensor();
+  const bool has_lora_bias = lora_bias.has_value() && lora_bias->defined();
+  const at::Tensor bias = has_lora_bias ? lora_bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty(base.sizes(), base.options());
 
   const int64_t N = d.batch.expect_int(), R = d.rank.expect_int(), Cout = d.out_channels.expect_int();
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> lora_conv2d_forward_cuda(
     using scalar_t = typename decltype(tag)::type;
     conv_expand_kernel<scalar_t><<<grid, kConvThreads, 0, stream>>>(
         out.mutable_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), h.const_data_ptr<float>(),
-        B.const_data_ptr<scalar_t>(), has_bias ? bias.const_data_ptr<scalar_t>() : nullptr, P, pixel_blocks, Cout,
+        B.const_data_ptr<scalar_t>(), has_lora_bias ? bias.const_data_ptr<scalar_t>() : nullptr, P, pixel_blocks, Cout,
         R, R / groups, Cout / groups, static_cast<float>(scaling));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cuda(
   const at::Tensor x2 = x.reshape({T, K}).contiguous();
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
   const at::Tensor base2 = base_out.reshape({T, N}).contiguous();
-  const bool has_bias = lora_bias.has_value() && lora_bias->defined();
-  const at::Tensor bias = has_bias ? lora_bias->contiguous() : at::Tensor();
+  const bool has_lora_bias = lora_bias.has_value() && lora_bias->defined();
+  const at::Tensor bias = has_lora_bias ? lora_bias->contiguous() : at::Tensor();
   const DropoutParams dropout = make_dropout_params(dropout_p, seed);
 
   // s partials [splits, T, R]; A[r, k] = A[r * K + k]
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cuda(
     // B[n, r] = B[n * R + r]; the expand sums the partials and, when split, stores s
     launch_expand<scalar_t>(out, &base2,
                             partial_source<scalar_t>(partial, splits > 1 ? shrunk.mutable_data_ptr<float>() : nullptr),
-                            R, B, R, 1, has_bias ? &bias : nullptr, static_cast<float>(scaling), DropoutParams{},
+                            R, B, R, 1, has_lora_bias ? &bias : nullptr, static_cast<float>(scaling), DropoutParams{},
                             kForwardOp);
   });
   return {out.view(base_out.sizes()), shrunk};
@@ -66,27 +66,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     const at::Tensor& grad_out,  // [..., out]
     const at::Tensor& x,         // [..., in]
     const at::Tensor& shrunk,    // [T, r] float32, from the forward
-    const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, double scaling, double dropout_p,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, bool needs_lora_bias_grad, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(lora_A.dim() == 2 && lora_B.dim() == 2 && lora_B.size(1) == lora_A.size(0), kBackwardOp,
-              ": lora_A must be [r, in] and lora_B [out, r], got ", lora_A.sizes(), " and ", lora_B.sizes());
-  const int64_t K = lora_A.size(1), R = lora_A.size(0), N = lora_B.size(0);
-  TORCH_CHECK(shrunk.dim() == 2 && shrunk.size(1) == R, kBackwardOp, ": shrunk must be [T, ", R, "], got ",
-              shrunk.sizes());
-  const int64_t T = shrunk.size(0);
-  TORCH_CHECK(grad_out.numel() == T * N, kBackwardOp, ": grad_out has ", grad_out.numel(), " elements, expected ",
-              T, " x ", N);
-  TORCH_CHECK(x.numel() == T * K, kBackwardOp, ": x has ", x.numel(), " elements, expected ", T, " x ", K);
-  TORCH_CHECK(x.device() == grad_out.device() && x.device() == lora_A.device() && x.device() == lora_B.device() &&
-                  x.device() == shrunk.device(),
-              kBackwardOp, ": all tensors must be on ", x.device());
-  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() && lora_B.scalar_type() == x.scalar_type(), kBackwardOp,
-              ": lora_A, lora_B and x must share a dtype, got ", lora_A.scalar_type(), ", ", lora_B.scalar_type(),
-              " and ", x.scalar_type());
-  detail::check_scaling(scaling, kBackwardOp);
-  detail::check_dropout(dropout_p, seed, x.device(), kBackwardOp);
+  const auto dims = detail::check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed,
+                                                       kBackwardOp);
+  const int64_t T = dims.tokens, K = dims.in_features, R = dims.rank, N = dims.out_features;
   if (!has_kernel_dtype(x.scalar_type()) || T == 0 || K == 0 || N == 0) {
-    return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, has_bias, scaling, dropout_p,
+    return detail::lora_linear_backward_aten(grad_out, x, shrunk, lora_A, lora_B, needs_lora_bias_grad, scaling, dropout_p,
                                              seed, output_mask);
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -97,14 +83,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const float keep_scale = dropout_scale(dropout_p);
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_lora_bias = none();
 
-  if (output_mask[2] || has_bias) {
+  if (output_mask[2] || needs_lora_bias_grad) {
     const at::Tensor dB = output_mask[2] ? at::empty({N, R}, B.options()) : at::Tensor();
-    if (has_bias) grad_bias = at::empty({N}, B.options());
+    if (needs_lora_bias_grad) grad_lora_bias = at::empty({N}, B.options());
     // dB[n, r] = dB[n * R + r]
     launch_column_reduce(g, s, static_cast<float>(scaling), DropoutParams{}, dB, R, 1,
-                         has_bias ? &grad_bias : nullptr, kBackwardOp);
+                         needs_lora_bias_grad ? &grad_lora_bias : nullptr, kBackwardOp);
     if (output_mask[2]) grad_B = dB;
   }
   if (output_mask[0] || output_mask[1]) {
@@ -133,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
       launch_column_reduce(x2, ds, keep_scale, dropout, grad_A, 1, K, nullptr, kBackwardOp);
     }
   }
-  return {grad_x, grad_A, grad_B, grad_bias};
+  return {grad_x, grad_A, grad_B, grad_lora_bias};
 }
 
 }  // namespace

@@ -22,10 +22,10 @@ TensorPair lora_linear_forward_aten(const at::Tensor& x, const at::Tensor& base_
                                     const std::optional<at::Tensor>& lora_bias, double scaling,
                                     double dropout_p, const std::optional<at::Tensor>& seed);
 
-// grad_x, grad_A, grad_B, grad_bias (an empty [0] tensor where not asked for)
+// grad_x, grad_A, grad_B, grad_lora_bias (an empty [0] tensor where not asked for)
 TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& shrunk, const at::Tensor& lora_A,
-                                     const at::Tensor& lora_B, bool has_bias, double scaling,
+                                     const at::Tensor& lora_B, bool needs_lora_bias_grad, double scaling,
                                      double dropout_p, const std::optional<at::Tensor>& seed,
                                      std::array<bool, 3> output_mask);
 
@@ -49,7 +49,7 @@ TensorPair lora_conv2d_forward_aten(const at::Tensor& x, const at::Tensor& base_
 
 TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& shrunk, const at::Tensor& lora_A,
-                                     const at::Tensor& lora_B, bool has_bias, at::IntArrayRef stride,
+                                     const at::Tensor& lora_B, bool needs_lora_bias_grad, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                      double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
                                      std::array<bool, 3> output_mask);

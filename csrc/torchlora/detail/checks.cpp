@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include "dropped_bits_format.h"
+
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -147,9 +149,15 @@ LinearDims check_linear_with_lora(
 
 LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                               const at::Tensor& shrunk, const at::Tensor& lora_A,
-                                              const at::Tensor& lora_B, double dropout_p,
-                                              const std::optional<at::Tensor>& seed) {
-  constexpr const char* op = "torchlora._lora_linear_backward";
+                                              const at::Tensor& lora_B, double scaling, double dropout_p,
+                                              const std::optional<at::Tensor>& seed, const char* op) {
+  check_float(grad_out, op, "grad_out");
+  check_float(x, op, "x");
+  check_float(shrunk, op, "shrunk");
+  check_float(lora_A, op, "lora_A");
+  check_float(lora_B, op, "lora_B");
+  TORCH_CHECK(lora_A.dim() == 2 && lora_B.dim() == 2 && lora_B.size(1) == lora_A.size(0), op,
+              ": lora_A must be [r, in] and lora_B [out, r], got ", lora_A.sizes(), " and ", lora_B.sizes());
   const int64_t in = lora_A.size(1), rank = lora_A.size(0), out_features = lora_B.size(0);
   TORCH_CHECK(shrunk.dim() == 2 && shrunk.size(1) == rank, op, ": shrunk must be [T, ", rank, "], got ",
               shrunk.sizes());
@@ -157,8 +165,93 @@ LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const 
   TORCH_CHECK(grad_out.numel() == tokens * out_features, op, ": grad_out has ", grad_out.numel(),
               " elements, expected ", tokens, " x ", out_features);
   TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
+  check_same_device(x, grad_out, op, "x", "grad_out");
+  check_same_device(x, shrunk, op, "x", "shrunk");
+  check_same_device(x, lora_A, op, "x", "lora_A");
+  check_same_device(x, lora_B, op, "x", "lora_B");
+  check_same_dtype(x, lora_A, op, "x", "lora_A");
+  check_same_dtype(x, lora_B, op, "x", "lora_B");
+  check_scaling(scaling, op);
   check_dropout(dropout_p, seed, x.device(), op);
   return LinearBackwardDims{tokens, in, rank, out_features};
+}
+
+LinearBackwardDims check_linear_with_lora_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& weight, const at::Tensor& shrunk,
+                                                   const at::Tensor& dropped_bits, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "torchlora._linear_with_lora_backward";
+  const auto dims = check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed, op);
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dims.out_features && weight.size(1) == dims.in_features, op,
+              ": weight must be [", dims.out_features, ", ", dims.in_features, "], got ", weight.sizes());
+  check_same_device(x, weight, op, "x", "weight");
+  check_same_dtype(x, weight, op, "x", "weight");
+  if (dropout_p > 0.0) {
+    const int64_t words = dropped_words(dims.tokens * dims.in_features);
+    TORCH_CHECK(dropped_bits.defined() && dropped_bits.scalar_type() == at::kLong && dropped_bits.dim() == 1 &&
+                    dropped_bits.size(0) == words && dropped_bits.device() == x.device(),
+                op, ": dropped_bits must be the forward's int64 [", words, "] mask on ", x.device(), ", got ",
+                dropped_bits.scalar_type(), " ", dropped_bits.sizes(), " on ", dropped_bits.device());
+  }
+  return dims;
+}
+
+void check_lora_embedding_backward(const at::Tensor& grad_out, const at::Tensor& ids, const at::Tensor& gathered,
+                                   const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                   int64_t padding_idx) {
+  constexpr const char* op = "torchlora._lora_embedding_backward";
+  check_float(grad_out, op, "grad_out");
+  check_float(gathered, op, "gathered");
+  check_float(lora_A, op, "lora_A");
+  check_float(lora_B, op, "lora_B");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+              ": ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_B.dim() == 2 && lora_B.size(1) == lora_A.size(0), op,
+              ": lora_A must be [r, num_embeddings] and lora_B [embedding_dim, r], got ", lora_A.sizes(), " and ",
+              lora_B.sizes());
+  const int64_t rank = lora_A.size(0), vocab = lora_A.size(1), dim = lora_B.size(0);
+  const int64_t tokens = ids.numel();
+  TORCH_CHECK(gathered.dim() == 2 && gathered.size(0) == tokens && gathered.size(1) == rank, op,
+              ": gathered must be [", tokens, ", ", rank, "], got ", gathered.sizes());
+  TORCH_CHECK(grad_out.numel() == tokens * dim, op, ": grad_out has ", grad_out.numel(),
+              " elements, expected ", tokens, " x ", dim);
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < vocab, op, ": padding_idx ", padding_idx,
+              " is outside [-1, ", vocab, ")");
+  check_same_device(lora_A, grad_out, op, "lora_A", "grad_out");
+  check_same_device(lora_A, ids, op, "lora_A", "ids");
+  check_same_device(lora_A, gathered, op, "lora_A", "gathered");
+  check_same_device(lora_A, lora_B, op, "lora_A", "lora_B");
+  check_same_dtype(lora_A, lora_B, op, "lora_A", "lora_B");
+  check_scaling(scaling, op);
+}
+
+void check_lora_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk,
+                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                double dropout_p, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "torchlora._lora_conv2d_backward";
+  check_float(grad_out, op, "grad_out");
+  check_float(x, op, "x");
+  check_float(shrunk, op, "shrunk");
+  check_float(lora_A, op, "lora_A");
+  check_float(lora_B, op, "lora_B");
+  TORCH_CHECK(x.dim() == 4 && lora_A.dim() == 4 && lora_B.dim() == 4, op,
+              ": x, lora_A and lora_B must be 4-D, got ", x.sizes(), ", ", lora_A.sizes(), " and ", lora_B.sizes());
+  TORCH_CHECK(shrunk.dim() == 4 && shrunk.size(0) == x.size(0) && shrunk.size(1) == lora_A.size(0), op,
+              ": shrunk must be [N, r, H', W'] with N=", x.size(0), " and r=", lora_A.size(0), ", got ",
+              shrunk.sizes());
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == shrunk.size(0) && grad_out.size(1) == lora_B.size(0) &&
+                  grad_out.size(2) == shrunk.size(2) && grad_out.size(3) == shrunk.size(3),
+              op, ": grad_out ", grad_out.sizes(), " does not match shrunk ", shrunk.sizes());
+  check_same_device(x, grad_out, op, "x", "grad_out");
+  check_same_device(x, shrunk, op, "x", "shrunk");
+  check_same_device(x, lora_A, op, "x", "lora_A");
+  check_same_device(x, lora_B, op, "x", "lora_B");
+  check_same_dtype(x, lora_A, op, "x", "lora_A");
+  check_same_dtype(x, lora_B, op, "x", "lora_B");
+  check_scaling(scaling, op);
+  check_dropout(dropout_p, seed, x.device(), op);
 }
 
 EmbeddingDims check_lora_embedding(

@@ -15,9 +15,9 @@ namespace torchlora::detail {
 // grad_x, grad_weight, grad_A, grad_B, grad_bias, grad_lora_bias ([0] where not asked for).
 using LinearWithLoraGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// out; shrunk (float32 [T, r]) and dropped_bits (int64 [ceil(T * in / 64)]: bit e of word e / 64
-// set when element e of x is dropped) for backward: [0] without keep_shrunk, and dropped_bits
-// [0] also without dropout.
+// out; shrunk (float32 [T, r]) and dropped_bits (int64 [dropped_words(T * in)], the format of
+// dropped_bits_format.h) for backward: [0] without keep_shrunk, and dropped_bits [0] also
+// without dropout.
 using LinearWithLoraOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 LinearWithLoraOutputs linear_with_lora_forward_generic(
@@ -25,11 +25,11 @@ LinearWithLoraOutputs linear_with_lora_forward_generic(
     const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
     double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool keep_shrunk);
 
-// output_mask: x, weight, lora_A, lora_B; the bias gradients follow has_bias / has_lora_bias.
-// The generic backward regenerates the mask from the seed (dropped_bits is not read).
+// output_mask: x, weight, lora_A, lora_B; the bias gradients follow needs_bias_grad / needs_lora_bias_grad.
+// The generic backward regenerates the mask from the seed (dropped_bits is checked, not read).
 LinearWithLoraGrads linear_with_lora_backward_generic(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
-    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double scaling,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool needs_bias_grad, bool needs_lora_bias_grad, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask);
 
 }  // namespace torchlora::detail

@@ -11,20 +11,22 @@
 #include <ATen/ops/sum.h>
 
 #include "checks.h"
+#include "dropped_bits_format.h"
 #include "op_handles.h"
 
 namespace torchlora::detail {
 namespace {
 
-// The packed dropped bits of a [T, in] input (bit e of word e / 64 = element e dropped), from
-// the dropout_apply op of x's device. Packed a byte at a time (bool -> uint8 weights summed in
-// uint8), so the temporaries stay at a byte per element; 8 little-endian bytes are a word.
+// The dropped bits (dropped_bits_format.h) of a [T, in] input, from the dropout_apply op of
+// x's device. Packed a byte at a time (bool -> uint8 weights summed in uint8), so the
+// temporaries stay at a byte per element; 8 little-endian bytes are a word.
 at::Tensor pack_dropped_bits(const at::Tensor& x, int64_t tokens, int64_t in, double dropout_p,
                              const at::Tensor& seed) {
-  const int64_t count = tokens * in, words = (count + 63) / 64;
+  const int64_t count = tokens * in, words = dropped_words(count);
   const at::Tensor dropped = dropout_apply_op().call(at::ones({count}, x.options()), dropout_p, seed).eq(0);
   const auto byte_options = x.options().dtype(at::kByte);
-  const at::Tensor bits = at::constant_pad_nd(dropped.to(at::kByte), {0, words * 64 - count}).view({words * 8, 8});
+  const at::Tensor bits =
+      at::constant_pad_nd(dropped.to(at::kByte), {0, words * kDroppedBitsPerWord - count}).view({words * 8, 8});
   const at::Tensor weight = at::bitwise_left_shift(at::ones({8}, byte_options), at::arange(8, byte_options));
   return at::sum(bits.mul(weight), {1}, false, at::kByte).view(at::kLong);  // distinct bits: the sum is their OR
 }
@@ -48,13 +50,15 @@ LinearWithLoraOutputs linear_with_lora_forward_generic(
 
 LinearWithLoraGrads linear_with_lora_backward_generic(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shrunk,
-    const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double scaling,
+    const at::Tensor& dropped_bits, const at::Tensor& lora_A, const at::Tensor& lora_B, bool needs_bias_grad, bool needs_lora_bias_grad, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask) {
-  const int64_t in = weight.size(1), out_features = weight.size(0);
+  const auto dims = check_linear_with_lora_backward(grad_out, x, weight, shrunk, dropped_bits, lora_A, lora_B, scaling,
+                                                    dropout_p, seed);
+  const int64_t in = dims.in_features, out_features = dims.out_features;
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
   auto [grad_x, grad_A, grad_B, grad_lora_bias] = lora_linear_backward_op().call(
-      grad_out, x, shrunk, lora_A, lora_B, has_lora_bias, scaling, dropout_p, seed,
+      grad_out, x, shrunk, lora_A, lora_B, needs_lora_bias_grad, scaling, dropout_p, seed,
       {output_mask[0], output_mask[2], output_mask[3]});
   const at::Tensor g2 = grad_out.reshape({-1, out_features});
   if (output_mask[0]) {
@@ -62,8 +66,8 @@ LinearWithLoraGrads linear_with_lora_backward_generic(
     grad_x = gx2.addmm_(g2, weight).view(x.sizes());
   }
   at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})) : none();
-  at::Tensor grad_bias = has_bias ? at::sum(g2, {0}) : none();
-  return {grad_x, grad_weight, grad_A, grad_B, grad_bias, has_lora_bias ? grad_lora_bias : none()};
+  at::Tensor grad_bias = needs_bias_grad ? at::sum(g2, {0}) : none();
+  return {grad_x, grad_weight, grad_A, grad_B, grad_bias, needs_lora_bias_grad ? grad_lora_bias : none()};
 }
 
 }  // namespace torchlora::detail

@@ -35,30 +35,24 @@ TensorPair lora_conv2d_forward_aten(const at::Tensor& x, const at::Tensor& base_
 
 TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& shrunk, const at::Tensor& lora_A,
-                                     const at::Tensor& lora_B, bool has_bias, at::IntArrayRef stride,
+                                     const at::Tensor& lora_B, bool needs_lora_bias_grad, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                      double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
                                      std::array<bool, 3> output_mask) {
-  constexpr const char* op = "torchlora._lora_conv2d_backward";
-  TORCH_CHECK(shrunk.dim() == 4 && shrunk.size(1) == lora_A.size(0), op, ": shrunk must be [N, r, H', W'], got ",
-              shrunk.sizes());
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == shrunk.size(0) && grad_out.size(1) == lora_B.size(0) &&
-                  grad_out.size(2) == shrunk.size(2) && grad_out.size(3) == shrunk.size(3),
-              op, ": grad_out ", grad_out.sizes(), " does not match shrunk ", shrunk.sizes());
-  check_dropout(dropout_p, seed, x.device(), op);
+  check_lora_conv2d_backward(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed);
   const auto cd = compute_dtype(x);
   const at::Tensor g = grad_out.to(cd);
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_lora_bias = none();
   const bool need_h = output_mask[0] || output_mask[1];
   const int64_t cout = lora_B.size(0);
   const std::vector<int64_t> bias_size{cout};
   auto [grad_h, gB, gbias] = at::convolution_backward(
-      g, shrunk.to(cd), lora_B.to(cd), has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt, {1, 1},
-      {0, 0}, {1, 1}, false, {0, 0}, groups, {need_h, output_mask[2], has_bias});
+      g, shrunk.to(cd), lora_B.to(cd), needs_lora_bias_grad ? at::OptionalIntArrayRef(bias_size) : std::nullopt, {1, 1},
+      {0, 0}, {1, 1}, false, {0, 0}, groups, {need_h, output_mask[2], needs_lora_bias_grad});
   if (output_mask[2]) grad_B = gB.mul_(scaling).to(lora_B.scalar_type());
-  if (has_bias) grad_bias = gbias.mul_(scaling).to(lora_B.scalar_type());
+  if (needs_lora_bias_grad) grad_lora_bias = gbias.mul_(scaling).to(lora_B.scalar_type());
   if (need_h) {
     grad_h.mul_(scaling);
     auto [gx, gA, unused] = at::convolution_backward(
@@ -67,7 +61,7 @@ TensorQuad lora_conv2d_backward_aten(const at::Tensor& grad_out, const at::Tenso
     if (output_mask[1]) grad_A = gA.to(lora_A.scalar_type());
     if (output_mask[0]) grad_x = dropped_input(gx, dropout_p, seed).to(x.scalar_type());
   }
-  return {grad_x, grad_A, grad_B, grad_bias};
+  return {grad_x, grad_A, grad_B, grad_lora_bias};
 }
 
 }  // namespace torchlora::detail

@@ -31,15 +31,9 @@ TensorPair lora_embedding_backward_aten(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& gathered, const at::Tensor& lora_A,
                                         const at::Tensor& lora_B, double scaling, int64_t padding_idx,
                                         bool scale_grad_by_freq, std::array<bool, 2> output_mask) {
-  constexpr const char* op = "torchlora._lora_embedding_backward";
-  const int64_t rank = lora_A.size(0), vocab = lora_A.size(1), dim = lora_B.size(0);
+  check_lora_embedding_backward(grad_out, ids, gathered, lora_A, lora_B, scaling, padding_idx);
+  const int64_t vocab = lora_A.size(1), dim = lora_B.size(0);
   const int64_t tokens = ids.numel();
-  TORCH_CHECK(gathered.dim() == 2 && gathered.size(0) == tokens && gathered.size(1) == rank, op,
-              ": gathered must be [", tokens, ", ", rank, "], got ", gathered.sizes());
-  TORCH_CHECK(grad_out.numel() == tokens * dim, op, ": grad_out has ", grad_out.numel(),
-              " elements, expected ", tokens, " x ", dim);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < vocab, op, ": padding_idx ", padding_idx,
-              " is outside [-1, ", vocab, ")");
   const auto cd = compute_dtype(lora_A);
   const at::Tensor g2 = grad_out.reshape({tokens, dim}).to(cd);
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.

@@ -44,15 +44,15 @@ TensorPair lora_linear_forward_aten(const at::Tensor& x, const at::Tensor& base_
 void expand_into_base_(at::Tensor& base_out, const at::Tensor& shrunk, const at::Tensor& lora_B,
                        const std::optional<at::Tensor>& lora_bias, double scaling) {
   const int64_t tokens = shrunk.size(0), out_features = lora_B.size(0);
-  const bool has_bias = lora_bias.has_value() && lora_bias->defined();
+  const bool has_lora_bias = lora_bias.has_value() && lora_bias->defined();
   if (base_out.scalar_type() == shrunk.scalar_type() && base_out.is_contiguous()) {
     at::Tensor base2 = base_out.view({tokens, out_features});
-    if (has_bias) base2.add_(lora_bias->to(shrunk.scalar_type()), scaling);
+    if (has_lora_bias) base2.add_(lora_bias->to(shrunk.scalar_type()), scaling);
     base2.addmm_(shrunk, lora_B.t(), 1.0, scaling);
     return;
   }
   at::Tensor delta = at::mm(shrunk, lora_B.t());
-  if (has_bias) delta.add_(lora_bias->to(shrunk.scalar_type()));
+  if (has_lora_bias) delta.add_(lora_bias->to(shrunk.scalar_type()));
   base_out.add_(delta.view(base_out.sizes()), scaling);
 }
 
@@ -72,19 +72,19 @@ at::Tensor lora_linear_forward_inplace_aten(at::Tensor& base_out, const at::Tens
 
 TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& shrunk, const at::Tensor& lora_A,
-                                     const at::Tensor& lora_B, bool has_bias, double scaling,
+                                     const at::Tensor& lora_B, bool needs_lora_bias_grad, double scaling,
                                      double dropout_p, const std::optional<at::Tensor>& seed,
                                      std::array<bool, 3> output_mask) {
-  const auto dims = check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, dropout_p, seed);
+  const auto dims = check_lora_linear_backward(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed);
   const int64_t tokens = dims.tokens, in = dims.in_features, out_features = dims.out_features;
   const auto cd = compute_dtype(x);
   const at::Tensor g2 = grad_out.reshape({tokens, out_features}).to(cd);
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_bias = none();
+  at::Tensor grad_x = none(), grad_A = none(), grad_B = none(), grad_lora_bias = none();
 
   if (output_mask[2]) grad_B = at::mm(g2.t(), shrunk.to(cd)).mul_(scaling).to(lora_B.scalar_type());
-  if (has_bias) grad_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
+  if (needs_lora_bias_grad) grad_lora_bias = at::sum(g2, {0}).mul_(scaling).to(lora_B.scalar_type());
   if (output_mask[0] || output_mask[1]) {
     const at::Tensor grad_s = at::mm(g2, lora_B.to(cd)).mul_(scaling);  // [T, r]
     if (output_mask[1]) {
@@ -98,7 +98,7 @@ TensorQuad lora_linear_backward_aten(const at::Tensor& grad_out, const at::Tenso
       grad_x = gx.to(x.scalar_type()).view(x.sizes());
     }
   }
-  return {grad_x, grad_A, grad_B, grad_bias};
+  return {grad_x, grad_A, grad_B, grad_lora_bias};
 }
 
 }  // namespace torchlora::detail

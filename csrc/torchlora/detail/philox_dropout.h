@@ -14,6 +14,15 @@
 
 namespace torchlora::detail {
 
+// The Philox-4x32 round constants (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+// 3", and Random123): the two multipliers of the rounds and the two Weyl increments of the
+// key. Every implementation of the mask (scalar, AVX2, AVX-512, CUDA) uses these.
+inline constexpr uint32_t kPhiloxMultiplier0 = 0xD2511F53u;
+inline constexpr uint32_t kPhiloxMultiplier1 = 0xCD9E8D57u;
+inline constexpr uint32_t kPhiloxWeyl0 = 0x9E3779B9u;
+inline constexpr uint32_t kPhiloxWeyl1 = 0xBB67AE85u;
+inline constexpr int kPhiloxRounds = 10;
+
 struct Philox4 {
   uint32_t v[4];
 };
@@ -32,17 +41,17 @@ TORCHLORA_HOST_DEVICE Philox4 philox4x32_10(uint64_t counter, uint64_t key) {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(0xD2511F53u, c0, hi0, lo0);
-    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
+    mulhilo32(kPhiloxMultiplier0, c0, hi0, lo0);
+    mulhilo32(kPhiloxMultiplier1, c2, hi1, lo1);
     const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxWeyl0;
+    k1 += kPhiloxWeyl1;
   }
   return Philox4{{c0, c1, c2, c3}};
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../detail/checks.h"
+#include "../detail/dropped_bits_format.h"
 
 namespace torchlora::meta {
 namespace {
@@ -23,21 +24,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_with_lora_forward_meta(
           at::empty_symint(keep_shrunk ? std::vector<c10::SymInt>{dims.tokens, dims.rank}
                                               : std::vector<c10::SymInt>{0},
                            shrunk_options),
-          at::empty_symint(with_bits ? std::vector<c10::SymInt>{(dims.tokens * dims.in_features + 63) / 64}
+          at::empty_symint(with_bits ? std::vector<c10::SymInt>{detail::dropped_words(dims.tokens * dims.in_features)}
                                      : std::vector<c10::SymInt>{0},
                            x.options().dtype(at::kLong))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_lora_backward_meta(
     const at::Tensor& /*grad_out*/, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& /*shrunk*/,
-    const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool has_bias, bool has_lora_bias, double /*scaling*/,
+    const at::Tensor& /*dropped_bits*/, const at::Tensor& lora_A, const at::Tensor& lora_B, bool needs_bias_grad, bool needs_lora_bias_grad, double /*scaling*/,
     double /*dropout_p*/, const std::optional<at::Tensor>& /*seed*/, std::array<bool, 4> output_mask) {
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
   auto like = [&](bool wanted, const at::Tensor& t) { return wanted ? at::empty_symint(t.sym_sizes(), t.options()) : none(); };
   auto bias_like = [&](bool wanted) { return wanted ? at::empty_symint({weight.sym_size(0)}, x.options()) : none(); };
   return {like(output_mask[0], x), like(output_mask[1], weight), like(output_mask[2], lora_A),
-          like(output_mask[3], lora_B), bias_like(has_bias), bias_like(has_lora_bias)};
+          like(output_mask[3], lora_B), bias_like(needs_bias_grad), bias_like(needs_lora_bias_grad)};
 }
 
 }  // namespace

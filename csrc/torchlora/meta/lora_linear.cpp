@@ -27,14 +27,14 @@ at::Tensor lora_linear_forward_inplace_meta(at::Tensor& base_out, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_meta(
     const at::Tensor& /*grad_out*/, const at::Tensor& x, const at::Tensor& /*shrunk*/, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, bool has_bias, double /*scaling*/, double /*dropout_p*/,
+    const at::Tensor& lora_B, bool needs_lora_bias_grad, double /*scaling*/, double /*dropout_p*/,
     const std::optional<at::Tensor>& /*seed*/, std::array<bool, 3> output_mask) {
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
   auto none = [&] { return at::empty({0}, x.options()); };
   return {output_mask[0] ? at::empty_symint(x.sym_sizes(), x.options()) : none(),
           output_mask[1] ? at::empty_symint(lora_A.sym_sizes(), lora_A.options()) : none(),
           output_mask[2] ? at::empty_symint(lora_B.sym_sizes(), lora_B.options()) : none(),
-          has_bias ? at::empty_symint({lora_B.sym_size(0)}, lora_B.options()) : none()};
+          needs_lora_bias_grad ? at::empty_symint({lora_B.sym_size(0)}, lora_B.options()) : none()};
 }
 
 }  // namespace

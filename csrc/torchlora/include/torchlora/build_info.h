@@ -1,4 +1,4 @@
-// What this copy of libtorchlora was built with.
+// What this copy of libtorchlora was built with, and which CPU path it runs.
 #pragma once
 
 #include <string>
@@ -17,5 +17,9 @@ struct BuildInfo {
 };
 
 TORCHLORA_API BuildInfo build_info();
+
+// The vector path the CPU kernels take in this process: "avx512", "avx2" or "scalar" (this
+// CPU's best, capped by the environment variable TORCHLORA_CPU_ISA).
+TORCHLORA_API const char* cpu_kernel_isa();
 
 }  // namespace torchlora
