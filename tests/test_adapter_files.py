@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import tiny_models as tm
 import torchlora
-from torchlora import adapter_io
+from torchlora import peft_format
 from torchlora.nn import LoraLayer
 
 IDS = tm.input_ids()
@@ -71,13 +71,13 @@ def test_config_keys_are_peft_keys(saved):
     with open(os.path.join(folder, "adapter_config.json")) as f:
         config = json.load(f)
     peft_fields = set(peft.LoraConfig.__dataclass_fields__)
-    assert set(config) <= peft_fields and set(config) <= adapter_io.PEFT_LORA_CONFIG_KEYS
+    assert set(config) <= peft_fields and set(config) <= peft_format.PEFT_LORA_CONFIG_KEYS
     assert config["peft_type"] == "LORA" and config["inference_mode"] is True
     assert sorted(config["target_modules"]) == ["query", "value"]
     assert sorted(config["modules_to_save"]) == ["classifier", "score"]
     peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})  # PEFT accepts the file
     # no newer feature used: only long-standing keys, so older PEFT versions read the file too
-    assert set(config) <= adapter_io.PEFT_BASELINE_KEYS
+    assert set(config) <= peft_format.PEFT_BASELINE_KEYS
 
 
 def test_newer_config_keys_are_written_when_used(tmp_path):
@@ -199,14 +199,14 @@ def test_load_adapter_adds_a_second_adapter(saved):
 # ------------------------------------------------------------------------------- atomicity
 def test_atomic_write_keeps_old_file_on_error(tmp_path):
     path = str(tmp_path / "f.txt")
-    adapter_io.atomic_write(path, lambda h: h.write(b"old"))
+    peft_format.atomic_write(path, lambda h: h.write(b"old"))
 
     def fail(handle):
         handle.write(b"half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        adapter_io.atomic_write(path, fail)
+        peft_format.atomic_write(path, fail)
     assert open(path, "rb").read() == b"old"
     assert os.listdir(tmp_path) == ["f.txt"]  # no temporary file left behind
 
@@ -219,14 +219,14 @@ def test_interrupted_save_never_loads_as_another_adapter(tmp_path, monkeypatch):
     old.save_pretrained(folder)
     new = _model({"task_type": "SEQ_CLS", "target_modules": ["query", "value"], "r": 4,
                   "lora_alpha": 32, "init_lora_weights": False})
-    real_write = adapter_io.atomic_write
+    real_write = peft_format.atomic_write
 
     def crash_on_config(path, write):
         if path.endswith("adapter_config.json"):
             raise KeyboardInterrupt("power cut")
         real_write(path, write)
 
-    monkeypatch.setattr(adapter_io, "atomic_write", crash_on_config)
+    monkeypatch.setattr(peft_format, "atomic_write", crash_on_config)
     with pytest.raises(KeyboardInterrupt):
         new.save_pretrained(folder)
     monkeypatch.undo()
@@ -244,7 +244,7 @@ def test_interrupted_weights_write_leaves_no_loadable_mix(tmp_path, monkeypatch)
     def crash(path, write):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "atomic_write", crash)
+    monkeypatch.setattr(peft_format, "atomic_write", crash)
     with pytest.raises(OSError):
         _model().save_pretrained(folder)
     monkeypatch.undo()

@@ -154,8 +154,12 @@ void bind_peft(py::module_& m) {
       py::arg("path"), "An adapter_config.json, parsed and validated; every field present.");
   peft.def("lora_scaling", &torchlora::peft::lora_scaling, py::arg("lora_alpha"), py::arg("r"),
            py::arg("use_rslora"), "lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.");
-  peft.def("remove_adapter_name", &torchlora::peft::remove_adapter_name, py::arg("key"), py::arg("adapter_name"),
-           "A module state-dict key in PEFT's file form: the adapter-name segment removed.");
+  peft.attr("LORA_TENSOR_NAMES") = py::tuple(py::cast(std::vector<std::string>(
+      torchlora::peft::kLoraTensorNames.begin(), torchlora::peft::kLoraTensorNames.end())));
+  peft.def("to_peft_key", &torchlora::peft::to_peft_key, py::arg("module_key"), py::arg("adapter_name"),
+           py::arg("with_prefix") = true, "A model state-dict key -> its key in a PEFT file.");
+  peft.def("from_peft_key", &torchlora::peft::from_peft_key, py::arg("peft_key"), py::arg("adapter_name"),
+           "A PEFT file key -> the model state-dict key of adapter_name.");
   peft.def("pattern_matches", &torchlora::io::pattern_key_matches, py::arg("key"), py::arg("module_name"),
            "Whether a rank_pattern / alpha_pattern key applies to a module.");
   peft.def("layer_index", &torchlora::apply::layer_index, py::arg("module_name"), py::arg("layers_pattern"),

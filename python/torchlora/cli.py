@@ -164,7 +164,10 @@ def _add_inspect_parser(subparsers: Any) -> None:
     p.set_defaults(handler=_run_inspect)
 
 
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+def _lora_suffixes() -> tuple[str, ...]:
+    from .peft_format import LORA_TENSOR_NAMES
+
+    return tuple("." + name for name in LORA_TENSOR_NAMES)
 
 
 def describe_adapter(adapter_dir: str) -> dict[str, Any]:
@@ -179,7 +182,7 @@ def describe_adapter(adapter_dir: str) -> dict[str, Any]:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     for key, tensor in sorted(tensors.items()):
         name = key[len(PEFT_KEY_PREFIX):]
-        suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
+        suffix = next((s for s in _lora_suffixes() if name.endswith(s)), None)
         if suffix is None:
             other[name] = tuple(tensor.shape)
             continue

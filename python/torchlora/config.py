@@ -173,6 +173,8 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
+        from .peft_format import config_to_peft_json, write_adapter_config
+
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory ({save_directory}) should be a directory, not a file")
         output = self.to_dict()
@@ -181,10 +183,7 @@ class LoraConfig:
             output["auto_mapping"] = auto_mapping
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        text = _peft.lora_config_to_peft_json(output)
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as writer:
-            writer.write(text)
+        write_adapter_config(save_directory, config_to_peft_json(output))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,

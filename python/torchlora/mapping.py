@@ -39,7 +39,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                    autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` in a ``PeftModel`` (the subclass for ``peft_config.task_type``) with one
-    LoRA adapter named ``adapter_name``; only the adapter's weights are left trainable."""
+    LoRA adapter named ``adapter_name``; only the adapter's weights are left trainable. With
+    ``low_cpu_mem_usage`` the LoRA weights are created on the meta device, to be filled by
+    loading a saved adapter (``set_peft_model_state_dict``); not for training from scratch."""
     _check_config(peft_config)
     if mixed:
         raise NotImplementedError("mixed=True (PeftMixedModel) is not supported by torchlora")
@@ -68,10 +70,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
     """Put LoRA layers into ``model`` in place and return it (no ``PeftModel`` wrapper); the
-    model gets a ``peft_config`` dict attribute."""
+    model gets a ``peft_config`` dict attribute. With ``low_cpu_mem_usage`` the LoRA weights
+    are created on the meta device, to be filled by ``set_peft_model_state_dict``."""
     _check_config(peft_config)
-    if low_cpu_mem_usage:
-        raise NotImplementedError("low_cpu_mem_usage=True is not supported by torchlora")
     if state_dict is not None:
         raise NotImplementedError("inject_adapter_in_model(state_dict=...) is not supported by torchlora")
-    return LoraModel(model, peft_config, adapter_name=adapter_name).model
+    return LoraModel(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage).model

@@ -4,14 +4,17 @@ disabling, trainable-parameter counts), wrapping a ``LoraModel``."""
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 
-from .config import LoraConfig, PeftType
+from . import peft_format
+from .config import LoraConfig, PeftType, validate_config_dict
 from .nn import LoraLayer
+from .state_dict import get_peft_model_state_dict, load_adapter_tensors
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
 
@@ -36,13 +39,12 @@ class PeftModel(nn.Module):
         super().__init__()
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a torchlora LoraConfig, got {type(peft_config).__name__}")
-        if low_cpu_mem_usage:
-            raise NotImplementedError("low_cpu_mem_usage=True is not supported by torchlora")
         self.active_adapter: Union[str, list[str]] = adapter_name
         self.peft_type = PeftType.LORA
         self.special_peft_forward_args = {"adapter_names"}
         self.base_model = LoraModel(model, {adapter_name: peft_config}, adapter_name,
-                                    autocast_adapter_dtype=autocast_adapter_dtype)
+                                    autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", True)
@@ -156,11 +158,13 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add a new (untrained, inactive) adapter; ``set_adapter`` activates it."""
+        """Add a new (untrained, inactive) adapter; ``set_adapter`` activates it.
+
+        With ``low_cpu_mem_usage`` its LoRA weights are created on the meta device, to be filled
+        by loading a saved adapter (``set_peft_model_state_dict``); not for training from scratch.
+        """
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a torchlora LoraConfig, got {type(peft_config).__name__}")
-        if low_cpu_mem_usage:
-            raise NotImplementedError("low_cpu_mem_usage=True is not supported by torchlora")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         if adapter_name in "lora_":
@@ -169,7 +173,8 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = peft_config
         try:
             self.base_model.inject_adapter(self.base_model.model, adapter_name,
-                                           autocast_adapter_dtype=autocast_adapter_dtype)
+                                           autocast_adapter_dtype=autocast_adapter_dtype,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
         except Exception:
             del self.peft_config[adapter_name]
             raise
@@ -190,27 +195,190 @@ class PeftModel(nn.Module):
         if len(remaining) == 1:
             self.active_adapter = remaining[0]
 
-    # ------------------------------------------------------------------ persistence (torchlora.adapter_io)
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Write the adapters as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        from . import adapter_io
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable (or with ``requires_grad=False`` disable) gradients of the given adapters."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
-        adapter_io.save_pretrained(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+    # ------------------------------------------------------------------ persistence (files: torchlora.peft_format)
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write the adapters as PEFT does: "default" in ``save_directory``, others in
+        ``<dir>/<name>``, each as ``adapter_config.json`` + ``adapter_model.safetensors`` (or
+        ``adapter_model.bin`` without ``safe_serialization``).
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
-        """Load a saved adapter under ``adapter_name`` (frozen unless ``is_trainable``)."""
-        from . import adapter_io
+        ``save_embedding_layers`` ("auto", True or False) also saves the base embedding layers;
+        ``is_main_process=False`` writes nothing; ``state_dict=`` (keyword) takes the weights from
+        that state dict instead of the model.
+        """
+        _check_kwargs(kwargs, _SAVE_KWARGS, "save_pretrained")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save directory {save_directory!r} is a file, expected a folder")
+        selected_adapters = self._check_selected_adapters(selected_adapters)
+        if not is_main_process:
+            return
+        for adapter_name in selected_adapters:
+            tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
+                                                save_embedding_layers=save_embedding_layers)
+            peft_format.write_adapter_files(peft_format.adapter_folder(save_directory, adapter_name),
+                                            self._saved_config_json(adapter_name), tensors,
+                                            safe_serialization=safe_serialization)
 
-        return adapter_io.load_adapter(self, model_id, adapter_name, is_trainable, **kwargs)
+    def _check_selected_adapters(self, selected_adapters: Optional[list[str]]) -> list[str]:
+        if selected_adapters is None:
+            return list(self.peft_config)
+        if isinstance(selected_adapters, str) or not all(isinstance(n, str) for n in selected_adapters):
+            raise TypeError(f"selected_adapters must be a list of adapter names, got {selected_adapters!r}")
+        unknown = [name for name in selected_adapters if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                             f"{list(self.peft_config)} - but you passed {unknown}")
+        return list(selected_adapters)
+
+    def _saved_config_json(self, adapter_name: str) -> dict[str, Any]:
+        """The ``adapter_config.json`` content of a saved adapter (the config is not changed)."""
+        config_dict = self.peft_config[adapter_name].to_dict()
+        base = self.get_base_model()
+        if config_dict.get("base_model_name_or_path") is None:
+            config_dict["base_model_name_or_path"] = base.__dict__.get("name_or_path") or None
+        config_dict["inference_mode"] = True  # a saved adapter is loaded for inference unless asked otherwise
+        if config_dict.get("task_type") is None and config_dict.get("auto_mapping") is None:
+            # without a task type, PEFT's AutoPeftModel finds the model class from this entry
+            config_dict["auto_mapping"] = {"base_model_class": type(base).__name__,
+                                           "parent_library": type(base).__module__}
+        return peft_format.config_to_peft_json(config_dict)
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, **kwargs: Any) -> None:
+        """Add ``adapter_name`` from the folder ``model_id`` (its config) and load its weights strictly.
+
+        The adapter is not activated (``set_adapter`` does that) and is frozen unless
+        ``is_trainable``. Files are read and checked before the model changes; the adapter's
+        weights are created empty and filled from the file (never randomly initialised first,
+        whatever ``low_cpu_mem_usage`` says); if the weights do not fit, the half-added adapter
+        is removed again.
+        """
+        _check_kwargs(kwargs, _LOAD_KWARGS, "load_adapter")
+        _check_unsupported_load_options(ephemeral_gpu_offload, key_mapping)
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"))
+        config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            self._load_adapter_file(adapter_name, tensors, weights_path, torch_device)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        self._finish_loading(adapter_name, is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **kwargs: Any) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved at ``model_id``."""
-        from . import adapter_io
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict[str, str]] = None,
+                        **kwargs: Any) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in the folder ``model_id`` (PEFT's or torchlora's).
 
-        return adapter_io.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
+        On ``PeftModel`` the task subclass comes from the config's ``task_type``. Loaded adapters
+        are frozen and the model is in eval mode unless ``is_trainable``. The adapter's weights
+        are created empty and filled from the file (as PEFT does with ``low_cpu_mem_usage=True``;
+        torchlora always loads this way). If the weights do not fit, ``model`` is restored before
+        the error is raised. ``subfolder=`` and ``torch_device=`` keywords are accepted as in PEFT.
+        """
+        from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        _check_kwargs(kwargs, _LOAD_KWARGS, "from_pretrained")
+        _check_unsupported_load_options(ephemeral_gpu_offload, key_mapping)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"))
+        if config is None:
+            config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
+        elif not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a torchlora LoraConfig, got {type(config).__name__}")
+        config.inference_mode = not is_trainable
+        if cls is PeftModel:
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        peft_model = cls(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                         low_cpu_mem_usage=True)
+        try:
+            peft_model._load_adapter_file(adapter_name, tensors, weights_path, kwargs.get("torch_device"))
+        except BaseException:
+            peft_model.unload()  # give the caller its model back without LoRA layers
+            raise
+        peft_model._finish_loading(adapter_name, is_trainable)
+        return peft_model
+
+    def _load_adapter_file(self, adapter_name: str, tensors: dict[str, Tensor], weights_path: str,
+                           torch_device: Optional[str]) -> None:
+        """Fill the (empty) adapter with a file's tensors: keys and values checked by the format,
+        shapes where they are loaded."""
+        expected = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
+        optional: Collection[str] = ()
+        if any(key not in expected for key in tensors):
+            optional = self._embedding_layer_keys(adapter_name)
+        peft_format.check_adapter_file(weights_path, tensors, required=expected, optional=optional)
+        if torch_device is not None:
+            tensors = {key: value.to(torch_device) for key, value in tensors.items()}
+        result = load_adapter_tensors(self, tensors, adapter_name, source=weights_path)
+        if result.missing_keys:  # every required key was checked above; anything left is a bug, not a warning
+            raise ValueError(f"{weights_path}: adapter weights not loaded: {result.missing_keys[:5]}")
+
+    def _embedding_layer_keys(self, adapter_name: str) -> list[str]:
+        """Keys of the base embedding layers PEFT saves beside an adapter that targets them (or
+        after a vocabulary resize); a file may hold them and they load into the base model."""
+        if not hasattr(self, "get_input_embeddings"):  # not a transformers model: no such layers
+            return []
+        try:
+            return list(get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=True))
+        except NotImplementedError:  # a transformers model without input embeddings (vision models)
+            return []
+
+    def _finish_loading(self, adapter_name: str, is_trainable: bool) -> None:
+        self.set_requires_grad(adapter_name, requires_grad=is_trainable)
+        if not is_trainable:
+            self.eval()
+
+
+_SAVE_KWARGS = frozenset({"state_dict"})
+_LOAD_KWARGS = frozenset({"subfolder", "torch_device"})
+
+
+def _check_kwargs(kwargs: dict[str, Any], allowed: frozenset[str], function: str) -> None:
+    unexpected = sorted(set(kwargs) - allowed)
+    if unexpected:
+        raise TypeError(f"{function}() got unexpected arguments {unexpected} (supported: {sorted(allowed)})")
+
+
+def _check_unsupported_load_options(ephemeral_gpu_offload: bool, key_mapping: Optional[dict[str, str]]) -> None:
+    if ephemeral_gpu_offload:
+        raise NotImplementedError("ephemeral_gpu_offload=True is not supported by torchlora")
+    if key_mapping:
+        raise NotImplementedError("key_mapping is not supported by torchlora")
+
+
+def _read_adapter_folder(model_id: Union[str, os.PathLike],
+                         subfolder: Optional[str]) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
+    """(folder, adapter_config.json content, tensors, weights file): everything is read and
+    checked before a model changes."""
+    folder = os.fspath(model_id)
+    if subfolder:
+        folder = os.path.join(folder, subfolder)
+    config_json = peft_format.read_adapter_config(folder)
+    tensors, weights_path = peft_format.read_adapter_weights(folder)
+    return folder, config_json, tensors, weights_path
+
+
+def _config_from_json(config_json: dict[str, Any], source: str) -> LoraConfig:
+    """torchlora's ``LoraConfig`` from an ``adapter_config.json`` dict; errors name ``source``."""
+    data = {key: value for key, value in config_json.items() if key != "runtime_config"}
+    return LoraConfig(**validate_config_dict(data, source))
 
 
 class _TaskForward(PeftModel):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
@@ -15,23 +16,10 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .nn import LoraLayer
-from .tuners import ModulesToSaveWrapper
+from .peft_format import PEFT_KEY_PREFIX, from_peft_key, to_peft_key
+from .tuners import LoraModel, ModulesToSaveWrapper
 
-PEFT_PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-
-
-def remove_adapter_name(key: str, adapter_name: str) -> str:
-    """``a.lora_A.<adapter>.weight`` -> ``a.lora_A.weight``; ``a.lora_embedding_A.<adapter>`` ->
-    ``a.lora_embedding_A`` (only the adapter-name segment is removed)."""
-    if "." not in key:
-        return key
-    if key.endswith(f".{adapter_name}"):
-        return key[: -len(adapter_name) - 1]
-    head, _, suffix = key.rpartition(".")
-    if head.endswith(f".{adapter_name}"):
-        head = head[: -len(adapter_name) - 1]
-    return f"{head}.{suffix}"
 
 
 def _peft_configs(model: nn.Module) -> dict:
@@ -41,23 +29,33 @@ def _peft_configs(model: nn.Module) -> dict:
     return configs
 
 
+def _check_adapter(model: nn.Module, adapter_name: str) -> dict:
+    configs = _peft_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"Adapter {adapter_name!r} does not exist; the model has {list(configs)}")
+    return configs
+
+
+def _key_prefix(model: nn.Module) -> str:
+    """``base_model.model.`` for a PeftModel (its keys carry PEFT's prefix), "" for a model from
+    ``inject_adapter_in_model``."""
+    return PEFT_KEY_PREFIX if isinstance(model._modules.get("base_model"), LoraModel) else ""
+
+
+def _to_file_key(model_key: str, prefix: str, adapter_name: str) -> str:
+    if prefix and model_key.startswith(prefix):
+        return to_peft_key(model_key[len(prefix):], adapter_name)
+    return to_peft_key(model_key, adapter_name, with_prefix=False)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
 def _adapter_param_keys(model: nn.Module, adapter_name: str) -> list[str]:
     """The model's state-dict keys of this adapter's LoRA weights."""
-    keys = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        prefix = f"{name}." if name else ""
-        for layer_name in module.adapter_layer_names:
-            container = getattr(module, layer_name)
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(item, nn.Parameter):
-                keys.append(f"{prefix}{layer_name}.{adapter_name}")
-            else:
-                keys.extend(f"{prefix}{layer_name}.{adapter_name}.{k}" for k in item.state_dict())
-    return keys
+    own = {id(t) for _, layer in _lora_layers(model) for t in layer.adapter_tensors(adapter_name).values()}
+    return [name for name, param in model.named_parameters() if id(param) in own]
 
 
 def _without_other_adapters(state_dict: dict[str, Any], others: list[str]) -> dict[str, Any]:
@@ -105,9 +103,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    configs = _peft_configs(model)
-    if adapter_name not in configs:
-        raise ValueError(f"Adapter {adapter_name!r} does not exist; the model has {list(configs)}")
+    configs = _check_adapter(model, adapter_name)
     config = configs[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
@@ -130,7 +126,8 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     targeted = _embedding_is_targeted(model, config)
     if _embedding_layers_to_save(model, config, save_embedding_layers, targeted):
         _add_embedding_layers(model, state_dict, to_return, targeted)
-    return {remove_adapter_name(k, adapter_name): v for k, v in to_return.items()}
+    prefix = _key_prefix(model)
+    return {_to_file_key(k, prefix, adapter_name): v for k, v in to_return.items()}
 
 
 def _add_embedding_layers(model: nn.Module, state_dict: dict[str, Any], to_return: dict[str, Any],
@@ -152,16 +149,72 @@ def _add_embedding_layers(model: nn.Module, state_dict: dict[str, Any], to_retur
             to_return.update({k: v for k, v in state_dict.items() if k.startswith(f"{name}.")})
 
 
-def _checkpoint_to_model_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
-    """Checkpoint key (adapter name removed) -> model key, for everything an adapter can load."""
+def _modules_to_save_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """Plain module key (as saved) -> model key of the adapter's modules_to_save copy."""
     mapping = {}
-    for key in _adapter_param_keys(model, adapter_name):
-        mapping[remove_adapter_name(key, adapter_name)] = key
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             for plain, inner in module.adapter_state_dict_load_map(adapter_name).items():
                 mapping[f"{name}.{plain}"] = f"{name}.{inner}"
     return mapping
+
+
+def _home_devices(model: nn.Module, adapter_name: str) -> dict[str, torch.device]:
+    """Model key -> device of the base layer, for this adapter's LoRA weights: where weights
+    created on the meta device go when they are loaded."""
+    owner = {}
+    for _, layer in _lora_layers(model):
+        device = layer.get_base_layer().weight.device
+        owner.update((id(t), device) for t in layer.adapter_tensors(adapter_name).values())
+    return {name: owner[id(param)] for name, param in model.named_parameters() if id(param) in owner}
+
+
+def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], adapter_name: str, *,
+                         source: str = "state dict", ignore_mismatched_sizes: bool = False,
+                         assign: bool = False) -> _IncompatibleKeys:
+    """Load PEFT-keyed ``tensors`` into the existing adapter ``adapter_name``.
+
+    Every key is resolved and its shape checked (the one shape check of every load path) before
+    anything changes. Weights still on the meta device (an adapter created with
+    ``low_cpu_mem_usage``) are replaced by the given tensors, cast to the parameter's dtype, on
+    the base layer's device; others are copied into, or with ``assign`` replaced as well.
+    Errors name ``source`` (a file path, or "state dict") and the key. Returns the adapter's
+    weights that ``tensors`` did not provide as ``missing_keys``.
+    """
+    _check_adapter(model, adapter_name)
+    prefix = _key_prefix(model)
+    saved_copies = _modules_to_save_keys(model, adapter_name)
+    homes = _home_devices(model, adapter_name)
+    model_state = model.state_dict(keep_vars=True)
+
+    to_copy: dict[str, torch.Tensor] = {}
+    to_assign: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        module_key = prefix + from_peft_key(key, adapter_name)
+        target = saved_copies.get(module_key, module_key)
+        if target not in model_state:
+            raise ValueError(f"{source}: key {key!r} matches no weight of adapter {adapter_name!r} in the model")
+        current = model_state[target]
+        if value.shape != current.shape:
+            if ignore_mismatched_sizes:
+                warnings.warn(f"Skipping {key!r}: found shape {tuple(value.shape)} in the checkpoint and "
+                              f"{tuple(current.shape)} in the model")
+                continue
+            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(current.shape)} for {target!r}")
+        if current.is_meta or assign:
+            device = homes.get(target, current.device) if current.is_meta else current.device
+            to_assign[target] = value.to(device=device, dtype=current.dtype)
+        else:
+            to_copy[target] = value
+    results = [model.load_state_dict(to_copy, strict=False), model.load_state_dict(to_assign, strict=False, assign=True)]
+    if any(r.unexpected_keys for r in results):  # cannot happen after the checks above; never drop weights silently
+        raise RuntimeError(f"weights were not loaded: {[k for r in results for k in r.unexpected_keys]}")
+    adapter_keys = set(_adapter_param_keys(model, adapter_name)) | set(saved_copies.values())
+    missing = sorted(adapter_keys - set(to_copy) - set(to_assign))
+    return _IncompatibleKeys(missing, [])
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
@@ -172,37 +225,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
 
     Raises ``ValueError`` naming the key for an entry that fits nothing in the model or whose
     shape differs (with ``ignore_mismatched_sizes`` such entries are skipped with a warning).
+    With ``low_cpu_mem_usage`` (as in PEFT) the tensors replace the parameters instead of being
+    copied into them; adapter weights still on the meta device are always replaced, so loading
+    into an adapter made with ``low_cpu_mem_usage=True`` never drops values.
     Returns ``missing_keys``: the adapter's own weights the state dict did not provide.
     """
-    if low_cpu_mem_usage:
-        raise NotImplementedError("low_cpu_mem_usage=True is not supported by torchlora")
-    configs = _peft_configs(model)
-    if adapter_name not in configs:
-        raise ValueError(f"Adapter {adapter_name!r} does not exist; the model has {list(configs)}")
-    mapping = _checkpoint_to_model_keys(model, adapter_name)
-    model_state = model.state_dict()
-    has_prefix = any(k.startswith(PEFT_PREFIX) for k in model_state)
-
-    to_load: dict[str, torch.Tensor] = {}
-    for key, value in peft_model_state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        # a model from inject_adapter_in_model has no PeftModel prefix; the checkpoint still may
-        lookup = key if has_prefix or not key.startswith(PEFT_PREFIX) else key[len(PEFT_PREFIX):]
-        target = mapping.get(lookup, lookup if lookup in model_state else None)
-        if target is None:
-            raise ValueError(f"state dict key {key!r} matches no weight of adapter {adapter_name!r} in the model")
-        expected = model_state[target].shape
-        if value.shape != expected:
-            if ignore_mismatched_sizes:
-                warnings.warn(f"Skipping {key!r}: found shape {tuple(value.shape)} in the checkpoint and "
-                              f"{tuple(expected)} in the model")
-                continue
-            raise ValueError(f"state dict key {key!r} has shape {tuple(value.shape)} but the model expects "
-                             f"{tuple(expected)} for {target!r}")
-        to_load[target] = value
-    result = model.load_state_dict(to_load, strict=False)
-    if result.unexpected_keys:  # cannot happen after the checks above; never drop weights silently
-        raise RuntimeError(f"weights were not loaded: {result.unexpected_keys}")
-    missing = sorted(set(mapping.values()) - set(to_load))
-    return _IncompatibleKeys(missing, [])
+    return load_adapter_tensors(model, peft_model_state_dict, adapter_name,
+                                ignore_mismatched_sizes=ignore_mismatched_sizes, assign=low_cpu_mem_usage)

@@ -48,6 +48,7 @@ class LoraConv2d(LoraLayer):
         init_lora_weights: InitLoraWeights = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -59,7 +60,8 @@ class LoraConv2d(LoraLayer):
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         self.in_features, self.out_features = base.in_channels, base.out_channels
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
+                          low_cpu_mem_usage=low_cpu_mem_usage)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()

@@ -30,6 +30,7 @@ class LoraEmbedding(LoraLayer):
         init_lora_weights: InitLoraWeights = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -39,7 +40,8 @@ class LoraEmbedding(LoraLayer):
             raise TypeError(f"LoraEmbedding wraps torch.nn.Embedding, got {type(base).__name__}")
         self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
+                          low_cpu_mem_usage=low_cpu_mem_usage)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         if lora_bias:

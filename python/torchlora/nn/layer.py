@@ -108,6 +108,23 @@ class LoraLayer(nn.Module):
             names.extend(k for k in getattr(self, layer_name).keys() if k not in names)
         return names
 
+    def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The parameters of ``adapter_name`` under PEFT's local names: ``lora_A.weight``,
+        ``lora_B.weight``, ``lora_B.bias`` (with lora_bias), ``lora_embedding_A``,
+        ``lora_embedding_B``. These are the live parameters, not copies; empty when this layer
+        does not hold the adapter."""
+        out: dict[str, nn.Parameter] = {}
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out[layer_name] = item
+            else:
+                out.update((f"{layer_name}.{name}", param) for name, param in item.named_parameters())
+        return out
+
     def _scaling_for(self, r: int, lora_alpha: float, use_rslora: bool) -> float:
         return _C.peft.lora_scaling(lora_alpha, r, use_rslora)
 
@@ -130,13 +147,25 @@ class LoraLayer(nn.Module):
         init_lora_weights: InitLoraWeights = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name`` and keep the active set trainable."""
+        """Add (or replace) the adapter ``adapter_name`` and keep the active set trainable.
+
+        With ``low_cpu_mem_usage`` the adapter's parameters are created on the meta device and
+        not initialised: they take their values when a saved adapter is loaded into them
+        (``set_peft_model_state_dict``). PiSSA and OLoRA still compute their factors, because
+        they also rewrite the base weight, which the loaded factors need.
+        """
         check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self._check_new_adapter(r, lora_bias)
         self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
-        self._create_adapter(adapter_name, r, lora_bias)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if low_cpu_mem_usage:
+            with torch.device("meta"):
+                self._create_adapter(adapter_name, r, lora_bias)
+            self._init_from_base_weight(adapter_name, init_lora_weights)
+        else:
+            self._create_adapter(adapter_name, r, lora_bias)
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -146,6 +175,10 @@ class LoraLayer(nn.Module):
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         """Create the adapter's parameters under PEFT's names."""
         raise NotImplementedError
+
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        """For an adapter created on the meta device: run an initialisation that derives the
+        factors from the base weight and rewrites it (PiSSA, OLoRA). No other init applies here."""
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
         """PEFT's initialisation of ``lora_A``/``lora_B`` modules: True -> A kaiming-uniform, B zero;
@@ -175,17 +208,10 @@ class LoraLayer(nn.Module):
         """Put the new adapter on the base weight's device, and in its dtype when floating."""
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.dtype.is_floating_point else None
-        for layer_name in self.adapter_layer_names:
-            container = getattr(self, layer_name)
-            if adapter_name not in container:
-                continue
-            if isinstance(container, nn.ParameterDict):
-                old = container[adapter_name]
-                container[adapter_name] = nn.Parameter(
-                    old.data.to(weight.device, dtype=dtype or old.dtype), requires_grad=old.requires_grad
-                )
-            else:
-                container[adapter_name].to(weight.device, dtype=dtype)
+        for tensor in self.adapter_tensors(adapter_name).values():
+            # meta parameters take only the dtype; they get their device when they are loaded
+            device = tensor.device if tensor.is_meta else weight.device
+            tensor.data = tensor.data.to(device, dtype=dtype or tensor.dtype)
 
     def dropout_p(self, adapter_name: str) -> float:
         """The dropout probability in effect now (0 in eval mode)."""
@@ -196,10 +222,9 @@ class LoraLayer(nn.Module):
         """Make ``adapter_names`` the active adapters; their parameters become trainable (frozen
         with ``inference_mode``) and every other adapter's are frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for layer_name in self.adapter_layer_names:
-            container = getattr(self, layer_name)
-            for key, item in container.items():
-                item.requires_grad_(key in names and not inference_mode)
+        for name in self.adapter_names():
+            for tensor in self.adapter_tensors(name).values():
+                tensor.requires_grad_(name in names and not inference_mode)
         self._active_adapter = adapter_names
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -208,8 +233,9 @@ class LoraLayer(nn.Module):
             self.set_adapter(self.active_adapters)
             self._disable_adapters = False
         else:
-            for layer_name in self.adapter_layer_names:
-                getattr(self, layer_name).requires_grad_(False)
+            for name in self.adapter_names():
+                for tensor in self.adapter_tensors(name).values():
+                    tensor.requires_grad_(False)
             self._disable_adapters = True
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -45,6 +45,7 @@ class LoraLinear(LoraLayer):
         init_lora_weights: InitLoraWeights = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -57,7 +58,8 @@ class LoraLinear(LoraLayer):
             )
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
+                          low_cpu_mem_usage=low_cpu_mem_usage)
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -74,6 +76,15 @@ class LoraLinear(LoraLayer):
             self.olora_init(adapter_name)
             return
         super().reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def _init_from_base_weight(self, adapter_name: str, init_lora_weights: InitLoraWeights) -> None:
+        if isinstance(init_lora_weights, str) and (
+            init_lora_weights.startswith("pissa") or init_lora_weights.lower() == "olora"
+        ):
+            device = self.get_base_layer().weight.device
+            self.lora_A[adapter_name].to_empty(device=device)
+            self.lora_B[adapter_name].to_empty(device=device)
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
 
     def _base_weight_fp32(self) -> tuple[Tensor, torch.dtype]:
         """The base weight as float32 in [out, in] layout, and its original dtype."""

@@ -15,11 +15,12 @@ _PEFT_SUPPORTED_ELSEWHERE = (nn.Conv1d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def create_lora_module(config: LoraConfig, adapter_name: str, target: nn.Module, r: int,
-                       lora_alpha: float) -> LoraLayer:
-    """A torchlora layer around ``target``; corrects ``config.fan_in_fan_out`` like PEFT does."""
+                       lora_alpha: float, low_cpu_mem_usage: bool = False) -> LoraLayer:
+    """A torchlora layer around ``target``; corrects ``config.fan_in_fan_out`` like PEFT does.
+    With ``low_cpu_mem_usage`` the adapter's weights are left empty on the meta device."""
     common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                  lora_bias=config.lora_bias)
+                  lora_bias=config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage)
     if config.lora_bias and getattr(target, "bias", None) is None:
         warnings.warn(
             f"`lora_bias=True` was passed but the targeted layer of type {type(target).__name__} has no bias. "
@@ -60,15 +61,6 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        for layer_name in module.adapter_layer_names:
-            container = getattr(module, layer_name)
-            if adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if isinstance(container, nn.ParameterDict):
-                if item.dtype in (torch.float16, torch.bfloat16):
-                    container[adapter_name] = nn.Parameter(item.data.float(), requires_grad=item.requires_grad)
-            else:
-                for param in item.parameters():
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+        for param in module.adapter_tensors(adapter_name).values():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()

@@ -4,7 +4,7 @@ model-wide adapter lifecycle (activate, disable, merge, unload, delete), as PEFT
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -37,7 +37,8 @@ class LoraModel(nn.Module):
     prefix = "lora_"
 
     def __init__(self, model: nn.Module, peft_config: Union[LoraConfig, dict[str, LoraConfig]],
-                 adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> None:
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+                 low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
@@ -45,7 +46,8 @@ class LoraModel(nn.Module):
             dict(peft_config) if isinstance(peft_config, dict) else {adapter_name: peft_config}
         )
         self.active_adapter: Union[str, list[str]] = adapter_name
-        self.inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                            low_cpu_mem_usage=low_cpu_mem_usage)
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -80,8 +82,13 @@ class LoraModel(nn.Module):
             config.target_modules = targets
         expand_all_linear(config, model)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Wrap every module ``peft_config[adapter_name]`` targets with a LoRA layer."""
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False) -> None:
+        """Wrap every module ``peft_config[adapter_name]`` targets with a LoRA layer.
+
+        With ``low_cpu_mem_usage`` the adapter's LoRA weights are created on the meta device
+        and left for a saved adapter to fill (``set_peft_model_state_dict``), as in PEFT.
+        """
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         self._prepare_config(config, model)
@@ -123,7 +130,7 @@ class LoraModel(nn.Module):
         undo: list = []
         try:
             for key in plan:
-                undo.append(self._create_and_replace(config, adapter_name, key, model, rules))
+                undo.append(self._create_and_replace(config, adapter_name, key, model, rules, low_cpu_mem_usage))
         except Exception:
             for restore in reversed(undo):  # leave the model as it was before this adapter
                 restore()
@@ -172,7 +179,8 @@ class LoraModel(nn.Module):
                 warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
                               f"{unmatched}.", RuntimeWarning)
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module, rules=None):
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, key: str, model: nn.Module, rules=None,
+                            low_cpu_mem_usage: bool = False):
         """Wrap (or extend) the module ``key``; returns a function that undoes it."""
         parent, target, target_name = get_submodules(model, key)
         rules = rules if rules is not None else rules_for(config)
@@ -190,7 +198,7 @@ class LoraModel(nn.Module):
         if isinstance(target, LoraLayer):
             try:
                 target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                    config.use_rslora, config.lora_bias)
+                                    config.use_rslora, config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage)
             except Exception:
                 self._drop_partial_adapter(target, adapter_name)
                 restore_weight()
@@ -202,7 +210,7 @@ class LoraModel(nn.Module):
 
             return undo_update
         try:
-            new_module = create_lora_module(config, adapter_name, target, r, alpha)
+            new_module = create_lora_module(config, adapter_name, target, r, alpha, low_cpu_mem_usage)
         except Exception:
             restore_weight()
             raise
@@ -227,8 +235,8 @@ class LoraModel(nn.Module):
         adapter_params: set[int] = set()
         for module in model.modules():
             if isinstance(module, LoraLayer):
-                for layer_name in module.adapter_layer_names:
-                    adapter_params.update(id(p) for p in getattr(module, layer_name).parameters())
+                for name in module.adapter_names():
+                    adapter_params.update(id(p) for p in module.adapter_tensors(name).values())
             elif isinstance(module, ModulesToSaveWrapper):
                 adapter_params.update(id(p) for p in module.parameters())
         for param in model.parameters():
@@ -251,6 +259,25 @@ class LoraModel(nn.Module):
 
     def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        """The parameters that belong to ``adapter_name``: its LoRA factors and its
+        modules_to_save copies (not the base weights that ``bias`` makes trainable)."""
+        for layer in self._lora_layers():
+            yield from layer.adapter_tensors(adapter_name).values()
+        for wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                yield from wrapper.modules_to_save[adapter_name].parameters()
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable (or with ``requires_grad=False`` disable) gradients of the given adapters."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]} not found; the model has {list(self.peft_config)}")
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(requires_grad)
 
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate ``adapter_name`` (a name or a list) on every layer; its weights become trainable."""
