@@ -397,8 +397,10 @@ def test_cpp_lora_conv2d_matches_python_layer(kernel: int, stride: int, padding:
 
 def test_cpp_layers_raise_python_errors() -> None:
     layer = _cpp().LoraLinear(torch.randn(3, 4))
-    with pytest.raises(RuntimeError, match="positive integer"):
+    with pytest.raises(ValueError, match="positive integer"):
         layer.update_layer("a", r=0)
+    with pytest.raises(ValueError, match="lora_alpha must be a positive finite number"):
+        layer.update_layer("a", lora_alpha=0.0)
     with pytest.raises(RuntimeError, match="must not contain"):
         layer.update_layer("a.b")
     layer.update_layer("a", r=2)

@@ -1,10 +1,11 @@
 #include <torchlora/nn/lora_layer.h>
 
+#include <torchlora/peft/scaling.h>
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <sstream>
 
 namespace torchlora::nn {
@@ -24,9 +25,7 @@ bool contains(const std::vector<std::string>& v, const std::string& x) {
 
 }  // namespace
 
-double AdapterOptions::scaling() const {
-  return use_rslora_ ? lora_alpha_ / std::sqrt(static_cast<double>(r_)) : lora_alpha_ / static_cast<double>(r_);
-}
+double AdapterOptions::scaling() const { return peft::lora_scaling(lora_alpha_, r_, use_rslora_); }
 
 void LoraLayer::check_adapter_name(const std::string& name) {
   TORCH_CHECK(!name.empty(), "torchlora: an adapter name must not be empty");
@@ -35,8 +34,8 @@ void LoraLayer::check_adapter_name(const std::string& name) {
 }
 
 void LoraLayer::check_options(const AdapterOptions& o) {
-  TORCH_CHECK(o.r() > 0, "torchlora: `r` should be a positive integer value but the value passed is ", o.r());
-  TORCH_CHECK(std::isfinite(o.lora_alpha()), "torchlora: lora_alpha must be finite, got ", o.lora_alpha());
+  peft::check_rank(o.r());
+  peft::check_alpha(o.lora_alpha());
   TORCH_CHECK(o.lora_dropout() >= 0.0 && o.lora_dropout() < 1.0, "torchlora: lora_dropout must be in [0, 1), got ",
               o.lora_dropout());
 }

@@ -3,8 +3,6 @@
 #include <ATen/ATen.h>
 #include <torch/nn/init.h>
 
-#include <cmath>
-
 #include <torchlora/ops.h>
 
 #include "lora_pair.h"
@@ -47,11 +45,9 @@ void LoraLinearImpl::remove_adapter_parameters(const std::string& name) {
 }
 
 at::Tensor LoraLinearImpl::get_delta_weight(const std::string& name) const {
-  adapter_options(name);
-  const double s = scaling(name);
-  return detail::delta_in_fp32_on_cpu(lora_A->at<torch::nn::LinearImpl>(name).weight,
-                                      lora_B->at<torch::nn::LinearImpl>(name).weight,
-                                      [s](const at::Tensor& A, const at::Tensor& B) { return at::matmul(B, A) * s; });
+  adapter_options(name);  // raises for unknown names
+  return torchlora::lora_delta_weight(lora_A->at<torch::nn::LinearImpl>(name).weight,
+                                      lora_B->at<torch::nn::LinearImpl>(name).weight, scaling(name));
 }
 
 at::Tensor LoraLinearImpl::delta_bias(const std::string& name) const {

@@ -19,7 +19,7 @@ namespace torchlora::nn {
 enum class LoraInit { Default, Gaussian, Random };
 
 struct TORCHLORA_API AdapterOptions {
-  // lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+  // lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (torchlora::peft::lora_scaling).
   double scaling() const;
 
   TORCH_ARG(int64_t, r) = 8;
