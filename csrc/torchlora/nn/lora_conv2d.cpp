@@ -111,19 +111,4 @@ at::Tensor LoraConv2dImpl::lora_update(const std::string& name, const at::Tensor
                                 explicit_padding(a.options), dilation, b.options.groups(), scaling(name), p, seed);
 }
 
-at::Tensor LoraConv2dImpl::forward(const at::Tensor& x) {
-  if (disabled_) {
-    if (merged()) unmerge();
-    return base_layer->forward(x);
-  }
-  return forward_adapters(x, base_layer->forward(x));
-}
-
-at::Tensor LoraConv2dImpl::forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
-  if (disabled_) {
-    return forward(x);
-  }
-  return forward_mixed_batch(x, base_layer->forward(x), adapter_names);
-}
-
 }  // namespace torchlora::nn

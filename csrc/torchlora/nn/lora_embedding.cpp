@@ -78,19 +78,4 @@ at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Ten
                                    opts.scale_grad_by_freq());
 }
 
-at::Tensor LoraEmbeddingImpl::forward(const at::Tensor& ids) {
-  if (disabled_) {
-    if (merged()) unmerge();
-    return base_layer->forward(ids);
-  }
-  return forward_adapters(ids, base_layer->forward(ids));
-}
-
-at::Tensor LoraEmbeddingImpl::forward_mixed(const at::Tensor& ids, const std::vector<std::string>& adapter_names) {
-  if (disabled_) {
-    return forward(ids);
-  }
-  return forward_mixed_batch(ids, base_layer->forward(ids), adapter_names);
-}
-
 }  // namespace torchlora::nn
