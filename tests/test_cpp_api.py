@@ -399,10 +399,147 @@ def test_cpp_lora_conv2d_matches_python_layer(kernel: int, stride: int, padding:
     _compare(py_layer, cpp_layer, torch.randn(2, 3, 7, 7))
 
 
+# The same layer three times: PEFT's, torchlora's Python layer and the C++ module (through _C),
+# with adapters "a" and "b" holding the same random weights.
+_LAYER_KINDS = {
+    "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(4, 3, 6),
+               lambda b: _cpp().LoraLinear(b.weight.detach(), b.bias.detach())),
+    "embedding": (lambda: nn.Embedding(12, 5, padding_idx=0), lambda: torch.randint(0, 12, (4, 7)),
+                  lambda b: _cpp().LoraEmbedding(b.weight.detach(), padding_idx=0)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), lambda: torch.randn(4, 3, 6, 6),
+               lambda b: _cpp().LoraConv2d(b.weight.detach(), b.bias.detach(), padding=[1, 1])),
+}
+
+
+def _three_layers(kind: str, dropout: float):
+    make_base, make_x, make_cpp = _LAYER_KINDS[kind]
+    base = make_base()
+    options = {
+        "a": dict(r=3, lora_alpha=6, lora_dropout=dropout),
+        "b": dict(r=2, lora_alpha=3, lora_dropout=dropout / 2, use_rslora=True, lora_bias=kind != "embedding"),
+    }
+    peft_cls = {"linear": peft.tuners.lora.layer.Linear, "embedding": peft.tuners.lora.layer.Embedding,
+                "conv2d": peft.tuners.lora.layer.Conv2d}[kind]
+    ours_cls = {"linear": torchlora.LoraLinear, "embedding": torchlora.LoraEmbedding, "conv2d": torchlora.LoraConv2d}[kind]
+    configs = {name: peft.LoraConfig(init_lora_weights=False, **o) for name, o in options.items()}
+    theirs = peft_cls(copy.deepcopy(base), "a", config=configs["a"], r=3, lora_alpha=6)
+    theirs.update_layer("b", 2, 3, config=configs["b"])
+    ours = ours_cls(copy.deepcopy(base), "a", init_lora_weights=False, **options["a"])
+    ours.update_layer("b", init_lora_weights=False, **options["b"])
+    ours.load_state_dict(theirs.state_dict())
+    cpp_layer = make_cpp(base)
+    for name, o in options.items():
+        cpp_layer.update_layer(name, **o)
+    _copy_adapter_params(ours, cpp_layer)
+    return theirs, ours, cpp_layer, make_x()
+
+
+def _torchlora_ops(fn) -> list[str]:
+    """The torchlora operators that ``fn()`` runs, in order. A dispatch mode sees every
+    dispatcher call of this thread, those the C++ modules make included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "torchlora":
+                seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    with Record():
+        fn()
+    return seen
+
+
+def _forward_backward(layer, params: dict[str, torch.Tensor], x: torch.Tensor, grad: torch.Tensor | None, **kwargs):
+    """(output, {name: gradient}) of one forward and backward; ``x`` gets a gradient too."""
+    for p in params.values():
+        p.grad = None
+    x = x.clone().requires_grad_(x.is_floating_point())
+    out = layer(x, **kwargs) if kwargs else layer(x)
+    out.backward(torch.ones_like(out) if grad is None else grad)
+    grads = {name: p.grad for name, p in params.items() if p.grad is not None}
+    if x.is_floating_point():
+        grads["x"] = x.grad
+    return out.detach(), grads
+
+
+def _assert_same(got, want, what: str) -> None:
+    (out, grads), (want_out, want_grads) = got, want
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} output: {m}")
+    assert sorted(grads) == sorted(want_grads), what
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} grad {name}: {m}")
+
+
+@pytest.mark.parametrize("kind", sorted(_LAYER_KINDS))
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["plain", "dropout_eval"])
+def test_cpp_modules_match_python_layers_and_peft(kind: str, dropout: float) -> None:
+    """Outputs and gradients (input, base and adapter weights) agree between PEFT, the Python
+    layer and the C++ module, which also run the same torchlora operators (the C++ LoraLinear the
+    fused linear_with_lora as the Python one does): one adapter, two, and mixed batches."""
+    torch.manual_seed(20)
+    theirs, ours, cpp_layer, x = _three_layers(kind, dropout)
+    if dropout:
+        for layer in (theirs, ours, cpp_layer):
+            layer.eval()  # lora_dropout is set, eval mode applies none
+    params = {
+        "peft": dict(theirs.named_parameters()),
+        "python": dict(ours.named_parameters()),
+        "cpp": cpp_layer.named_parameters(),
+    }
+    grad = torch.randn_like(ours(x))
+    for active in (["a"], ["b", "a"]):
+        for layer in (theirs, ours, cpp_layer):
+            layer.set_adapter(active)
+        want = _forward_backward(theirs, params["peft"], x, grad)
+        _assert_same(_forward_backward(ours, params["python"], x, grad), want, f"python {active}")
+        _assert_same(_forward_backward(cpp_layer, params["cpp"], x, grad), want, f"cpp {active}")
+        with torch.no_grad():
+            cpp_ops, python_ops = _torchlora_ops(lambda: cpp_layer(x)), _torchlora_ops(lambda: ours(x))
+        assert cpp_ops == python_ops and cpp_ops
+        if kind == "linear":  # the forward ops under the public ops' autograd kernels
+            fused, in_place = "torchlora::_linear_with_lora_forward", "torchlora::_lora_linear_forward_"
+            assert cpp_ops == [fused] + [in_place] * (len(active) - 1), cpp_ops
+
+    for layer in (theirs, ours, cpp_layer):
+        layer.eval()
+    names = ["b", "__base__", "a", "b"]
+    want = _forward_backward(theirs, params["peft"], x, grad, adapter_names=names)
+    _assert_same(_forward_backward(ours, params["python"], x, grad, adapter_names=names), want, "python mixed")
+    got = _forward_backward(lambda x, adapter_names: cpp_layer.forward_mixed(x, adapter_names), params["cpp"], x, grad,
+                            adapter_names=names)
+    _assert_same(got, want, "cpp mixed")
+    with torch.no_grad():
+        assert _torchlora_ops(lambda: cpp_layer.forward_mixed(x, names)) == _torchlora_ops(
+            lambda: ours(x, adapter_names=names))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_cpp_modules_draw_the_python_layers_dropout_masks(kind: str) -> None:
+    """In training the seeds come from the same generator in the same order, so the C++ module
+    drops the same elements as the Python layer."""
+    torch.manual_seed(21)
+    _, ours, cpp_layer, x = _three_layers(kind, 0.4)
+    params = {"python": dict(ours.named_parameters()), "cpp": cpp_layer.named_parameters()}
+    grad = torch.randn_like(ours(x))
+    for active in (["a"], ["a", "b"]):
+        ours.set_adapter(active)
+        cpp_layer.set_adapter(active)
+        torch.manual_seed(22)
+        want = _forward_backward(ours, params["python"], x, grad)
+        torch.manual_seed(22)
+        _assert_same(_forward_backward(cpp_layer, params["cpp"], x, grad), want, f"cpp {active}")
+        torch.manual_seed(23)
+        assert not torch.allclose(_forward_backward(cpp_layer, params["cpp"], x, grad)[0], want[0])
+
+
 def test_cpp_layers_raise_python_errors() -> None:
     layer = _cpp().LoraLinear(torch.randn(3, 4))
-    with pytest.raises(RuntimeError, match="positive integer"):
+    with pytest.raises(ValueError, match="positive integer"):
         layer.update_layer("a", r=0)
+    with pytest.raises(ValueError, match="lora_alpha must be a positive finite number"):
+        layer.update_layer("a", lora_alpha=0.0)
     with pytest.raises(RuntimeError, match="must not contain"):
         layer.update_layer("a.b")
     layer.update_layer("a", r=2)

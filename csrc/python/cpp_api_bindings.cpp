@@ -43,14 +43,6 @@ void copy_param(torch::Tensor& dst, const torch::Tensor& src) {
   dst.copy_(src);
 }
 
-template <typename Impl>
-void bind_forwards(py::class_<Impl, tnn::LoraLayer, std::shared_ptr<Impl>>& cls) {
-  cls.def("forward", &Impl::forward, py::arg("x"))
-      .def("__call__", &Impl::forward, py::arg("x"))
-      .def("forward_mixed", &Impl::forward_mixed, py::arg("x"), py::arg("adapter_names"),
-           "Mixed batch: sample i uses adapter_names[i] (\"__base__\": none).");
-}
-
 void bind_modules(py::module_& m) {
   py::class_<tnn::LoraLayer, std::shared_ptr<tnn::LoraLayer>>(m, "LoraLayer",
       "Shared bookkeeping of the C++ LoRA modules (torchlora::nn::LoraLayer).")
@@ -70,6 +62,10 @@ void bind_modules(py::module_& m) {
              }
            },
            py::arg("adapter_names"), py::arg("inference_mode") = false)
+      .def("forward", &tnn::LoraLayer::forward, py::arg("x"))
+      .def("__call__", &tnn::LoraLayer::forward, py::arg("x"))
+      .def("forward_mixed", &tnn::LoraLayer::forward_mixed, py::arg("x"), py::arg("adapter_names"),
+           "Mixed batch: sample i uses adapter_names[i] (\"__base__\": none).")
       .def("enable_adapters", &tnn::LoraLayer::enable_adapters, py::arg("enabled"))
       .def("delete_adapter", &tnn::LoraLayer::delete_adapter, py::arg("adapter_name"))
       .def("merge", &tnn::LoraLayer::merge, py::arg("safe_merge") = false,
@@ -99,7 +95,6 @@ void bind_modules(py::module_& m) {
                return std::make_shared<tnn::LoraLinearImpl>(base);
              }),
              py::arg("weight"), py::arg("bias") = py::none());
-  bind_forwards(linear);
 
   py::class_<tnn::LoraEmbeddingImpl, tnn::LoraLayer, std::shared_ptr<tnn::LoraEmbeddingImpl>> embedding(
       m, "LoraEmbedding", "torchlora::nn::LoraEmbedding around a LibTorch Embedding built from `weight` [V, D].");
@@ -116,7 +111,6 @@ void bind_modules(py::module_& m) {
                 }),
                 py::arg("weight"), py::arg("padding_idx") = py::none(), py::arg("max_norm") = py::none(),
                 py::arg("norm_type") = 2.0, py::arg("scale_grad_by_freq") = false);
-  bind_forwards(embedding);
 
   py::class_<tnn::LoraConv2dImpl, tnn::LoraLayer, std::shared_ptr<tnn::LoraConv2dImpl>> conv(m, "LoraConv2d",
       "torchlora::nn::LoraConv2d around a LibTorch Conv2d built from `weight` [out, in / groups, kh, kw].");
@@ -138,7 +132,6 @@ void bind_modules(py::module_& m) {
            py::arg("weight"), py::arg("bias") = py::none(), py::arg("stride") = std::vector<int64_t>{1, 1},
            py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("dilation") = std::vector<int64_t>{1, 1},
            py::arg("groups") = 1);
-  bind_forwards(conv);
 }
 
 py::tuple contents_tuple(const torchlora::io::SafetensorsContents& c) {

@@ -74,6 +74,12 @@ TORCH_LIBRARY(torchlora, m) {
       "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_lora_bias)");
 
   m.def("dropout_apply(Tensor x, float p, Tensor seed) -> Tensor");
+
+  // The change an adapter makes to its base layer's weight (PEFT's get_delta_weight), for merging.
+  // One CompositeImplicitAutograd kernel (composite/lora_delta_weight.cpp) serves every backend.
+  m.def(
+      "lora_delta_weight(Tensor lora_A, Tensor lora_B, float scaling, bool fan_in_fan_out=False, "
+      "ScalarType? dtype=None) -> Tensor");
 }
 
 namespace {
@@ -164,6 +170,11 @@ at::Tensor lora_conv2d(const at::Tensor& x, const at::Tensor& base_out, const at
 
 at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed) {
   return detail::dropout_apply_op().call(x, p, seed);
+}
+
+at::Tensor lora_delta_weight(const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, bool fan_in_fan_out,
+                             std::optional<at::ScalarType> dtype) {
+  return detail::lora_delta_weight_op().call(lora_A, lora_B, scaling, fan_in_fan_out, dtype);
 }
 
 at::Tensor make_seed(c10::Device device) {

@@ -13,7 +13,10 @@ from torch import Tensor
 
 from . import _native  # noqa: F401  (registers the operators)
 
-__all__ = ["linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed"]
+__all__ = [
+    "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed",
+    "lora_delta_weight",
+]
 
 _SEED_HIGH = 2**62
 
@@ -140,3 +143,28 @@ def dropout_apply(x: Tensor, p: float, seed: Tensor) -> Tensor:
     where ``i`` is the row-major element index. The same (seed, shape) gives the same mask on
     every device."""
     return torch.ops.torchlora.dropout_apply(x, p, seed)
+
+
+def lora_delta_weight(
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The change a LoRA adapter makes to its base layer's weight, in that weight's layout
+    (PEFT's ``get_delta_weight``).
+
+    - 2-D factors ``lora_A [r, in]``, ``lora_B [out, r]``: ``scaling * lora_B @ lora_A``
+      ``[out, in]``; with ``fan_in_fan_out`` (a base weight stored ``[in, out]``: transformers
+      ``Conv1D``, and ``nn.Embedding``, whose ``lora_embedding_A [r, V]`` and
+      ``lora_embedding_B [D, r]`` give ``[V, D]``) its transpose.
+    - 4-D factors ``lora_A [r, in, kh, kw]``, ``lora_B [out, r, 1, 1]``: the conv kernel
+      ``[out, in, kh, kw]`` (PEFT's ``conv2d(A.transpose(0, 1), B).transpose(0, 1)``). Adapters of
+      a conv with ``groups > 1`` raise ``NotImplementedError``, as PEFT cannot merge them either.
+
+    float16/bfloat16 factors are multiplied in float32 on every device, so the delta is rounded
+    once and does not depend on the device. The result is contiguous, in ``dtype`` (default: the
+    factors' dtype, as in PEFT). Differentiable in both factors.
+    """
+    return torch.ops.torchlora.lora_delta_weight(lora_A, lora_B, scaling, fan_in_fan_out, dtype)

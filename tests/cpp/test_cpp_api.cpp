@@ -23,6 +23,7 @@
 #include <torchlora/nn/lora_conv2d.h>
 #include <torchlora/nn/lora_embedding.h>
 #include <torchlora/nn/lora_linear.h>
+#include <torchlora/peft/names.h>
 
 namespace {
 
@@ -246,6 +247,96 @@ TEST(LoraEmbeddingAndConv, ForwardEqualsMergedForward) {
   expect_close(conv->forward(x), out, 1e-5, 1e-5);
   conv->unmerge();
   expect_close(conv->forward(x.select(0, 0)), out.select(0, 0), 1e-5, 1e-5);  // unbatched input
+}
+
+// PEFT's forward of a LoRA Linear, written with plain ATen: the base layer plus, per active
+// adapter, lora_B(lora_A(x)) * scaling (dropout is the identity in eval mode).
+at::Tensor peft_linear_forward(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias,
+                               const std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, double>>& adapters) {
+  auto out = torch::nn::functional::linear(x, W, bias);
+  for (const auto& [A, B, b, scaling] : adapters) {
+    out = out + torch::nn::functional::linear(torch::nn::functional::linear(x, A), B, b) * scaling;
+  }
+  return out;
+}
+
+at::Tensor leaf_copy(const at::Tensor& t) { return t.defined() ? t.detach().clone().requires_grad_(true) : t; }
+
+TEST(LoraLinearModule, FusedForwardAndGradientsMatchPeftFormula) {
+  torch::manual_seed(7);
+  torch::nn::Linear base(torch::nn::LinearOptions(6, 5));
+  tnn::LoraLinear lora(base, "a",
+                       tnn::AdapterOptions().r(3).lora_alpha(6).lora_dropout(0.25).init(tnn::LoraInit::Random));
+  lora->update_layer("b", tnn::AdapterOptions().r(2).lora_alpha(3).use_rslora(true).lora_bias(true)
+                              .init(tnn::LoraInit::Random));
+  lora->eval();  // lora_dropout is set, but eval mode applies none
+  // One adapter (the fused linear_with_lora), two (the second added in place), 3-D and 1-D input.
+  for (const auto& active : {std::vector<std::string>{"a"}, std::vector<std::string>{"b", "a"}}) {
+    for (const auto& shape : {std::vector<int64_t>{2, 4, 6}, std::vector<int64_t>{6}}) {
+      lora->set_adapter(active);
+      lora->zero_grad();
+      auto x = torch::randn(shape).requires_grad_(true);
+      auto out = lora->forward(x);
+      auto go = torch::randn_like(out);
+      out.backward(go);
+
+      auto xr = leaf_copy(x), Wr = leaf_copy(base->weight), br = leaf_copy(base->bias);
+      std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, double>> adapters;
+      std::vector<std::pair<at::Tensor, at::Tensor>> params;  // (module's, reference's)
+      for (const auto& name : active) {
+        const auto& a = lora->lora_A->at<torch::nn::LinearImpl>(name);
+        const auto& b = lora->lora_B->at<torch::nn::LinearImpl>(name);
+        adapters.emplace_back(leaf_copy(a.weight), leaf_copy(b.weight), leaf_copy(b.bias), lora->scaling(name));
+        params.emplace_back(a.weight, std::get<0>(adapters.back()));
+        params.emplace_back(b.weight, std::get<1>(adapters.back()));
+        if (b.bias.defined()) params.emplace_back(b.bias, std::get<2>(adapters.back()));
+      }
+      auto ref = peft_linear_forward(xr, Wr, br, adapters);
+      ref.backward(go);
+      expect_close(out, ref);
+      expect_close(x.grad(), xr.grad());
+      expect_close(base->weight.grad(), Wr.grad());
+      expect_close(base->bias.grad(), br.grad());
+      for (const auto& [p, r] : params) expect_close(p.grad(), r.grad());
+    }
+  }
+}
+
+TEST(LoraLayers, MixedBatchOfEveryLayerMatchesPerAdapterForward) {
+  torch::manual_seed(8);
+  torch::NoGradGuard no_grad;
+  const auto random = [](int64_t r, double alpha) {
+    return tnn::AdapterOptions().r(r).lora_alpha(alpha).lora_dropout(0.1).init(tnn::LoraInit::Random);
+  };
+  tnn::LoraLinear linear(torch::nn::Linear(6, 5), "a", random(3, 6));
+  tnn::LoraEmbedding embedding(torch::nn::Embedding(10, 4), "a", random(2, 3));
+  tnn::LoraConv2d conv(torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).padding(1)), "a", random(2, 4));
+  const std::vector<std::pair<std::shared_ptr<tnn::LoraLayer>, at::Tensor>> layers = {
+      {linear.ptr(), torch::randn({4, 6})},
+      {embedding.ptr(), torch::randint(0, 10, {4, 3}, torch::kLong)},
+      {conv.ptr(), torch::randn({4, 3, 5, 5})},
+  };
+  const std::vector<std::string> names = {"b", torchlora::peft::kBaseAdapterName, "a", "b"};
+  for (const auto& [layer, x] : layers) {
+    layer->update_layer("b", random(2, 5));
+    layer->eval();
+    std::map<std::string, at::Tensor> per_adapter;
+    for (const std::string name : {"a", "b"}) {
+      layer->set_adapter(name);
+      per_adapter[name] = layer->forward(x);
+    }
+    layer->enable_adapters(false);
+    per_adapter[torchlora::peft::kBaseAdapterName] = layer->forward(x);
+    expect_close(layer->forward_mixed(x, names), per_adapter[torchlora::peft::kBaseAdapterName]);  // disabled
+    layer->enable_adapters(true);
+    const auto mixed = layer->forward_mixed(x, names);
+    for (size_t i = 0; i < names.size(); ++i) {
+      expect_close(mixed[i], per_adapter[names[i]][i]);
+    }
+    EXPECT_THROW(layer->forward_mixed(x, {"a", "b"}), c10::ValueError);  // one name per sample
+    layer->train();
+    EXPECT_THROW(layer->forward_mixed(x, names), c10::ValueError);  // inference only
+  }
 }
 
 // ------------------------------------------------------------------------- injection

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <vector>
+
 #include <torchlora/build_info.h>
 #include <torchlora/ops.h>
 
@@ -176,6 +179,84 @@ TEST(LoraConv2d, RankNotDivisibleByGroupsRaises) {
   EXPECT_THROW(torchlora::lora_conv2d(x, base, at::randn({3, 4, 1, 1}), at::randn({6, 1, 1, 1}), std::nullopt,
                                       {1, 1}, {0, 0}, {1, 1}, 2, 1.0),
                c10::Error);
+}
+
+// PEFT's get_delta_weight, written with plain ATen: B @ A (transposed for weights stored
+// [in, out]), and for conv factors the squeezed matmul (1x1) or conv2d(A^T, B)^T (k x k).
+at::Tensor peft_delta(const at::Tensor& A, const at::Tensor& B, double scaling, bool fan_in_fan_out) {
+  if (A.dim() == 2) {
+    const auto delta = at::matmul(B, A) * scaling;
+    return fan_in_fan_out ? delta.t() : delta;
+  }
+  if (A.size(2) == 1 && A.size(3) == 1) {
+    return at::matmul(B.squeeze(3).squeeze(2), A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling;
+  }
+  return at::conv2d(A.transpose(0, 1), B).transpose(0, 1) * scaling;
+}
+
+TEST(LoraDeltaWeight, EveryLayoutMatchesPeftFormulaWithGradients) {
+  at::manual_seed(4);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  struct Case {
+    std::vector<int64_t> a, b;
+    bool fan_in_fan_out;
+  };
+  const std::vector<Case> cases = {
+      {{3, 7}, {5, 3}, false},              // Linear [out, in]
+      {{3, 7}, {5, 3}, true},               // Conv1D / Embedding [in, out]
+      {{4, 6, 1, 1}, {5, 4, 1, 1}, false},  // conv 1x1
+      {{2, 3, 3, 2}, {4, 2, 1, 1}, false},  // conv 3x2
+  };
+  for (const auto& c : cases) {
+    auto A = leaf(at::randn(c.a, opts));
+    auto B = leaf(at::randn(c.b, opts));
+    auto delta = torchlora::lora_delta_weight(A, B, 0.75, c.fan_in_fan_out);
+    EXPECT_EQ(delta.scalar_type(), at::kDouble);
+    EXPECT_TRUE(delta.is_contiguous());
+    auto go = at::randn_like(delta);
+    delta.backward(go);
+    auto Ar = leaf(A), Br = leaf(B);
+    auto ref = peft_delta(Ar, Br, 0.75, c.fan_in_fan_out);
+    ref.backward(go);
+    expect_close(delta, ref, 1e-12, 1e-12);
+    expect_close(A.grad(), Ar.grad(), 1e-12, 1e-12);
+    expect_close(B.grad(), Br.grad(), 1e-12, 1e-12);
+  }
+}
+
+TEST(LoraDeltaWeight, HalfFactorsAreMultipliedInFloat32AndRoundedOnce) {
+  at::manual_seed(5);
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    const auto A = at::randn({8, 33}).to(dtype);
+    const auto B = at::randn({17, 8}).to(dtype);
+    const auto expected = (at::matmul(B.to(at::kFloat), A.to(at::kFloat)) * 0.5).to(dtype);
+    // A scaling of 0.5 is exact, so where the op applies it does not change a bit.
+    const auto delta = torchlora::lora_delta_weight(A, B, 0.5);
+    EXPECT_EQ(delta.scalar_type(), dtype);
+    EXPECT_TRUE(at::equal(delta, expected));
+    // With dtype=float32 nothing is rounded to half precision.
+    const auto wide = torchlora::lora_delta_weight(A, B, 0.5, /*fan_in_fan_out=*/false, at::kFloat);
+    EXPECT_EQ(wide.scalar_type(), at::kFloat);
+    EXPECT_TRUE(at::equal(wide, at::matmul(B.to(at::kFloat), A.to(at::kFloat)) * 0.5));
+  }
+}
+
+TEST(LoraDeltaWeight, BadInputsRaise) {
+  const auto A = at::randn({2, 6});
+  const auto B = at::randn({5, 2});
+  EXPECT_THROW(torchlora::lora_delta_weight(A, at::randn({5, 3}), 1.0), c10::ValueError);  // rank
+  EXPECT_THROW(torchlora::lora_delta_weight(A, B.to(at::kDouble), 1.0), c10::TypeError);  // dtypes differ
+  EXPECT_THROW(torchlora::lora_delta_weight(A.to(at::kInt), B.to(at::kInt), 1.0), c10::TypeError);
+  EXPECT_THROW(torchlora::lora_delta_weight(A, B.unsqueeze(2).unsqueeze(3), 1.0), c10::ValueError);  // 2-D with 4-D
+  EXPECT_THROW(torchlora::lora_delta_weight(A, B, std::nan("")), c10::Error);
+  EXPECT_THROW(torchlora::lora_delta_weight(A, B, 1.0, false, at::kLong), c10::TypeError);
+  const auto convA = at::randn({4, 3, 3, 3});
+  EXPECT_THROW(torchlora::lora_delta_weight(convA, at::randn({6, 4, 1, 1}), 1.0, /*fan_in_fan_out=*/true),
+               c10::ValueError);
+  EXPECT_THROW(torchlora::lora_delta_weight(convA, at::randn({6, 4, 3, 3}), 1.0), c10::ValueError);  // B not 1x1
+  EXPECT_THROW(torchlora::lora_delta_weight(convA, at::randn({6, 3, 1, 1}), 1.0), c10::ValueError);  // 4 % 3
+  // groups = 2: no delta in the grouped base weight's layout.
+  EXPECT_THROW(torchlora::lora_delta_weight(convA, at::randn({6, 2, 1, 1}), 1.0), c10::NotImplementedError);
 }
 
 TEST(BuildInfo, ReportsTorchVersion) {

@@ -81,6 +81,9 @@ TORCHLORA_OP_HANDLE(lora_conv2d_backward_op, "_lora_conv2d_backward", Conv2dBack
 using DropoutApplyFn = at::Tensor(const at::Tensor&, double, const at::Tensor&);
 TORCHLORA_OP_HANDLE(dropout_apply_op, "dropout_apply", DropoutApplyFn)
 
+using DeltaWeightFn = at::Tensor(const at::Tensor&, const at::Tensor&, double, bool, std::optional<at::ScalarType>);
+TORCHLORA_OP_HANDLE(lora_delta_weight_op, "lora_delta_weight", DeltaWeightFn)
+
 #undef TORCHLORA_OP_HANDLE
 
 }  // namespace torchlora::detail

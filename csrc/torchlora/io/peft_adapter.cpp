@@ -2,12 +2,12 @@
 #include <torchlora/io/peft_adapter.h>
 
 #include <ATen/ops/all.h>
-#include <ATen/ops/conv2d.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
 
 #include <sstream>
+
+#include <torchlora/ops.h>
 
 namespace torchlora::io {
 namespace {
@@ -155,34 +155,12 @@ std::map<std::string, at::Tensor> adapter_state_dict(const PeftAdapter& adapter)
 }
 
 at::Tensor delta_weight(const LoraModuleWeights& w, bool fan_in_fan_out) {
-  // Half precision products are formed in float32 (as PEFT does on the CPU) and stay there;
-  // callers cast to the base weight's dtype.
-  const auto compute = c10::promoteTypes(w.lora_A.scalar_type(), at::kFloat);
-  const auto A = w.lora_A.to(compute);
-  const auto B = w.lora_B.to(compute);
-  at::Tensor delta;
-  switch (w.kind) {
-    case LoraKind::Linear:
-      delta = at::matmul(B, A);
-      if (fan_in_fan_out) {
-        delta = delta.t();
-      }
-      break;
-    case LoraKind::Embedding:
-      delta = at::matmul(B, A).t();
-      break;
-    case LoraKind::Conv2d: {
-      const int64_t groups = A.size(0) / B.size(1);
-      TORCH_CHECK(groups == 1, "torchlora: merging a conv adapter with groups=", groups, " is not supported");
-      if (A.size(2) == 1 && A.size(3) == 1) {
-        delta = at::matmul(B.flatten(1), A.flatten(1)).unsqueeze(2).unsqueeze(3);
-      } else {
-        delta = at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
-      }
-      break;
-    }
-  }
-  return delta.mul(w.scaling).contiguous();
+  // PEFT's fan_in_fan_out transposes Linear deltas only; embedding weights are stored [in, out].
+  const bool transposed = w.kind == LoraKind::Embedding || (w.kind == LoraKind::Linear && fan_in_fan_out);
+  // Kept in float32 for half-precision adapters: the caller merges into a weight of any dtype
+  // and rounds once.
+  return torchlora::lora_delta_weight(w.lora_A, w.lora_B, w.scaling, transposed,
+                                      c10::promoteTypes(w.lora_A.scalar_type(), at::kFloat));
 }
 
 at::Tensor delta_bias(const LoraModuleWeights& w) {

@@ -86,18 +86,9 @@ void LoraConv2dImpl::check_mergeable(const std::string& name) const {
 }
 
 at::Tensor LoraConv2dImpl::get_delta_weight(const std::string& name) const {
-  adapter_options(name);
-  const auto& w = base_layer->weight;
-  const bool one_by_one = w.size(2) == 1 && w.size(3) == 1;
-  const double s = scaling(name);
-  return detail::delta_in_fp32_on_cpu(
-      lora_A->at<torch::nn::Conv2dImpl>(name).weight, lora_B->at<torch::nn::Conv2dImpl>(name).weight,
-      [one_by_one, s](const at::Tensor& A, const at::Tensor& B) {
-        const at::Tensor delta =
-            one_by_one ? at::matmul(B.squeeze(3).squeeze(2), A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-                       : at::conv2d(A.transpose(0, 1), B).transpose(0, 1);
-        return delta * s;
-      });
+  adapter_options(name);  // raises for unknown names
+  return torchlora::lora_delta_weight(lora_A->at<torch::nn::Conv2dImpl>(name).weight,
+                                      lora_B->at<torch::nn::Conv2dImpl>(name).weight, scaling(name));
 }
 
 at::Tensor LoraConv2dImpl::delta_bias(const std::string& name) const {
@@ -118,21 +109,6 @@ at::Tensor LoraConv2dImpl::lora_update(const std::string& name, const at::Tensor
   const std::vector<int64_t> dilation(a.options.dilation()->begin(), a.options.dilation()->end());
   return torchlora::lora_conv2d(x.to(a.weight.scalar_type()), result, a.weight, b.weight, bias, stride,
                                 explicit_padding(a.options), dilation, b.options.groups(), scaling(name), p, seed);
-}
-
-at::Tensor LoraConv2dImpl::forward(const at::Tensor& x) {
-  if (disabled_) {
-    if (merged()) unmerge();
-    return base_layer->forward(x);
-  }
-  return forward_adapters(x, base_layer->forward(x));
-}
-
-at::Tensor LoraConv2dImpl::forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
-  if (disabled_) {
-    return forward(x);
-  }
-  return forward_mixed_batch(x, base_layer->forward(x), adapter_names);
 }
 
 }  // namespace torchlora::nn

@@ -4,8 +4,6 @@
 
 #include <torchlora/ops.h>
 
-#include "lora_pair.h"
-
 namespace torchlora::nn {
 
 LoraEmbeddingImpl::LoraEmbeddingImpl(torch::nn::Embedding base) : LoraLayer("torchlora::nn::LoraEmbedding") {
@@ -57,10 +55,10 @@ void LoraEmbeddingImpl::remove_adapter_parameters(const std::string& name) {
 }
 
 at::Tensor LoraEmbeddingImpl::get_delta_weight(const std::string& name) const {
-  adapter_options(name);
-  const double s = scaling(name);
-  return detail::delta_in_fp32_on_cpu(lora_embedding_A->get(name), lora_embedding_B->get(name),
-                                      [s](const at::Tensor& A, const at::Tensor& B) { return at::matmul(B, A).t() * s; });
+  adapter_options(name);  // raises for unknown names
+  // The embedding weight is stored [num_embeddings, embedding_dim], i.e. [in, out].
+  return torchlora::lora_delta_weight(lora_embedding_A->get(name), lora_embedding_B->get(name), scaling(name),
+                                      /*fan_in_fan_out=*/true);
 }
 
 at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Tensor& ids, const at::Tensor& result) {
@@ -78,21 +76,6 @@ at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Ten
   }
   return torchlora::lora_embedding(ids, result, A, lora_embedding_B->get(name), scaling(name), padding_idx,
                                    opts.scale_grad_by_freq());
-}
-
-at::Tensor LoraEmbeddingImpl::forward(const at::Tensor& ids) {
-  if (disabled_) {
-    if (merged()) unmerge();
-    return base_layer->forward(ids);
-  }
-  return forward_adapters(ids, base_layer->forward(ids));
-}
-
-at::Tensor LoraEmbeddingImpl::forward_mixed(const at::Tensor& ids, const std::vector<std::string>& adapter_names) {
-  if (disabled_) {
-    return forward(ids);
-  }
-  return forward_mixed_batch(ids, base_layer->forward(ids), adapter_names);
 }
 
 }  // namespace torchlora::nn

@@ -1,10 +1,11 @@
 #include <torchlora/nn/lora_layer.h>
 
+#include <torchlora/peft/scaling.h>
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <sstream>
 
 namespace torchlora::nn {
@@ -24,19 +25,17 @@ bool contains(const std::vector<std::string>& v, const std::string& x) {
 
 }  // namespace
 
-double AdapterOptions::scaling() const {
-  return use_rslora_ ? lora_alpha_ / std::sqrt(static_cast<double>(r_)) : lora_alpha_ / static_cast<double>(r_);
-}
+double AdapterOptions::scaling() const { return peft::lora_scaling(lora_alpha_, r_, use_rslora_); }
 
 void LoraLayer::check_adapter_name(const std::string& name) {
   TORCH_CHECK(!name.empty(), "torchlora: an adapter name must not be empty");
   TORCH_CHECK(name.find('.') == std::string::npos, "torchlora: adapter name '", name, "' must not contain '.'");
-  TORCH_CHECK(name != kBaseAdapterName, "torchlora: '", kBaseAdapterName, "' is reserved for the base layer");
+  TORCH_CHECK(name != peft::kBaseAdapterName, "torchlora: '", peft::kBaseAdapterName, "' is reserved for the base layer");
 }
 
 void LoraLayer::check_options(const AdapterOptions& o) {
-  TORCH_CHECK(o.r() > 0, "torchlora: `r` should be a positive integer value but the value passed is ", o.r());
-  TORCH_CHECK(std::isfinite(o.lora_alpha()), "torchlora: lora_alpha must be finite, got ", o.lora_alpha());
+  peft::check_rank(o.r());
+  peft::check_alpha(o.lora_alpha());
   TORCH_CHECK(o.lora_dropout() >= 0.0 && o.lora_dropout() < 1.0, "torchlora: lora_dropout must be in [0, 1), got ",
               o.lora_dropout());
 }
@@ -170,11 +169,15 @@ void LoraLayer::unmerge() {
   }
 }
 
-at::Tensor LoraLayer::forward_adapters(const at::Tensor& x, const at::Tensor& base_out) {
-  if (merged()) {
-    return base_out;
+at::Tensor LoraLayer::forward(const at::Tensor& x) {
+  if (disabled_) {
+    if (merged()) unmerge();
+    return base_forward(x);
   }
-  auto result = base_out;
+  auto result = base_forward(x);
+  if (merged()) {
+    return result;
+  }
   const auto dtype = result.scalar_type();
   for (const auto& name : active_) {
     if (has_adapter(name)) {
@@ -184,8 +187,10 @@ at::Tensor LoraLayer::forward_adapters(const at::Tensor& x, const at::Tensor& ba
   return result.to(dtype);
 }
 
-at::Tensor LoraLayer::forward_mixed_batch(const at::Tensor& x, const at::Tensor& base_out,
-                                          const std::vector<std::string>& adapter_names) {
+at::Tensor LoraLayer::forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
+  if (disabled_) {
+    return forward(x);
+  }
   TORCH_CHECK_VALUE(!is_training(), "torchlora: adapter_names (mixed-batch inference) cannot be used in training mode");
   TORCH_CHECK_VALUE(!merged(), "torchlora: adapter_names (mixed-batch inference) cannot be used while adapters are merged");
   TORCH_CHECK_VALUE(x.dim() > 0 && static_cast<int64_t>(adapter_names.size()) == x.size(0), "torchlora: adapter_names has ",
@@ -194,14 +199,15 @@ at::Tensor LoraLayer::forward_mixed_batch(const at::Tensor& x, const at::Tensor&
   std::map<std::string, std::vector<int64_t>> rows;
   for (size_t i = 0; i < adapter_names.size(); ++i) {
     const auto& name = adapter_names[i];
-    TORCH_CHECK_VALUE(name == kBaseAdapterName || has_adapter(name), "torchlora: adapter_names contains the unknown adapter '",
-                      name, "'; this layer has ", join(order_));
+    TORCH_CHECK_VALUE(name == peft::kBaseAdapterName || has_adapter(name),
+                      "torchlora: adapter_names contains the unknown adapter '", name, "'; this layer has ",
+                      join(order_));
     if (!rows.count(name)) groups.push_back(name);
     rows[name].push_back(static_cast<int64_t>(i));
   }
-  auto result = base_out;
+  auto result = base_forward(x);
   for (const auto& name : groups) {
-    if (name == kBaseAdapterName) continue;
+    if (name == peft::kBaseAdapterName) continue;
     const auto index = at::tensor(rows[name], at::TensorOptions().dtype(at::kLong)).to(x.device());
     const auto updated = lora_update(name, x.index_select(0, index), result.index_select(0, index));
     result = result.index_copy(0, index, updated.to(result.scalar_type()));

@@ -3,8 +3,6 @@
 #include <ATen/ATen.h>
 #include <torch/nn/init.h>
 
-#include <cmath>
-
 #include <torchlora/ops.h>
 
 #include "lora_pair.h"
@@ -47,11 +45,9 @@ void LoraLinearImpl::remove_adapter_parameters(const std::string& name) {
 }
 
 at::Tensor LoraLinearImpl::get_delta_weight(const std::string& name) const {
-  adapter_options(name);
-  const double s = scaling(name);
-  return detail::delta_in_fp32_on_cpu(lora_A->at<torch::nn::LinearImpl>(name).weight,
-                                      lora_B->at<torch::nn::LinearImpl>(name).weight,
-                                      [s](const at::Tensor& A, const at::Tensor& B) { return at::matmul(B, A) * s; });
+  adapter_options(name);  // raises for unknown names
+  return torchlora::lora_delta_weight(lora_A->at<torch::nn::LinearImpl>(name).weight,
+                                      lora_B->at<torch::nn::LinearImpl>(name).weight, scaling(name));
 }
 
 at::Tensor LoraLinearImpl::delta_bias(const std::string& name) const {
@@ -60,27 +56,58 @@ at::Tensor LoraLinearImpl::delta_bias(const std::string& name) const {
 }
 
 at::Tensor LoraLinearImpl::lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) {
+  return add_lora(name, x, result, /*in_place=*/false);
+}
+
+at::Tensor LoraLinearImpl::add_lora(const std::string& name, const at::Tensor& x, at::Tensor result, bool in_place) {
   const auto& A = lora_A->at<torch::nn::LinearImpl>(name).weight;
   const auto& b = lora_B->at<torch::nn::LinearImpl>(name);
   const double p = dropout_p(name);
-  const std::optional<at::Tensor> seed = p > 0.0 ? std::optional<at::Tensor>(make_seed(x.device())) : std::nullopt;
-  const std::optional<at::Tensor> bias = b.bias.defined() ? std::optional<at::Tensor>(b.bias) : std::nullopt;
-  return torchlora::lora_linear(x.to(A.scalar_type()), result, A, b.weight, bias, scaling(name), p, seed);
+  const auto seed = p > 0.0 ? std::optional<at::Tensor>(make_seed(x.device())) : std::nullopt;
+  const auto bias = b.bias.defined() ? std::optional<at::Tensor>(b.bias) : std::nullopt;
+  const auto x_cast = x.to(A.scalar_type());
+  if (in_place) {
+    return torchlora::lora_linear_(result, x_cast, A, b.weight, bias, scaling(name), p, seed);
+  }
+  return torchlora::lora_linear(x_cast, result, A, b.weight, bias, scaling(name), p, seed);
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
-  if (disabled_) {
-    if (merged()) unmerge();
-    return base_layer->forward(x);
+  std::vector<std::string> names;
+  for (const auto& name : active_adapters()) {
+    if (has_adapter(name)) names.push_back(name);
   }
-  return forward_adapters(x, base_layer->forward(x));
-}
-
-at::Tensor LoraLinearImpl::forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
-  if (disabled_) {
-    return forward(x);
+  if (disabled_ || merged() || names.empty() || x.dim() == 0) {
+    return LoraLayer::forward(x);
   }
-  return forward_mixed_batch(x, base_layer->forward(x), adapter_names);
+  // On the flattened [T, in] input, so that no extra [T, out] tensor is made.
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  const auto& weight = base_layer->weight;
+  const auto bias = base_layer->bias.defined() ? std::optional<at::Tensor>(base_layer->bias) : std::nullopt;
+  const auto& first_A = lora_A->at<torch::nn::LinearImpl>(names.front()).weight;
+  at::Tensor result;
+  auto rest = names.begin();
+  if (x2.scalar_type() == weight.scalar_type() && weight.scalar_type() == first_A.scalar_type()) {
+    // The base layer and the first adapter in one op: they share their passes over memory.
+    const auto& b = lora_B->at<torch::nn::LinearImpl>(names.front());
+    const double p = dropout_p(names.front());
+    const auto seed = p > 0.0 ? std::optional<at::Tensor>(make_seed(x.device())) : std::nullopt;
+    const auto lora_bias = b.bias.defined() ? std::optional<at::Tensor>(b.bias) : std::nullopt;
+    result = torchlora::linear_with_lora(x2, weight, bias, first_A, b.weight, lora_bias, scaling(names.front()), p,
+                                         seed);
+    ++rest;
+  } else {
+    result = base_layer->forward(x2);
+  }
+  const auto dtype = result.scalar_type();
+  for (; rest != names.end(); ++rest) {
+    // A leaf that requires grad, or a view, cannot take the update in place.
+    const bool in_place = !(result.requires_grad() && result.is_leaf()) && !result.is_view();
+    result = add_lora(*rest, x2, result, in_place);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = result.size(-1);
+  return result.to(dtype).view(shape);
 }
 
 }  // namespace torchlora::nn

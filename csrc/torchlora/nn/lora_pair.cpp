@@ -54,13 +54,4 @@ void remove_lora_pair(torch::nn::ModuleDict& lora_A, torch::nn::ModuleDict& lora
   }
 }
 
-at::Tensor delta_in_fp32_on_cpu(const at::Tensor& A, const at::Tensor& B,
-                                const std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>& product) {
-  const auto dtype = A.scalar_type();
-  if (B.device().is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16)) {
-    return product(A.to(at::kFloat), B.to(at::kFloat)).to(dtype);
-  }
-  return product(A, B);
-}
-
 }  // namespace torchlora::nn::detail

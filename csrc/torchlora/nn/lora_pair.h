@@ -6,7 +6,6 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/moduledict.h>
 
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,9 +27,5 @@ std::vector<at::Tensor> lora_pair_parameters(const torch::nn::ModuleDict& lora_A
                                              const std::string& name);
 
 void remove_lora_pair(torch::nn::ModuleDict& lora_A, torch::nn::ModuleDict& lora_B, const std::string& name);
-
-// product(A, B) computed in float32 for float16/bfloat16 CPU weights, returned in A's dtype.
-at::Tensor delta_in_fp32_on_cpu(const at::Tensor& A, const at::Tensor& B,
-                                const std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>& product);
 
 }  // namespace torchlora::nn::detail

@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -82,16 +81,7 @@ class LoraConv2d(LoraLayer):
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        one_by_one = self.get_base_layer().weight.shape[2:4] == (1, 1)
-
-        def product(weight_A: Tensor, weight_B: Tensor) -> Tensor:
-            if one_by_one:
-                delta = (weight_B.squeeze(3).squeeze(2) @ weight_A.squeeze(3).squeeze(2))[:, :, None, None]
-            else:
-                delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
-            return delta * self.scaling[adapter]
-
-        return self._delta_in_fp32_on_cpu(self.lora_A[adapter].weight, self.lora_B[adapter].weight, product)
+        return ops.lora_delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:

@@ -65,9 +65,9 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        return self._delta_in_fp32_on_cpu(
-            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter],
-            lambda A, B: (B @ A).T * self.scaling[adapter],
+        # The embedding weight is stored [num_embeddings, embedding_dim], i.e. [in, out].
+        return ops.lora_delta_weight(
+            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter], self.scaling[adapter], fan_in_fan_out=True
         )
 
     def _holds(self, adapter_name: str) -> bool:

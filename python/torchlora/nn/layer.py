@@ -195,15 +195,6 @@ class LoraLayer(nn.Module):
         if self.lora_bias[adapter_name]:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
 
-    @staticmethod
-    def _delta_in_fp32_on_cpu(weight_A: Tensor, weight_B: Tensor, product) -> Tensor:
-        """``product(A, B)`` computed in float32 for float16/bfloat16 CPU weights (slow or
-        missing half-precision matmuls there), returned in the adapter's dtype."""
-        dtype = weight_A.dtype
-        if weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            return product(weight_A.float(), weight_B.float()).to(dtype)
-        return product(weight_A, weight_B)
-
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the new adapter on the base weight's device, and in its dtype when floating."""
         weight = self.get_base_layer().weight
@@ -268,7 +259,8 @@ class LoraLayer(nn.Module):
         return [n for n in names if n not in self.merged_adapters]
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        """The change this adapter makes to the base weight, in the base weight's layout."""
+        """The change this adapter makes to the base weight, in the base weight's layout and the
+        adapter's dtype (:func:`torchlora.ops.lora_delta_weight`)."""
         raise NotImplementedError
 
     def _delta_bias(self, adapter: str) -> Tensor | None:

@@ -132,10 +132,9 @@ class LoraLinear(LoraLayer):
         self._set_factors_and_residual(adapter_name, R[:r], Q[:, :r], weight, dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        delta = self._delta_in_fp32_on_cpu(
-            self.lora_A[adapter].weight, self.lora_B[adapter].weight, lambda A, B: (B @ A) * self.scaling[adapter]
+        return ops.lora_delta_weight(
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], self.fan_in_fan_out
         )
-        return delta.T if self.fan_in_fan_out else delta
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:

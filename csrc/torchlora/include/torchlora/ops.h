@@ -61,6 +61,24 @@ TORCHLORA_API at::Tensor lora_conv2d(
 // comes from (seed, row-major element index). Exposed for tests and custom kernels.
 TORCHLORA_API at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed);
 
+// The change a LoRA adapter makes to its base layer's weight, in that weight's layout: PEFT's
+// get_delta_weight, the one definition that merging (Python and C++ layers, adapter files) uses.
+//   2-D factors lora_A [r, in], lora_B [out, r]                -> scaling * B @ A      [out, in]
+//     fan_in_fan_out (a base weight stored [in, out])          -> (scaling * B @ A)^T  [in, out]
+//       transformers Conv1D; nn.Embedding too: lora_A [r, V], lora_B [D, r] -> [V, D]
+//   4-D factors lora_A [r, in, kh, kw], lora_B [out, r, 1, 1]  -> [out, in, kh, kw]: PEFT's
+//     squeezed matmul (1x1 kernels) and conv2d(A^T, B)^T (k x k), which lora_B's 1x1 kernel makes
+//     the same product B[:, :, 0, 0] @ A.flatten(1). A conv adapter with groups > 1 (lora_B
+//     [out, r / groups, 1, 1]) raises NotImplementedError: its delta has no place in the grouped
+//     base weight (PEFT cannot merge it either).
+// Precision: float16/bfloat16 factors are multiplied in float32 on every device (PEFT does so on
+// the CPU only), so the delta is rounded once and is the same wherever it is computed; float64
+// stays float64. The result is contiguous, in `dtype`, by default the factors' dtype (PEFT's).
+// lora_A and lora_B must share dtype and device. Differentiable in lora_A and lora_B.
+TORCHLORA_API at::Tensor lora_delta_weight(
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, bool fan_in_fan_out = false,
+    std::optional<at::ScalarType> dtype = std::nullopt);
+
 // A fresh seed tensor for the ops above, drawn from the default generator of `device`.
 TORCHLORA_API at::Tensor make_seed(c10::Device device);
 

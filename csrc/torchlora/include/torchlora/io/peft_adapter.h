@@ -49,7 +49,8 @@ TORCHLORA_API std::map<std::string, at::Tensor> adapter_state_dict(const PeftAda
 
 // The change an adapted module makes to its base weight, in the base weight's layout
 // ([out, in], [num_emb, dim] for embeddings, [out, in, kh, kw]); `fan_in_fan_out` transposes
-// it for weights stored [in, out] (transformers Conv1D). Computed in float32 at least.
+// it for weights stored [in, out] (transformers Conv1D). torchlora::lora_delta_weight, returned
+// in float32 at least so that merging into a weight of any dtype rounds once.
 TORCHLORA_API at::Tensor delta_weight(const LoraModuleWeights& weights, bool fan_in_fan_out = false);
 // scaling * lora_bias, or an undefined tensor.
 TORCHLORA_API at::Tensor delta_bias(const LoraModuleWeights& weights);

@@ -20,9 +20,6 @@ class TORCHLORA_API LoraConv2dImpl : public LoraLayer {
   at::Tensor get_delta_weight(const std::string& name) const override;
   void reset() {}
 
-  at::Tensor forward(const at::Tensor& x);
-  at::Tensor forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names);
-
   int64_t in_channels = 0;
   int64_t out_channels = 0;
   torch::nn::Conv2d base_layer{nullptr};
@@ -32,6 +29,7 @@ class TORCHLORA_API LoraConv2dImpl : public LoraLayer {
  protected:
   std::vector<at::Tensor> adapter_parameters(const std::string& name) const override;
   void remove_adapter_parameters(const std::string& name) override;
+  at::Tensor base_forward(const at::Tensor& x) override { return base_layer->forward(x); }
   at::Tensor base_weight() const override { return base_layer->weight; }
   at::Tensor base_bias() const override { return base_layer->bias; }
   at::Tensor delta_bias(const std::string& name) const override;

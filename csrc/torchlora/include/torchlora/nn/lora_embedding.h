@@ -21,9 +21,6 @@ class TORCHLORA_API LoraEmbeddingImpl : public LoraLayer {
   at::Tensor get_delta_weight(const std::string& name) const override;
   void reset() {}
 
-  at::Tensor forward(const at::Tensor& ids);
-  at::Tensor forward_mixed(const at::Tensor& ids, const std::vector<std::string>& adapter_names);
-
   int64_t num_embeddings = 0;
   int64_t embedding_dim = 0;
   torch::nn::Embedding base_layer{nullptr};
@@ -33,6 +30,7 @@ class TORCHLORA_API LoraEmbeddingImpl : public LoraLayer {
  protected:
   std::vector<at::Tensor> adapter_parameters(const std::string& name) const override;
   void remove_adapter_parameters(const std::string& name) override;
+  at::Tensor base_forward(const at::Tensor& ids) override { return base_layer->forward(ids); }
   at::Tensor base_weight() const override { return base_layer->weight; }
   at::Tensor base_bias() const override { return {}; }
   at::Tensor lora_update(const std::string& name, const at::Tensor& ids, const at::Tensor& result) override;

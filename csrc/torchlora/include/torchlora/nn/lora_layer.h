@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <torchlora/export.h>
+#include <torchlora/peft/names.h>
 
 namespace torchlora::nn {
 
@@ -19,7 +20,7 @@ namespace torchlora::nn {
 enum class LoraInit { Default, Gaussian, Random };
 
 struct TORCHLORA_API AdapterOptions {
-  // lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+  // lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (torchlora::peft::lora_scaling).
   double scaling() const;
 
   TORCH_ARG(int64_t, r) = 8;
@@ -29,9 +30,6 @@ struct TORCHLORA_API AdapterOptions {
   TORCH_ARG(bool, lora_bias) = false;
   TORCH_ARG(LoraInit, init) = LoraInit::Default;
 };
-
-// Name meaning "no adapter" in mixed-batch forwards.
-inline constexpr const char* kBaseAdapterName = "__base__";
 
 class TORCHLORA_API LoraLayer : public torch::nn::Module {
  public:
@@ -68,6 +66,13 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   // Dropout probability of `name` in effect now (0 in eval mode).
   double dropout_p(const std::string& name) const;
 
+  // base_layer(x) plus every active adapter's low-rank term; the base layer alone while the
+  // adapters are merged or disabled (unmerging them first).
+  virtual at::Tensor forward(const at::Tensor& x);
+  // Mixed batch: sample i uses adapter adapter_names[i] (peft::kBaseAdapterName: none).
+  // Inference only; with the adapters disabled, forward(x).
+  at::Tensor forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names);
+
  protected:
   explicit LoraLayer(std::string name) : torch::nn::Module(std::move(name)) {}
 
@@ -78,6 +83,7 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
 
   virtual std::vector<at::Tensor> adapter_parameters(const std::string& name) const = 0;
   virtual void remove_adapter_parameters(const std::string& name) = 0;
+  virtual at::Tensor base_forward(const at::Tensor& x) = 0;
   virtual at::Tensor base_weight() const = 0;
   virtual at::Tensor base_bias() const = 0;  // undefined when the base layer has none
   virtual at::Tensor delta_bias(const std::string& name) const { return {}; }
@@ -86,13 +92,6 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   virtual at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) = 0;
   // Puts adapter `name`'s parameters on the base weight's device (and dtype, if floating).
   void move_adapter_to_base(const std::string& name);
-
-  // The shared forward logic: base output plus every active adapter (or the base alone when
-  // disabled / merged). `base_forward` is the wrapped layer's forward.
-  at::Tensor forward_adapters(const at::Tensor& x, const at::Tensor& base_out);
-  // Mixed batch: sample i uses adapter adapter_names[i] ("__base__": none). Inference only.
-  at::Tensor forward_mixed_batch(const at::Tensor& x, const at::Tensor& base_out,
-                                 const std::vector<std::string>& adapter_names);
 
   bool disabled_ = false;
 

@@ -8,8 +8,11 @@
 
 namespace torchlora::nn {
 
-// LoRA around a torch::nn::Linear: y = base_layer(x) + scaling * lora_B(lora_A(dropout(x))),
-// computed by torchlora::lora_linear. Parameters: base_layer.weight/bias,
+// LoRA around a torch::nn::Linear: y = base_layer(x) + scaling * lora_B(lora_A(dropout(x))).
+// As in the Python LoraLinear, the base layer and the first active adapter run as one op
+// (torchlora::linear_with_lora) and further adapters add into its output in place
+// (torchlora::lora_linear_); merged or disabled adapters and mixed batches take the general
+// path of LoraLayer (torchlora::lora_linear). Parameters: base_layer.weight/bias,
 // lora_A.<adapter>.weight [r, in], lora_B.<adapter>.weight [out, r] (+ .bias with lora_bias).
 class TORCHLORA_API LoraLinearImpl : public LoraLayer {
  public:
@@ -21,8 +24,7 @@ class TORCHLORA_API LoraLinearImpl : public LoraLayer {
   at::Tensor get_delta_weight(const std::string& name) const override;
   void reset() {}
 
-  at::Tensor forward(const at::Tensor& x);
-  at::Tensor forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names);
+  at::Tensor forward(const at::Tensor& x) override;
 
   int64_t in_features = 0;
   int64_t out_features = 0;
@@ -33,10 +35,15 @@ class TORCHLORA_API LoraLinearImpl : public LoraLayer {
  protected:
   std::vector<at::Tensor> adapter_parameters(const std::string& name) const override;
   void remove_adapter_parameters(const std::string& name) override;
+  at::Tensor base_forward(const at::Tensor& x) override { return base_layer->forward(x); }
   at::Tensor base_weight() const override { return base_layer->weight; }
   at::Tensor base_bias() const override { return base_layer->bias; }
   at::Tensor delta_bias(const std::string& name) const override;
   at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) override;
+
+ private:
+  // `result` plus adapter `name`'s term, written into `result` itself when in_place.
+  at::Tensor add_lora(const std::string& name, const at::Tensor& x, at::Tensor result, bool in_place);
 };
 TORCH_MODULE(LoraLinear);
 
