@@ -153,6 +153,15 @@ LoraConfig parse_adapter_config(const std::string& json_text, const std::string&
   in.read_pattern("alpha_pattern", c.alpha_pattern);
   in.read("lora_bias", c.lora_bias);
   in.read("use_dora", c.use_dora);
+  if (const auto* v = in.get("init_lora_weights")) {
+    if (v->is_boolean()) {
+      c.init_lora_weights = v->get<bool>() ? "true" : "false";
+    } else if (v->is_string()) {
+      c.init_lora_weights = v->get<std::string>();
+    } else {
+      in.fail("init_lora_weights", "true, false or a string", *v);
+    }
+  }
   in.read("inference_mode", c.inference_mode);
   in.read("task_type", c.task_type);
   in.read("base_model_name_or_path", c.base_model_name_or_path);
@@ -212,6 +221,8 @@ std::string adapter_config_to_json(const LoraConfig& c) {
   obj["alpha_pattern"] = alpha;
   obj["lora_bias"] = c.lora_bias;
   obj["use_dora"] = c.use_dora;
+  const bool init_is_bool = c.init_lora_weights == "true" || c.init_lora_weights == "false";
+  obj["init_lora_weights"] = init_is_bool ? Json(c.init_lora_weights == "true") : Json(c.init_lora_weights);
   obj["inference_mode"] = true;
   obj["task_type"] = optional_json(c.task_type);
   obj["base_model_name_or_path"] = optional_json(c.base_model_name_or_path);

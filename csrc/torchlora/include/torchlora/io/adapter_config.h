@@ -42,12 +42,14 @@ struct TORCHLORA_API LoraConfig {
   std::vector<std::pair<std::string, double>> alpha_pattern;
   bool lora_bias = false;
   bool use_dora = false;
+  // true / false as "true" / "false", else the string ("gaussian", "pissa", "olora", ...).
+  std::string init_lora_weights = "true";
   bool inference_mode = true;
   std::optional<std::string> task_type;
   std::optional<std::string> base_model_name_or_path;
   std::optional<std::string> revision;
-  // The file's JSON object as read: keys this struct does not model (init_lora_weights,
-  // megatron_config, ...) are written back unchanged by save_adapter_config.
+  // The file's JSON object as read: keys this struct does not model (megatron_config,
+  // loftq_config, ...) are written back unchanged by save_adapter_config.
   std::string original_json = "{}";
 
   // Rank, alpha and scaling for one module (full dotted name), applying rank_pattern and
