@@ -198,6 +198,8 @@ void bind_cpp_api(py::module_& m) {
       PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
     } catch (const c10::ValueError& e) {
       PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
     } catch (const c10::NotImplementedError& e) {
       PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
     } catch (const c10::Error& e) {
@@ -207,6 +209,7 @@ void bind_cpp_api(py::module_& m) {
   auto cpp = m.def_submodule("cpp", "The C++ API of torchlora (LibTorch modules, adapter files), bound for testing.");
   bind_modules(cpp);
   bind_io(cpp);
+  bind_weight_conversion(m.def_submodule("peft", "PEFT's rules, defined once in the C++ core."), cpp);
 }
 
 }  // namespace torchlora_python
