@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save_bytes
 from torch import Tensor, nn
 
+from .tuners.weight_conversion import check_loadable
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig
     from .peft_model import PeftModel
@@ -334,15 +336,20 @@ def save_pretrained(
     save_directory: str | os.PathLike[str],
     selected_adapters: list[str] | None = None,
     safe_serialization: bool = True,
+    path_initial_model_for_weight_conversion: str | None = None,
     **kwargs: Any,
 ) -> None:
     """Save adapters in PEFT's format: "default" in ``save_directory``, others in ``<dir>/<name>``.
 
+    ``path_initial_model_for_weight_conversion`` (PiSSA / OLoRA adapters): the folder of the
+    adapter saved right after initialisation; the adapter is then written converted to a plain
+    LoRA adapter for the original base weights (see ``tuners.weight_conversion``).
     Extra keyword arguments (as in PEFT): ``is_main_process`` (False: write nothing),
     ``save_embedding_layers`` ("auto", True or False) and ``state_dict`` (take the weights from
     this state dict instead of the model).
     """
     from .state_dict import get_peft_model_state_dict
+    from .tuners.weight_conversion import prepare_for_saving
 
     _check_kwargs(kwargs, _SAVE_KWARGS, "save_pretrained")
     save_directory = os.fspath(save_directory)
@@ -379,6 +386,7 @@ def save_pretrained(
             # without a task type, PEFT's AutoPeftModel finds the model class from this entry
             base = peft_model.get_base_model()
             config_dict["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        tensors, config_dict = prepare_for_saving(tensors, config_dict, path_initial_model_for_weight_conversion)
         write_adapter_files(
             adapter_folder(save_directory, adapter_name),
             config_to_peft_json(config_dict, _config_defaults()),
@@ -496,6 +504,7 @@ def load_adapter(
         raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
     path, config_json, tensors, weights_path = _read_folder(model_id, kwargs)
     config = config_from_json(config_json, os.path.join(path, CONFIG_NAME))
+    check_loadable(config, path)
     config.inference_mode = not is_trainable
     peft_model.add_adapter(
         adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
@@ -537,6 +546,7 @@ def from_pretrained(
         config = config_from_json(config_json, os.path.join(path, CONFIG_NAME))
     elif not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a torchlora LoraConfig, got {type(config).__name__}")
+    check_loadable(config, path)
     config.inference_mode = not is_trainable
     if cls is PeftModel:
         cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)

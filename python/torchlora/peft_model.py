@@ -192,11 +192,15 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence (torchlora.adapter_io)
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Write the adapters as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+                        safe_serialization: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write the adapters as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``);
+        with ``path_initial_model_for_weight_conversion`` (the folder of a PiSSA / OLoRA adapter
+        saved before training) converted to plain LoRA adapters for the original base weights."""
         from . import adapter_io
 
-        adapter_io.save_pretrained(self, save_directory, selected_adapters, safe_serialization, **kwargs)
+        adapter_io.save_pretrained(self, save_directory, selected_adapters, safe_serialization,
+                                   path_initial_model_for_weight_conversion, **kwargs)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
         """Load a saved adapter under ``adapter_name`` (frozen unless ``is_trainable``)."""
