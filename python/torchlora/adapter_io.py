@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save_bytes
 from torch import Tensor, nn
 
-from .tuners.weight_conversion import check_loadable
+from .tuners.weight_conversion import check_loadable, prepare_for_saving
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import LoraConfig
@@ -349,7 +349,6 @@ def save_pretrained(
     this state dict instead of the model).
     """
     from .state_dict import get_peft_model_state_dict
-    from .tuners.weight_conversion import prepare_for_saving
 
     _check_kwargs(kwargs, _SAVE_KWARGS, "save_pretrained")
     save_directory = os.fspath(save_directory)
