@@ -276,14 +276,25 @@ def test_scaling_is_the_cores(alpha, r, rslora):
 
 
 @pytest.mark.parametrize("key,adapter,expected", [
-    ("a.lora_A.default.weight", "default", "a.lora_A.weight"),
-    ("a.lora_embedding_A.default", "default", "a.lora_embedding_A"),
-    ("a.lora_B.other.bias", "other", "a.lora_B.bias"),
-    ("head.weight", "default", "head.weight"),
-    ("plain", "default", "plain"),
+    ("a.lora_A.default.weight", "default", "base_model.model.a.lora_A.weight"),
+    ("a.lora_embedding_A.default", "default", "base_model.model.a.lora_embedding_A"),
+    ("a.b.lora_B.other.bias", "other", "base_model.model.a.b.lora_B.bias"),
+    ("head.weight", "default", "base_model.model.head.weight"),
+    ("a.lora_A.other.weight", "default", "base_model.model.a.lora_A.other.weight"),
 ])
-def test_key_names_are_the_cores(key, adapter, expected):
-    assert _C.peft.remove_adapter_name(key, adapter) == expected
+def test_key_names_are_the_cores_and_peft_s(key, adapter, expected):
+    from peft.utils.save_and_load import get_peft_model_state_dict  # noqa: F401  (PEFT's own rule below)
+
+    assert _C.peft.to_peft_key(key, adapter) == expected
+    if ".lora_" in key and f".{adapter}" in key:
+        assert _C.peft.from_peft_key(expected, adapter) == key
+
+
+def test_saved_keys_equal_peft_s():
+    kwargs = dict(r=2, target_modules=["q", "v", "emb"])
+    ours = torchlora.get_peft_model(Tiny(), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(Tiny(), peft.LoraConfig(**kwargs))
+    assert set(torchlora.get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(theirs))
 
 
 @pytest.mark.parametrize("name,patterns,index", [

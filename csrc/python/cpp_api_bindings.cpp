@@ -202,6 +202,7 @@ void bind_cpp_api(py::module_& m) {
   auto cpp = m.def_submodule("cpp", "The C++ API of torchlora (LibTorch modules, adapter files), bound for testing.");
   bind_modules(cpp);
   bind_io(cpp);
+  bind_weight_conversion(m.def_submodule("peft", "PEFT's rules, defined once in the C++ core."), cpp);
 }
 
 }  // namespace torchlora_python

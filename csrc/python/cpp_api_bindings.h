@@ -6,4 +6,6 @@
 
 namespace torchlora_python {
 void bind_cpp_api(pybind11::module_& m);
+// PiSSA / OLoRA rules into `peft`, their C++ conversion and serving paths into `cpp`.
+void bind_weight_conversion(pybind11::module_ peft, pybind11::module_ cpp);
 }

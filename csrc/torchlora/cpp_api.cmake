@@ -12,6 +12,7 @@ set(TORCHLORA_CPP_API_SOURCES
   peft/scaling.cpp
   peft/keys.cpp
   peft/config_schema.cpp
+  peft/mutated_init.cpp
   nn/lora_layer.cpp
   nn/lora_pair.cpp
   nn/lora_linear.cpp
@@ -25,6 +26,7 @@ set(TORCHLORA_CPP_API_SOURCES
   io/safetensors.cpp
   io/adapter_config_json.cpp
   io/peft_adapter_files.cpp
+  io/weight_conversion.cpp
   apply/adapter_registry.cpp
   apply/script_model.cpp
 )

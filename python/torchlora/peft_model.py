@@ -17,6 +17,7 @@ from .nn import LoraLayer
 from .state_dict import get_peft_model_state_dict, load_adapter_tensors
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
+from .tuners.weight_conversion import check_loadable, prepare_for_saving
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 _QA_NAMES = ("qa_outputs",)
@@ -202,14 +203,17 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ persistence (files: torchlora.peft_format)
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
         """Write the adapters as PEFT does: "default" in ``save_directory``, others in
         ``<dir>/<name>``, each as ``adapter_config.json`` + ``adapter_model.safetensors`` (or
         ``adapter_model.bin`` without ``safe_serialization``).
 
         ``save_embedding_layers`` ("auto", True or False) also saves the base embedding layers;
         ``is_main_process=False`` writes nothing; ``state_dict=`` (keyword) takes the weights from
-        that state dict instead of the model.
+        that state dict instead of the model. ``path_initial_model_for_weight_conversion`` (PiSSA /
+        OLoRA adapters): the folder of the adapter saved right after initialisation; the adapter
+        is then written converted to a plain LoRA adapter for the original base weights.
         """
         _check_kwargs(kwargs, _SAVE_KWARGS, "save_pretrained")
         if os.path.isfile(save_directory):
@@ -220,8 +224,10 @@ class PeftModel(nn.Module):
         for adapter_name in selected_adapters:
             tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
                                                 save_embedding_layers=save_embedding_layers)
+            tensors, config_dict = prepare_for_saving(tensors, self._saved_config_dict(adapter_name),
+                                                      path_initial_model_for_weight_conversion)
             peft_format.write_adapter_files(peft_format.adapter_folder(save_directory, adapter_name),
-                                            self._saved_config_json(adapter_name), tensors,
+                                            peft_format.config_to_peft_json(config_dict), tensors,
                                             safe_serialization=safe_serialization)
 
     def _check_selected_adapters(self, selected_adapters: Optional[list[str]]) -> list[str]:
@@ -235,8 +241,8 @@ class PeftModel(nn.Module):
                              f"{list(self.peft_config)} - but you passed {unknown}")
         return list(selected_adapters)
 
-    def _saved_config_json(self, adapter_name: str) -> dict[str, Any]:
-        """The ``adapter_config.json`` content of a saved adapter (the config is not changed)."""
+    def _saved_config_dict(self, adapter_name: str) -> dict[str, Any]:
+        """The config fields of a saved adapter (the config itself is not changed)."""
         config_dict = self.peft_config[adapter_name].to_dict()
         base = self.get_base_model()
         if config_dict.get("base_model_name_or_path") is None:
@@ -246,7 +252,7 @@ class PeftModel(nn.Module):
             # without a task type, PEFT's AutoPeftModel finds the model class from this entry
             config_dict["auto_mapping"] = {"base_model_class": type(base).__name__,
                                            "parent_library": type(base).__module__}
-        return peft_format.config_to_peft_json(config_dict)
+        return config_dict
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
@@ -268,6 +274,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"))
         config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
+        check_loadable(config, folder)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -302,6 +309,7 @@ class PeftModel(nn.Module):
             config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
         elif not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a torchlora LoraConfig, got {type(config).__name__}")
+        check_loadable(config, folder)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <functional>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -20,16 +21,20 @@
 #include <torchlora/io/adapter_config.h>
 #include <torchlora/io/peft_adapter.h>
 #include <torchlora/io/safetensors.h>
+#include <torchlora/io/weight_conversion.h>
 #include <torchlora/nn/lora_conv2d.h>
 #include <torchlora/nn/lora_embedding.h>
 #include <torchlora/nn/lora_linear.h>
 #include <torchlora/peft/names.h>
+#include <torchlora/peft/mutated_init.h>
+#include <torchlora/peft/scaling.h>
 
 namespace {
 
 namespace io = torchlora::io;
 namespace apply = torchlora::apply;
 namespace tnn = torchlora::nn;
+namespace peft = torchlora::peft;
 
 void expect_close(const at::Tensor& a, const at::Tensor& b, double rtol = 1e-5, double atol = 1e-6) {
   ASSERT_EQ(a.sizes(), b.sizes());
@@ -516,6 +521,196 @@ TEST(ScriptModel, ThreadsLoadAdaptersWhileOthersServe) {
   EXPECT_GT(calls.load(), 400);
   EXPECT_EQ(model.adapter_names().size(), 4u);
   EXPECT_NE(error_of([&] { model.forward({x}, "zzz"); }).find("unknown adapter 'zzz'"), std::string::npos);
+}
+
+// ------------------------------------------------------------------------- PiSSA / OLoRA
+TEST(MutatedInit, PissaAndOloraFactorsAndResiduals) {
+  torch::manual_seed(5);
+  const auto W = torch::randn({8, 4});
+  const double s = 2.0;
+  const auto pissa = peft::pissa_factors(W, 2, s);
+  ASSERT_EQ(pissa.lora_A.sizes(), (std::vector<int64_t>{2, 4}));
+  ASSERT_EQ(pissa.lora_B.sizes(), (std::vector<int64_t>{8, 2}));
+  const auto [U, S, Vh] = at::linalg_svd(W, false);
+  const auto top2 = at::matmul(U.slice(1, 0, 2) * S.slice(0, 0, 2), Vh.slice(0, 0, 2));
+  expect_close(at::matmul(pissa.lora_B, pissa.lora_A) * s, top2, 1e-5, 1e-5);
+  const auto residual = peft::residual_weight(W, pissa, s);
+  expect_close(residual, W - top2, 1e-5, 1e-5);
+  expect_close(residual + s * at::matmul(pissa.lora_B, pissa.lora_A), W, 1e-5, 1e-5);
+
+  const auto olora = peft::olora_factors(W, 2);
+  expect_close(at::matmul(olora.lora_B.t(), olora.lora_B), at::eye(2), 1e-5, 1e-5);  // orthonormal columns of Q
+  const auto [Q, R] = at::linalg_qr(W);
+  EXPECT_TRUE(at::equal(olora.lora_A, R.slice(0, 0, 2)));
+  expect_close(peft::residual_weight(W, olora, s), W - s * at::matmul(olora.lora_B, olora.lora_A));
+  // Half precision weights are factored in float32; other dtypes and ranks are errors.
+  EXPECT_EQ(peft::pissa_factors(W.to(at::kBFloat16), 2, s).lora_A.scalar_type(), at::kFloat);
+  EXPECT_NE(error_of([&] { peft::olora_factors(W, 5); }).find("r <= min(out_features, in_features) = 4"),
+            std::string::npos);
+  EXPECT_THROW(peft::pissa_factors(W.to(at::kDouble), 2, s), c10::TypeError);
+
+  using Init = peft::BaseWeightInit;
+  EXPECT_EQ(peft::base_weight_init("true"), Init::Unchanged);
+  EXPECT_EQ(peft::base_weight_init("Gaussian"), Init::Unchanged);
+  EXPECT_EQ(peft::base_weight_init("pissa"), Init::Pissa);
+  EXPECT_EQ(peft::base_weight_init("OLoRA"), Init::Olora);
+  EXPECT_EQ(peft::base_weight_init("pissa_niter_16"), Init::Unreproducible);
+  EXPECT_EQ(peft::base_weight_init("loftq"), Init::Unreproducible);
+  EXPECT_THROW(peft::base_weight_init("pissa_niter_x"), c10::ValueError);
+  const auto msg = error_of([] { peft::check_base_weights_reproducible("pissa_niter_4", "/adapters/x"); });
+  EXPECT_NE(msg.find("/adapters/x"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("randomised SVD"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("path_initial_model_for_weight_conversion"), std::string::npos) << msg;
+  EXPECT_EQ(error_of([] { peft::check_base_weights_reproducible("pissa", "x"); }), "");
+}
+
+TEST(MutatedInit, ConvertedSettingsKeepEveryScaling) {
+  for (const bool rslora : {false, true}) {
+    const auto s = peft::settings_for_original_weights({4, 8.0, rslora, {{"fc", 2}}, {{"fc", 3.0}}});
+    EXPECT_EQ(s.r, 8);
+    EXPECT_EQ(s.rank_pattern, (std::vector<std::pair<std::string, int64_t>>{{"fc", 4}}));
+    EXPECT_DOUBLE_EQ(peft::lora_scaling(s.lora_alpha, s.r, rslora), peft::lora_scaling(8.0, 4, rslora));
+    EXPECT_DOUBLE_EQ(peft::lora_scaling(s.alpha_pattern[0].second, 4, rslora), peft::lora_scaling(3.0, 2, rslora));
+  }
+  // cat(A, A0), cat(B, -B0): B'@A' = B@A - B0@A0; no initial factors: zero padding.
+  const peft::LoraFactors trained{torch::randn({2, 4}), torch::randn({8, 2})}, initial{torch::randn({2, 4}), torch::randn({8, 2})};
+  const auto c = peft::factors_for_original_weights(trained, initial);
+  expect_close(at::matmul(c.lora_B, c.lora_A),
+               at::matmul(trained.lora_B, trained.lora_A) - at::matmul(initial.lora_B, initial.lora_A), 1e-5, 1e-5);
+  const auto padded = peft::factors_for_original_weights(trained, {});
+  EXPECT_EQ(padded.lora_A.size(0), 4);
+  expect_close(at::matmul(padded.lora_B, padded.lora_A), at::matmul(trained.lora_B, trained.lora_A));
+  EXPECT_THROW(peft::factors_for_original_weights(trained, {torch::randn({3, 4}), torch::randn({8, 3})}),
+               c10::ValueError);
+}
+
+// A "trained" PiSSA / OLoRA adapter for the modules `originals` (path -> original weight [out, in])
+// and the weights Python's model has after loading it: the residual plus the trained delta.
+struct MutatedAdapter {
+  io::PeftAdapter adapter;
+  std::map<std::string, at::Tensor> merged;
+};
+
+MutatedAdapter mutated_adapter(const std::string& init, const std::map<std::string, at::Tensor>& originals) {
+  io::LoraConfig config;
+  config.r = 2;
+  config.lora_alpha = 4;
+  config.init_lora_weights = init;
+  std::vector<std::string> names;
+  std::map<std::string, at::Tensor> state;
+  MutatedAdapter out;
+  for (const auto& [path, W] : originals) {
+    names.push_back(path);
+    const auto initial = peft::initial_factors(init, W, 2, 2.0);
+    const auto A = initial.lora_A + 0.1 * torch::randn_like(initial.lora_A);
+    const auto B = initial.lora_B + 0.1 * torch::randn_like(initial.lora_B);
+    state["base_model.model." + path + ".lora_A.weight"] = A;
+    state["base_model.model." + path + ".lora_B.weight"] = B;
+    out.merged[path] = peft::residual_weight(W, initial, 2.0) + 2.0 * at::matmul(B, A);
+  }
+  config.target_modules = io::ModuleSelector::from_names(names);
+  out.adapter = io::adapter_from_state_dict(config, state, "memory");
+  return out;
+}
+
+at::Tensor two_layers(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2) {
+  return torch::nn::functional::linear(torch::nn::functional::linear(x, w1, b1).relu(), w2, b2);
+}
+
+TEST(WeightConversion, ServingPathsComputeWhatTheResidualModelComputes) {
+  torch::NoGradGuard no_grad;
+  for (const std::string init : {"pissa", "olora"}) {
+    SCOPED_TRACE(init);
+    torch::manual_seed(6);
+    auto net = script_net();
+    auto param = [&](const char* m, const char* p) { return net.attr(m).toModule().attr(p).toTensor(); };
+    const auto w1 = param("fc1", "weight").clone();
+    const auto case_ = mutated_adapter(init, {{"fc1", w1}, {"fc2", param("fc2", "weight")}});
+    const auto x = torch::randn({5, 4});
+    const auto expected = two_layers(x, case_.merged.at("fc1"), param("fc1", "bias"), case_.merged.at("fc2"),
+                                     param("fc2", "bias"));
+    const auto base = two_layers(x, w1, param("fc1", "bias"), param("fc2", "weight"), param("fc2", "bias"));
+    ASSERT_FALSE(at::allclose(expected, base, 1e-3, 1e-3));
+
+    // The TorchScript serving path: converted once when added; swaps stay exact.
+    apply::LoraScriptModel model(net.deepcopy());
+    model.add_adapter("p", case_.adapter);
+    const auto plain = tiny_adapter(0.5);
+    model.add_adapter("plain", plain);
+    expect_close(model.forward({x}, "p").toTensor(), expected, 1e-5, 1e-5);
+    expect_close(model.forward({x}, "plain").toTensor(), merged_reference(net, &plain, x), 1e-5, 1e-5);
+    // ... also added while another adapter is merged: it is converted from the original weights.
+    model.add_adapter("p2", case_.adapter);
+    expect_close(model.forward({x}, "p2").toTensor(), expected, 1e-5, 1e-5);
+    expect_close(model.forward({x}, "__base__").toTensor(), base);
+    // The merger converts an unconverted adapter itself.
+    auto copy = net.deepcopy();
+    apply::ScriptModuleMerger merger(copy);
+    merger.merge(case_.adapter);
+    expect_close(copy.forward({x}).toTensor(), expected, 1e-5, 1e-5);
+    merger.unmerge();
+    EXPECT_TRUE(at::equal(copy.attr("fc1").toModule().attr("weight").toTensor(), w1));
+
+    // The converted adapter is PEFT's: rank 2r, alpha doubled, init true; it round-trips through files.
+    const auto converted = merger.for_original_weights(case_.adapter);
+    EXPECT_EQ(converted.config.r, 4);
+    EXPECT_DOUBLE_EQ(converted.config.lora_alpha, 8.0);
+    EXPECT_EQ(converted.config.init_lora_weights, "true");
+    EXPECT_EQ(converted.modules.at("fc1").rank(), 4);
+    const auto dir = std::filesystem::temp_directory_path() / ("torchlora_conv_" + std::to_string(::getpid()) + init);
+    io::save_peft_adapter(dir.string(), converted);
+    const auto back = io::load_peft_adapter(dir.string());
+    EXPECT_FALSE(io::applies_to_rewritten_base_weights(back.config));
+    expect_close(w1 + io::delta_weight(back.modules.at("fc1")), case_.merged.at("fc1"), 1e-5, 1e-5);
+    std::filesystem::remove_all(dir);
+
+    // A C++ module tree: the base layers stay untouched.
+    TinyNet tree;
+    tree->eval();
+    auto fc1 = std::dynamic_pointer_cast<torch::nn::LinearImpl>(tree->named_children()["fc1"]);
+    const auto tree_case = mutated_adapter(init, {{"fc1", fc1->weight}, {"fc2", tree->fc2->base_layer->weight}});
+    const auto tree_expected = two_layers(x, tree_case.merged.at("fc1"), fc1->bias, tree_case.merged.at("fc2"),
+                                          tree->fc2->base_layer->bias);
+    const auto fc1_weight = fc1->weight.clone();
+    apply::load_adapter(*tree, tree_case.adapter, "p");
+    apply::set_adapter(*tree, {"p"});
+    expect_close(tree->forward(x), tree_expected, 1e-5, 1e-5);
+    apply::merge_adapter(*tree);
+    expect_close(tree->forward(x), tree_expected, 1e-5, 1e-5);
+    apply::unmerge_adapter(*tree);
+    EXPECT_TRUE(at::allclose(fc1->weight, fc1_weight, 0, 1e-6));
+  }
+}
+
+TEST(WeightConversion, RandomisedPissaIsRejectedEverywhere) {
+  torch::manual_seed(7);
+  auto net = script_net();
+  auto adapter = mutated_adapter("pissa", {{"fc1", net.attr("fc1").toModule().attr("weight").toTensor()}}).adapter;
+  adapter.config.init_lora_weights = "pissa_niter_4";
+  auto expect_rejected = [](const std::string& message, const std::string& source) {
+    EXPECT_NE(message.find("pissa_niter_4"), std::string::npos) << message;
+    EXPECT_NE(message.find("path_initial_model_for_weight_conversion"), std::string::npos) << message;
+    EXPECT_NE(message.find(source), std::string::npos) << message;
+  };
+  apply::LoraScriptModel model(net.deepcopy());
+  expect_rejected(error_of([&] { model.add_adapter("n", adapter); }), "adapter 'n'");
+  EXPECT_TRUE(model.adapter_names().empty());
+  apply::ScriptModuleMerger merger(net);
+  expect_rejected(error_of([&] { merger.merge(adapter); }), "adapter");
+  EXPECT_FALSE(merger.merged());
+  TinyNet tree;
+  expect_rejected(error_of([&] { apply::load_adapter(*tree, adapter, "n"); }), "adapter");
+  EXPECT_TRUE(apply::lora_layers(*tree).size() == 1 && !tree->fc2->has_adapter("n"));
+  // Read from a folder: the loader rejects the file, naming the folder.
+  const auto dir = std::filesystem::temp_directory_path() / ("torchlora_niter_" + std::to_string(::getpid()));
+  adapter.config.init_lora_weights = "pissa";
+  io::save_peft_adapter(dir.string(), adapter);
+  auto json = io::adapter_config_to_json(adapter.config);
+  json.replace(json.find("\"pissa\""), 7, "\"pissa_niter_4\"");
+  std::ofstream((dir / "adapter_config.json").string(), std::ios::trunc) << json;
+  expect_rejected(error_of([&] { io::load_peft_adapter(dir.string()); }), dir.string());
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include <torchlora/apply/target_match.h>
 #include <torchlora/peft/config_schema.h>
+#include <torchlora/io/weight_conversion.h>
 #include <torchlora/nn/lora_conv2d.h>
 #include <torchlora/nn/lora_embedding.h>
 #include <torchlora/nn/lora_linear.h>
@@ -55,6 +56,23 @@ void copy_into(at::Tensor& param, const at::Tensor& value, const std::string& wh
               " in the model but ", value.sizes(), " in the adapter");
   at::NoGradGuard no_grad;
   param.copy_(value);
+}
+
+// The weight of the Linear at `path` of `modules` without any merged adapter.
+at::Tensor original_linear_weight(const std::map<std::string, ModulePtr>& modules, const std::string& path) {
+  auto it = modules.find(path);
+  TORCH_CHECK(it != modules.end(), "torchlora: the adapter targets module '", path,
+              "', which the model does not have (or which is not an exact path)");
+  if (auto lora = std::dynamic_pointer_cast<nn::LoraLinearImpl>(it->second)) {
+    TORCH_CHECK(!lora->merged(), "torchlora: module '", path,
+                "' has merged adapters; unmerge them before loading a PiSSA / OLoRA adapter, whose initial factors "
+                "are recomputed from the original weight");
+    return lora->base_layer->weight;
+  }
+  if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(it->second)) {
+    return linear->weight;
+  }
+  TORCH_CHECK(false, "torchlora: module '", path, "' is a ", it->second->name(), " but the adapter's factors are a Linear's");
 }
 
 }  // namespace
@@ -114,8 +132,14 @@ std::vector<std::pair<std::string, std::shared_ptr<nn::LoraLayer>>> lora_layers(
   return out;
 }
 
-std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftAdapter& adapter,
+std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftAdapter& given,
                                         const std::string& adapter_name) {
+  // PiSSA / OLoRA: the equivalent adapter for the original weights, so that the base layers stay
+  // untouched and shared with the other adapters (PEFT would rewrite them).
+  std::map<std::string, ModulePtr> modules;
+  for (const auto& item : root.named_modules("", /*include_self=*/true)) modules.emplace(item.key(), item.value());
+  const io::PeftAdapter adapter = io::adapter_for_original_weights(
+      given, [&modules](const std::string& path) { return original_linear_weight(modules, path); });
   TORCH_CHECK_NOT_IMPLEMENTED(adapter.other_tensors.empty(), "torchlora: the adapter holds ",
                               adapter.other_tensors.size(), " non-LoRA tensors (modules_to_save, e.g. '",
                               adapter.other_tensors.empty() ? "" : adapter.other_tensors.begin()->first,

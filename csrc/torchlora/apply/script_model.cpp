@@ -5,7 +5,10 @@
 #include <c10/util/Exception.h>
 
 #include <mutex>
+#include <optional>
 #include <sstream>
+
+#include <torchlora/io/weight_conversion.h>
 
 namespace torchlora::apply {
 namespace {
@@ -65,9 +68,24 @@ void ScriptModuleMerger::remember_original(const std::string& name, const at::Te
   touched_.push_back(name);
 }
 
-void ScriptModuleMerger::merge(const io::PeftAdapter& adapter) {
+at::Tensor ScriptModuleMerger::original_parameter(const std::string& name) const {
+  auto it = originals_.find(name);
+  return it != originals_.end() ? it->second : parameter(name);
+}
+
+io::PeftAdapter ScriptModuleMerger::for_original_weights(const io::PeftAdapter& adapter) const {
+  return io::adapter_for_original_weights(adapter,
+                                          [this](const std::string& path) { return original_parameter(path + ".weight"); });
+}
+
+void ScriptModuleMerger::merge(const io::PeftAdapter& given) {
   TORCH_CHECK(!merged_, "torchlora: an adapter is already merged into the TorchScript model; unmerge it first");
-  check_compatible(adapter);
+  check_compatible(given);
+  std::optional<io::PeftAdapter> converted;
+  if (io::applies_to_rewritten_base_weights(given.config)) {
+    converted = for_original_weights(given);
+  }
+  const io::PeftAdapter& adapter = converted ? *converted : given;
   at::NoGradGuard no_grad;
   touched_.clear();
   merged_ = true;  // from here on, unmerge() undoes whatever was applied, also after an error
@@ -119,6 +137,14 @@ void LoraScriptModel::load_adapter(const std::string& name, const std::string& d
 void LoraScriptModel::add_adapter(const std::string& name, io::PeftAdapter adapter) {
   // Shapes and names of parameters never change, so checking needs no lock.
   merger_.check_compatible(adapter);
+  if (io::applies_to_rewritten_base_weights(adapter.config, "adapter '" + name + "'")) {
+    // Converted once, here. A swap changes parameters only under the exclusive lock: copy each
+    // original weight under the shared lock and factor it outside, so serving goes on meanwhile.
+    adapter = io::adapter_for_original_weights(adapter, [this](const std::string& path) {
+      std::shared_lock lock(state_mutex_);
+      return merger_.original_parameter(path + ".weight").clone();
+    });
+  }
   registry_.add(name, std::make_shared<const io::PeftAdapter>(std::move(adapter)));
 }
 

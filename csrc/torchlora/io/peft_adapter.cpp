@@ -12,15 +12,9 @@
 namespace torchlora::io {
 namespace {
 
-struct Suffix {
-  const char* text;
-  enum Role { A, B, Bias, EmbA, EmbB } role;
-};
-constexpr Suffix kSuffixes[] = {
-    {".lora_A.weight", Suffix::A},           {".lora_B.weight", Suffix::B},
-    {".lora_B.bias", Suffix::Bias},          {".lora_embedding_A", Suffix::EmbA},
-    {".lora_embedding_B", Suffix::EmbB},
-};
+// Positions in peft::kLoraTensorNames.
+enum Role { kA = 0, kB = 1, kBias = 2, kEmbA = 3, kEmbB = 4 };
+static_assert(peft::kLoraTensorNames.size() == 5);
 
 struct Parts {
   at::Tensor A, B, bias;
@@ -105,27 +99,22 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
   for (const auto& [key, tensor] : state_dict) {
     TORCH_CHECK_VALUE(tensor.defined(), "torchlora: ", source, ": tensor '", key, "' is undefined");
     const std::string rel = key.starts_with(prefix) ? key.substr(prefix.size()) : key;
-    const Suffix* suffix = nullptr;
-    for (const auto& s : kSuffixes) {
-      if (rel.size() > std::string(s.text).size() && rel.ends_with(s.text)) {
-        suffix = &s;
-      }
-    }
-    if (suffix == nullptr) {
+    std::string path;
+    const int role = peft::split_lora_key(rel, &path);  // index into peft::kLoraTensorNames
+    if (role < 0 || path.empty()) {
       adapter.other_tensors.emplace(rel, tensor);
       continue;
     }
-    const std::string path = rel.substr(0, rel.size() - std::string(suffix->text).size());
     auto& p = parts[path];
-    const bool is_embedding_key = suffix->role == Suffix::EmbA || suffix->role == Suffix::EmbB;
+    const bool is_embedding_key = role == kEmbA || role == kEmbB;
     if (p.A.defined() || p.B.defined() || p.bias.defined()) {
       p.other_kind = p.other_kind || (is_embedding_key != p.embedding);
     }
     p.embedding = is_embedding_key;
-    switch (suffix->role) {
-      case Suffix::A: case Suffix::EmbA: p.A = tensor; p.a_key = key; break;
-      case Suffix::B: case Suffix::EmbB: p.B = tensor; p.b_key = key; break;
-      case Suffix::Bias: p.bias = tensor; break;
+    switch (role) {
+      case kA: case kEmbA: p.A = tensor; p.a_key = key; break;
+      case kB: case kEmbB: p.B = tensor; p.b_key = key; break;
+      case kBias: p.bias = tensor; break;
     }
   }
   TORCH_CHECK_VALUE(!parts.empty(), "torchlora: ", source, ": no LoRA tensors (keys ending in .lora_A.weight, "
@@ -142,10 +131,11 @@ std::map<std::string, at::Tensor> adapter_state_dict(const PeftAdapter& adapter)
   const std::string prefix = kPeftKeyPrefix;
   for (const auto& [path, w] : adapter.modules) {
     const bool emb = w.kind == LoraKind::Embedding;
-    out[prefix + path + (emb ? ".lora_embedding_A" : ".lora_A.weight")] = w.lora_A;
-    out[prefix + path + (emb ? ".lora_embedding_B" : ".lora_B.weight")] = w.lora_B;
+    const auto key = [&](int role) { return prefix + path + "." + peft::kLoraTensorNames[role]; };
+    out[key(emb ? kEmbA : kA)] = w.lora_A;
+    out[key(emb ? kEmbB : kB)] = w.lora_B;
     if (w.lora_bias.defined()) {
-      out[prefix + path + ".lora_B.bias"] = w.lora_bias;
+      out[key(kBias)] = w.lora_bias;
     }
   }
   for (const auto& [path, t] : adapter.other_tensors) {

@@ -1,6 +1,7 @@
 // PEFT adapter folders: adapter_config.json + adapter_model.safetensors.
 #include <torchlora/io/peft_adapter.h>
 #include <torchlora/io/safetensors.h>
+#include <torchlora/io/weight_conversion.h>
 
 #include <c10/util/Exception.h>
 
@@ -18,6 +19,8 @@ PeftAdapter load_peft_adapter(const std::string& dir) {
               ": no adapter_model.safetensors (older adapter_model.bin pickles are not read from C++; "
               "convert them with torchlora or safetensors in Python)");
   auto config = load_adapter_config(config_path);
+  // An adapter whose rewritten base weights cannot be recomputed applies to no model we have.
+  applies_to_rewritten_base_weights(config, dir);
   auto contents = load_safetensors(weights_path);
   return adapter_from_state_dict(std::move(config), contents.tensors, weights_path);
 }

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from .. import ops
+from .._native import _C
 from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
@@ -86,50 +87,45 @@ class LoraLinear(LoraLayer):
             self.lora_B[adapter_name].to_empty(device=device)
             self.reset_lora_parameters(adapter_name, init_lora_weights)
 
-    def _base_weight_fp32(self) -> tuple[Tensor, torch.dtype]:
-        """The base weight as float32 in [out, in] layout, and its original dtype."""
-        weight = self.get_base_layer().weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(
-                f"PiSSA/OLoRA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}"
-            )
-        w = weight.detach().to(torch.float32)
-        return (w.T if self.fan_in_fan_out else w), weight.dtype
+    def _base_weight_out_in(self) -> tuple[Tensor, torch.dtype]:
+        """The base weight in [out, in] layout, and its dtype."""
+        weight = self.get_base_layer().weight.detach()
+        return (weight.T if self.fan_in_fan_out else weight), weight.dtype
 
-    def _set_factors_and_residual(self, adapter_name: str, lora_A: Tensor, lora_B: Tensor, weight: Tensor,
+    def _set_factors_and_residual(self, adapter_name: str, factors: tuple[Tensor, Tensor], weight: Tensor,
                                   dtype: torch.dtype) -> None:
         """Install the factors and keep ``W - scaling * B @ A`` as the base weight, so the
         layer's output is unchanged at initialisation."""
-        self.lora_A[adapter_name].weight.data = lora_A.contiguous()
-        self.lora_B[adapter_name].weight.data = lora_B.contiguous()
-        residual = (weight - self.scaling[adapter_name] * lora_B @ lora_A).to(dtype)
+        lora_A, lora_B = factors
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+        residual = _C.peft.residual_weight(weight, lora_A, lora_B, self.scaling[adapter_name]).to(dtype)
         self.get_base_layer().weight.data = residual.T if self.fan_in_fan_out else residual
 
     def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:
         """PiSSA: A and B from the top-r singular triplets of the base weight (exact SVD, or
-        ``torch.svd_lowrank`` with K iterations for "pissa_niter_K")."""
-        weight, dtype = self._base_weight_fp32()
+        ``torch.svd_lowrank`` with K iterations for "pissa_niter_K"); the rule is the C++ core's."""
+        weight, dtype = self._base_weight_out_in()
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         if init_lora_weights == "pissa":
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            Ur, Sr, Vhr = U[:, :r], S[:r] / scaling, Vh[:r]
+            factors = _C.peft.pissa_factors(weight, r, scaling)
         else:
             prefix, _, niter = init_lora_weights.partition("_niter_")
             if prefix != "pissa" or not niter.isdigit():
                 raise ValueError(
                     f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {init_lora_weights}"
                 )
-            Ur, Sr, V = torch.svd_lowrank(weight, r, niter=int(niter))
-            Sr, Vhr = Sr / scaling, V.t()
-        sqrt_s = torch.diag(torch.sqrt(Sr))
-        self._set_factors_and_residual(adapter_name, sqrt_s @ Vhr, Ur @ sqrt_s, weight, dtype)
+            if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"PiSSA initialisation needs a float32, float16 or bfloat16 base weight, got {dtype}")
+            # torch.svd_lowrank (randomised, Python-only) finds the triplets; the factors are the C++ rule's
+            U, S, V = torch.svd_lowrank(weight.to(torch.float32), r, niter=int(niter))
+            factors = _C.peft.pissa_factors_from_svd(U, S, V.t(), scaling)
+        self._set_factors_and_residual(adapter_name, factors, weight, dtype)
 
     def olora_init(self, adapter_name: str) -> None:
         """OLoRA: B and A from the first r columns / rows of the QR decomposition of the base weight."""
-        weight, dtype = self._base_weight_fp32()
-        r = self.r[adapter_name]
-        Q, R = torch.linalg.qr(weight)
-        self._set_factors_and_residual(adapter_name, R[:r], Q[:, :r], weight, dtype)
+        weight, dtype = self._base_weight_out_in()
+        self._set_factors_and_residual(adapter_name, _C.peft.olora_factors(weight, self.r[adapter_name]), weight, dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         return ops.lora_delta_weight(

@@ -40,7 +40,10 @@ TORCHLORA_API std::vector<InjectedLayer> inject_adapter(torch::nn::Module& root,
                                                         nn::LoraInit init = nn::LoraInit::Default);
 
 // Injects (where needed) and copies the adapter's weights into `root` under `adapter_name`.
-// The adapter is not activated (as PEFT's load_adapter); call set_adapter.
+// The adapter is not activated (as PEFT's load_adapter); call set_adapter. A PiSSA / OLoRA
+// adapter (its factors apply to the residual weights its initialisation left) is loaded as its
+// equivalent for the original weights, rank 2r (io::adapter_for_original_weights): the outputs
+// are PEFT's and the base layers stay untouched; their adapters must not be merged meanwhile.
 TORCHLORA_API std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftAdapter& adapter,
                                                       const std::string& adapter_name = "default");
 

@@ -28,8 +28,16 @@ class TORCHLORA_API ScriptModuleMerger {
   // model lacks or whose shape differs from the adapter's delta.
   void check_compatible(const io::PeftAdapter& adapter) const;
   // Adds the adapter's deltas (and lora_bias, and modules_to_save tensors) to the parameters.
-  // Only one adapter can be merged at a time: unmerge first.
+  // A PiSSA / OLoRA adapter is first converted with for_original_weights (LoraScriptModel
+  // converts once, when the adapter is added). Only one adapter can be merged at a time:
+  // unmerge first.
   void merge(const io::PeftAdapter& adapter);
+  // The adapter as it applies to the original parameters: PiSSA / OLoRA adapters (whose
+  // factors apply to the residual weights their initialisation left) become the equivalent
+  // plain adapters (io::adapter_for_original_weights); others are returned as they are.
+  io::PeftAdapter for_original_weights(const io::PeftAdapter& adapter) const;
+  // The value of parameter `name` before any merge (undefined if the model lacks it).
+  at::Tensor original_parameter(const std::string& name) const;
   // Restores every parameter the merged adapter changed to its original value (exactly).
   void unmerge();
   bool merged() const { return merged_; }
@@ -58,6 +66,9 @@ class TORCHLORA_API LoraScriptModel {
   explicit LoraScriptModel(torch::jit::Module module);
 
   // Reads a PEFT adapter folder and registers it under `name` (replacing one of that name).
+  // PiSSA / OLoRA adapters saved unconverted are converted with the model's original weights
+  // (see ScriptModuleMerger::for_original_weights), so they serve what PEFT computes; those
+  // whose initialisation cannot be recomputed ("pissa_niter_<K>") are rejected.
   void load_adapter(const std::string& name, const std::string& dir);
   void add_adapter(const std::string& name, io::PeftAdapter adapter);
   bool remove_adapter(const std::string& name);

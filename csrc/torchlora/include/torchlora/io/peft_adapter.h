@@ -55,7 +55,9 @@ TORCHLORA_API at::Tensor delta_weight(const LoraModuleWeights& weights, bool fan
 // scaling * lora_bias, or an undefined tensor.
 TORCHLORA_API at::Tensor delta_bias(const LoraModuleWeights& weights);
 
-// Reads <dir>/adapter_config.json and <dir>/adapter_model.safetensors.
+// Reads <dir>/adapter_config.json and <dir>/adapter_model.safetensors. Rejects adapters whose
+// initialisation rewrote the base weights in a way that cannot be recomputed ("pissa_niter_<K>",
+// see io/weight_conversion.h); PiSSA / OLoRA ones load as saved (convert them to apply them).
 TORCHLORA_API PeftAdapter load_peft_adapter(const std::string& dir);
 // Writes both files into `dir` (created if missing).
 TORCHLORA_API void save_peft_adapter(const std::string& dir, const PeftAdapter& adapter);
