@@ -18,7 +18,8 @@ PREFIX=${TORCHLORA_CMAKE_PREFIX_PATH:-$("$PY_EXE" -c "$PRINT_PREFIX" 2>/dev/null
   PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}" "$PY_EXE" -c "$PRINT_PREFIX")}
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi
-if [[ ! -f "$BUILD/CMakeCache.txt" ]]; then
+# configure again when a previous configure stopped half-way (a cache but no build files)
+if [[ ! -f "$BUILD/CMakeCache.txt" || ! ( -f "$BUILD/build.ninja" || -f "$BUILD/Makefile" ) ]]; then
   cmake -S examples/cpp -B "$BUILD" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$PREFIX" -DPython3_EXECUTABLE="$PY_EXE" >&2
 fi

@@ -305,9 +305,9 @@ def test_both_config_writers_go_through_config_to_peft_json(tmp_path, monkeypatc
     seen = []
     real = peft_format.config_to_peft_json
 
-    def spy(config_dict, defaults=None):
+    def spy(config_dict):
         seen.append(dict(config_dict))
-        return real(config_dict, defaults)
+        return real(config_dict)
 
     monkeypatch.setattr(peft_format, "config_to_peft_json", spy)
     config = torchlora.LoraConfig(target_modules=["q_proj"], r=2)

@@ -55,7 +55,7 @@ def test_inspect_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text("{broken")
     assert cli.main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "adapter_config.json: malformed JSON" in err
+    assert err.startswith("error: ") and "adapter_config.json: not valid JSON" in err
     assert err.count("\n") == 1  # one line, no traceback
 
 

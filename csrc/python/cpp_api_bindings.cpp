@@ -202,6 +202,9 @@ void bind_cpp_api(py::module_& m) {
   auto cpp = m.def_submodule("cpp", "The C++ API of torchlora (LibTorch modules, adapter files), bound for testing.");
   bind_modules(cpp);
   bind_io(cpp);
+  m.def_submodule("peft").def("check_adapter_tensor", &torchlora::io::check_adapter_tensor, py::arg("tensor"),
+                              py::arg("key"), py::arg("source"),
+                              "A saved adapter's tensor must be floating point and finite (ValueError otherwise).");
   bind_weight_conversion(m.def_submodule("peft", "PEFT's rules, defined once in the C++ core."), cpp);
 }
 

@@ -243,7 +243,7 @@ def _read_pickle(path: str) -> dict[str, Tensor]:
 def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
     """Load the tensors of an adapter folder (on CPU) and return them with the file path.
 
-    Non-floating tensors are refused: every LoRA/modules_to_save tensor is floating point.
+    Every tensor must be floating point and finite (the C++ core's check, as in C++ servers).
     """
     path = adapter_weights_path(directory)
     tensors = _read_safetensors(path) if path.endswith(".safetensors") else _read_pickle(path)
@@ -252,8 +252,7 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[dict[str, T
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_KEY_PREFIX):
             raise ValueError(f"{path}: key {key!r} does not start with {PEFT_KEY_PREFIX!r}")
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(f"{path}: key {key!r} has dtype {tensor.dtype}, expected a floating point tensor")
+        _peft.check_adapter_tensor(tensor, key, path)
     return tensors, path
 
 
@@ -264,8 +263,9 @@ def check_adapter_file(
 
     ``required`` are the adapter's keys (the file must have each), ``optional`` keys the file may
     have besides (the base embedding layers PEFT saves with some adapters). Raises ValueError
-    naming ``path`` and the key for a key that matches nothing, a required key the file lacks,
-    and a tensor with non-finite values. Shapes are checked where the tensors are loaded.
+    naming ``path`` and the key for a key that matches nothing and a required key the file
+    lacks. Values are checked when read (``read_adapter_weights``), shapes where the tensors
+    are loaded.
     """
     unexpected = [key for key in tensors if key not in required and key not in optional]
     if unexpected:
@@ -279,9 +279,6 @@ def check_adapter_file(
             f"{path}: the file lacks key {missing[0]!r} that the adapter config targets"
             + (f" ({len(missing) - 1} more missing keys)" if len(missing) > 1 else "")
         )
-    for key, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: key {key!r} holds non-finite values")
 
 
 __all__ = [

@@ -29,12 +29,8 @@ std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
-// Every adapter tensor: floating point and finite (Python's loader applies the same checks
-// through this code).
 void check_float(const at::Tensor& t, const std::string& source, const std::string& key) {
-  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), source, ": tensor '", key, "' must be floating point, got ",
-                    t.scalar_type());
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), source, ": key '", key, "' holds non-finite values");
+  check_adapter_tensor(t, key, source);
 }
 
 LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
@@ -89,6 +85,13 @@ LoraModuleWeights check_module(const LoraConfig& config, const std::string& path
 }
 
 }  // namespace
+
+void check_adapter_tensor(const at::Tensor& t, const std::string& key, const std::string& source) {
+  TORCH_CHECK_VALUE(t.defined(), source, ": tensor '", key, "' is undefined");
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), source, ": key '", key, "' has dtype ", t.scalar_type(),
+                    ", expected a floating point tensor");
+  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), source, ": key '", key, "' holds non-finite values");
+}
 
 PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::string, at::Tensor>& state_dict,
                                     const std::string& source) {

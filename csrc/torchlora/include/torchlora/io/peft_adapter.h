@@ -38,6 +38,10 @@ struct PeftAdapter {
 
 using peft::kPeftKeyPrefix;
 
+// Every tensor of a saved adapter: floating point and finite; raises c10::ValueError naming
+// `source` and `key`. (Python's loader applies this very check.)
+TORCHLORA_API void check_adapter_tensor(const at::Tensor& tensor, const std::string& key, const std::string& source);
+
 // Groups a PEFT state dict ("base_model.model.<path>.lora_A.weight", ...) by module and
 // checks it: both factors present, ranks and shapes consistent with each other and with the
 // config, floating dtypes. `source` names the file in errors.
