@@ -6,6 +6,7 @@
 #include <torch/script.h>
 
 #include <torchlora/apply/script_model.h>
+#include <torchlora/peft/names.h>
 #include <torchlora/io/peft_adapter.h>
 #include <torchlora/io/weight_conversion.h>
 #include <torchlora/peft/mutated_init.h>
@@ -135,7 +136,7 @@ void bind_cpp(py::module_& m) {
              TORCH_CHECK_TYPE(out.isTensor(), "the model returned a ", out.tagKind(), ", not a tensor");
              return out.toTensor();
            },
-           py::arg("inputs"), py::arg("adapter") = "__base__");
+           py::arg("inputs"), py::arg("adapter") = std::string(torchlora::peft::kBaseAdapterName));
 }
 
 }  // namespace

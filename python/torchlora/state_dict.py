@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, Union
@@ -67,8 +66,11 @@ def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
     targets = config.target_modules
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(targets, str):
-        return any(re.fullmatch(targets, k) for k, _ in base.named_modules()
-                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+        from .tuners.matching import is_target, rules_for
+
+        rules = rules_for(config)
+        return any(is_target(rules, k) for k, _ in base.named_modules()
+                   if k.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
     return bool(targets) and any(t in EMBEDDING_LAYER_NAMES for t in targets)
 
 

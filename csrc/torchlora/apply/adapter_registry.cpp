@@ -1,4 +1,5 @@
 #include <torchlora/apply/adapter_registry.h>
+#include <torchlora/peft/names.h>
 
 #include <c10/util/Exception.h>
 
@@ -9,7 +10,8 @@ namespace torchlora::apply {
 
 void AdapterRegistry::add(const std::string& name, AdapterPtr adapter) {
   TORCH_CHECK(!name.empty(), "torchlora: an adapter name must not be empty");
-  TORCH_CHECK(name != "__base__", "torchlora: '__base__' is reserved for the base model without adapters");
+  TORCH_CHECK_VALUE(name != peft::kBaseAdapterName, "torchlora: '", peft::kBaseAdapterName,
+                    "' is reserved for the base model without adapters");
   TORCH_CHECK(adapter != nullptr, "torchlora: adapter '", name, "' is null");
   std::unique_lock lock(mutex_);
   adapters_[name] = std::move(adapter);

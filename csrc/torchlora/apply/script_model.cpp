@@ -1,4 +1,5 @@
 #include <torchlora/apply/script_model.h>
+#include <torchlora/peft/names.h>
 
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
@@ -19,7 +20,7 @@ std::string shape_str(at::IntArrayRef sizes) {
   return s.str();
 }
 
-bool is_base(const std::string& name) { return name.empty() || name == "__base__"; }
+bool is_base(const std::string& name) { return name.empty() || name == peft::kBaseAdapterName; }
 
 }  // namespace
 
@@ -160,7 +161,7 @@ std::string LoraScriptModel::active_adapter() const {
 
 void LoraScriptModel::switch_to(const std::string& name, const AdapterRegistry::AdapterPtr& adapter) {
   merger_.unmerge();
-  active_name_ = "__base__";
+  active_name_ = peft::kBaseAdapterName;
   active_ = nullptr;
   if (adapter != nullptr) {
     merger_.merge(*adapter);

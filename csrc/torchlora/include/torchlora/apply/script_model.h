@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <torchlora/apply/adapter_registry.h>
+#include <torchlora/peft/names.h>
 #include <torchlora/export.h>
 #include <torchlora/io/peft_adapter.h>
 
@@ -75,7 +76,7 @@ class TORCHLORA_API LoraScriptModel {
   std::vector<std::string> adapter_names() const { return registry_.names(); }
 
   // Runs the model's forward with `adapter` merged.
-  c10::IValue forward(std::vector<c10::IValue> inputs, const std::string& adapter = "__base__");
+  c10::IValue forward(std::vector<c10::IValue> inputs, const std::string& adapter = peft::kBaseAdapterName);
   // Name of the adapter merged now ("__base__" for none).
   std::string active_adapter() const;
 
@@ -85,7 +86,7 @@ class TORCHLORA_API LoraScriptModel {
   AdapterRegistry registry_;
   mutable std::shared_mutex state_mutex_;
   ScriptModuleMerger merger_;
-  std::string active_name_ = "__base__";
+  std::string active_name_ = peft::kBaseAdapterName;
   AdapterRegistry::AdapterPtr active_;  // what is merged now (kept alive while merged)
 };
 
