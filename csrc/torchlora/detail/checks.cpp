@@ -82,6 +82,23 @@ at::ScalarType compute_dtype(const at::Tensor& t) {
   return dt;
 }
 
+namespace {
+// What every backward takes besides its shapes: one device, the adapter in x's dtype, a valid
+// scaling and dropout.
+void check_backward_operands(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& shrunk,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                             const std::optional<at::Tensor>& seed, const char* op) {
+  check_same_device(x, grad_out, op, "x", "grad_out");
+  check_same_device(x, shrunk, op, "x", "shrunk");
+  check_same_device(x, lora_A, op, "x", "lora_A");
+  check_same_device(x, lora_B, op, "x", "lora_B");
+  check_same_dtype(x, lora_A, op, "x", "lora_A");
+  check_same_dtype(x, lora_B, op, "x", "lora_B");
+  check_scaling(scaling, op);
+  check_dropout(dropout_p, seed, x.device(), op);
+}
+}  // namespace
+
 LinearDims check_lora_linear(
     const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias, double scaling,
@@ -165,14 +182,7 @@ LinearBackwardDims check_lora_linear_backward(const at::Tensor& grad_out, const 
   TORCH_CHECK(grad_out.numel() == tokens * out_features, op, ": grad_out has ", grad_out.numel(),
               " elements, expected ", tokens, " x ", out_features);
   TORCH_CHECK(x.numel() == tokens * in, op, ": x has ", x.numel(), " elements, expected ", tokens, " x ", in);
-  check_same_device(x, grad_out, op, "x", "grad_out");
-  check_same_device(x, shrunk, op, "x", "shrunk");
-  check_same_device(x, lora_A, op, "x", "lora_A");
-  check_same_device(x, lora_B, op, "x", "lora_B");
-  check_same_dtype(x, lora_A, op, "x", "lora_A");
-  check_same_dtype(x, lora_B, op, "x", "lora_B");
-  check_scaling(scaling, op);
-  check_dropout(dropout_p, seed, x.device(), op);
+  check_backward_operands(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed, op);
   return LinearBackwardDims{tokens, in, rank, out_features};
 }
 
@@ -244,14 +254,7 @@ void check_lora_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == shrunk.size(0) && grad_out.size(1) == lora_B.size(0) &&
                   grad_out.size(2) == shrunk.size(2) && grad_out.size(3) == shrunk.size(3),
               op, ": grad_out ", grad_out.sizes(), " does not match shrunk ", shrunk.sizes());
-  check_same_device(x, grad_out, op, "x", "grad_out");
-  check_same_device(x, shrunk, op, "x", "shrunk");
-  check_same_device(x, lora_A, op, "x", "lora_A");
-  check_same_device(x, lora_B, op, "x", "lora_B");
-  check_same_dtype(x, lora_A, op, "x", "lora_A");
-  check_same_dtype(x, lora_B, op, "x", "lora_B");
-  check_scaling(scaling, op);
-  check_dropout(dropout_p, seed, x.device(), op);
+  check_backward_operands(grad_out, x, shrunk, lora_A, lora_B, scaling, dropout_p, seed, op);
 }
 
 EmbeddingDims check_lora_embedding(
