@@ -187,17 +187,15 @@ bool is_default(const Spec& spec, const Json& v) {
 void check_init(const Checker& c, const Json& v) {
   if (v.is_boolean()) return;
   if (!v.is_string()) c.type_error("init_lora_weights", "a bool or a string", v);
-  std::string s = v.get<std::string>();
-  std::string lower = s;
-  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  if (lower == "gaussian" || s == "pissa" || s == "olora") return;
-  if (std::regex_match(s, std::regex("pissa_niter_[0-9]+"))) return;
-  for (const char* unsupported : kUnsupportedInits) {
-    TORCH_CHECK_NOT_IMPLEMENTED(s != unsupported, c.where(), "init_lora_weights='", s,
-                                "' is not supported by torchlora");
+  const std::string s = v.get<std::string>();
+  switch (init_lora_weights_method(s)) {
+    case InitMethod::Unsupported:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, c.where(), "init_lora_weights='", s, "' is not supported by torchlora");
+    case InitMethod::Unknown:
+      c.value_error("init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora', got " +
+                    v.dump());
+    default: break;
   }
-  c.value_error("init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora', got " +
-                v.dump());
 }
 
 std::string join_types() {
@@ -349,6 +347,19 @@ Json sorted_if_list(const Json& v) {
 }
 
 }  // namespace
+
+InitMethod init_lora_weights_method(const std::string& value) {
+  std::string lower = value;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  if (value == "true" || value == "false" || lower == "gaussian") return InitMethod::Standard;
+  if (value == "pissa") return InitMethod::Pissa;
+  if (std::regex_match(value, std::regex("pissa_niter_[0-9]+"))) return InitMethod::PissaNiter;
+  if (lower == "olora") return InitMethod::Olora;
+  for (const char* unsupported : kUnsupportedInits) {
+    if (value == unsupported) return InitMethod::Unsupported;
+  }
+  return InitMethod::Unknown;
+}
 
 bool is_all_linear(const std::string& target_modules) {
   std::string s = target_modules;

@@ -1,5 +1,7 @@
 #include <torchlora/peft/mutated_init.h>
 
+#include <torchlora/peft/config_schema.h>
+
 #include <ATen/ops/cat.h>
 #include <ATen/ops/diag.h>
 #include <ATen/ops/linalg_qr.h>
@@ -12,21 +14,10 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <regex>
+
 
 namespace torchlora::peft {
 namespace {
-
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return s;
-}
-
-// PEFT's pissa_init accepts "pissa" and "pissa_niter_<int>".
-bool is_pissa_niter(const std::string& v) {
-  static const std::regex niter("pissa_niter_[0-9]+");
-  return std::regex_match(v, niter);
-}
 
 // The weight [out, in] as float32, as PEFT's pissa_init / olora_init take it.
 at::Tensor float32_weight(const at::Tensor& weight, int64_t r, const char* method) {
@@ -43,12 +34,16 @@ at::Tensor float32_weight(const at::Tensor& weight, int64_t r, const char* metho
 }  // namespace
 
 BaseWeightInit base_weight_init(const std::string& v) {
-  if (v == "true" || v == "false" || lower(v) == "gaussian" || v == "eva" || v == "orthogonal" || v == "mica") {
-    return BaseWeightInit::Unchanged;
+  switch (init_lora_weights_method(v)) {  // which values exist is the config schema's rule
+    case InitMethod::Standard: return BaseWeightInit::Unchanged;
+    case InitMethod::Pissa: return BaseWeightInit::Pissa;
+    case InitMethod::Olora: return BaseWeightInit::Olora;
+    case InitMethod::PissaNiter: return BaseWeightInit::Unreproducible;
+    case InitMethod::Unsupported:
+      // of PEFT's methods torchlora lacks, these rewrite the base weight from data or quantisation
+      return v == "corda" || v == "lora_ga" || v == "loftq" ? BaseWeightInit::Unreproducible : BaseWeightInit::Unchanged;
+    case InitMethod::Unknown: break;
   }
-  if (v == "pissa") return BaseWeightInit::Pissa;
-  if (lower(v) == "olora") return BaseWeightInit::Olora;
-  if (is_pissa_niter(v) || v == "corda" || v == "lora_ga" || v == "loftq") return BaseWeightInit::Unreproducible;
   TORCH_CHECK_VALUE(false, "torchlora: unknown init_lora_weights '", v,
                     "' (expected true, false, \"gaussian\", \"pissa\", \"pissa_niter_<K>\", \"olora\", ...)");
 }
@@ -56,7 +51,7 @@ BaseWeightInit base_weight_init(const std::string& v) {
 void check_base_weights_reproducible(const std::string& v, const std::string& source) {
   if (base_weight_init(v) != BaseWeightInit::Unreproducible) return;
   const char* how = v == "loftq" ? "LoftQ replaced them by quantised residuals"
-                    : is_pissa_niter(v) ? "with a randomised SVD, which cannot be recomputed"
+                    : init_lora_weights_method(v) == InitMethod::PissaNiter ? "with a randomised SVD, which cannot be recomputed"
                                         : "from training data the adapter does not hold";
   const std::string convert =
       v == "loftq" ? "load it with the quantised base model it was made for (LoftQ adapters cannot be converted)"

@@ -26,6 +26,17 @@ struct ConfigField {
 // target_modules="all-linear" (any case): every linear layer but the output head.
 TORCHLORA_API bool is_all_linear(const std::string& target_modules);
 
+// What an init_lora_weights value means ("true" / "false" stand for the bools).
+enum class InitMethod {
+  Standard,     // true, false, "gaussian" (any case): A and B only
+  Pissa,        // "pissa": exact SVD of the base weight
+  PissaNiter,   // "pissa_niter_<K>": randomised SVD
+  Olora,        // "olora" (any case): QR of the base weight
+  Unsupported,  // a PEFT method torchlora does not implement ("loftq", "eva", "corda", "lora_ga", "orthogonal")
+  Unknown,      // not a PEFT value
+};
+TORCHLORA_API InitMethod init_lora_weights_method(const std::string& value);
+
 // Every LoraConfig field, in PEFT's order.
 TORCHLORA_API const std::vector<ConfigField>& lora_config_fields();
 

@@ -21,7 +21,7 @@ namespace torchlora::peft {
 // What an init_lora_weights value ("true", "false", "gaussian", "pissa", ...) does to the base
 // weights of the Linear layers it initialises.
 enum class BaseWeightInit {
-  Unchanged,       // true, false, "gaussian", "eva", "orthogonal", "mica"
+  Unchanged,       // true, false, "gaussian", "eva", "orthogonal"
   Pissa,           // "pissa": exact SVD, reproducible from the original weight
   Olora,           // "olora" (any case): QR, reproducible from the original weight
   Unreproducible,  // "pissa_niter_<K>" (randomised SVD), "corda", "lora_ga" (need data), "loftq"
