@@ -116,6 +116,11 @@ CASES = [
     Case("bias_all", _base(bias="all"), edit=lambda t: t.update(_biases())),
     Case("inference_mode_false", _base(inference_mode=False)),
     Case("revision_and_base", _base(revision="main", base_model_name_or_path="tiny")),
+    # PiSSA / OLoRA saved unconverted: both recompute from the original weights ...
+    Case("pissa_unconverted", _base(init_lora_weights="pissa")),
+    Case("olora_unconverted", _base(init_lora_weights="olora")),
+    # ... except a randomised SVD, which neither can reproduce
+    Case("pissa_niter_unconverted", _base(init_lora_weights="pissa_niter_4"), expect="pissa_niter_4"),
     # ---- bad values
     Case("r_zero", _base(r=0), expect="r"),
     Case("r_negative", _base(r=-1), expect="r"),
