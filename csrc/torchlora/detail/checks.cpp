@@ -7,7 +7,6 @@
 #include <cmath>
 
 namespace torchlora::detail {
-namespace {
 
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -30,6 +29,8 @@ void check_same_dtype(const at::Tensor& ref, const at::Tensor& t, const char* op
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
               " but ", ref_name, " has dtype ", ref.scalar_type(), " (cast the adapter or the input)");
 }
+
+namespace {
 
 // A, B and lora_bias on x's device and dtype; base_out on x's device; lora_bias of shape [out].
 void check_adapter_operands(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,

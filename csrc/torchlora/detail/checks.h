@@ -89,6 +89,14 @@ void check_dropout(double dropout_p, const std::optional<at::Tensor>& seed, cons
 
 void check_scaling(double scaling, const char* op);
 
+// The operand checks every op shares; `name`/`ref_name` name the arguments in the message.
+bool is_float_type(at::ScalarType t);
+void check_float(const at::Tensor& t, const char* op, const char* name);
+void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_name,
+                       const char* name);
+void check_same_dtype(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_name,
+                      const char* name);
+
 // The dtype of the saved low-rank intermediate: float32, or float64 for float64 inputs.
 inline at::ScalarType intermediate_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

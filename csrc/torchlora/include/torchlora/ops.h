@@ -82,4 +82,64 @@ TORCHLORA_API at::Tensor lora_delta_weight(
 // A fresh seed tensor for the ops above, drawn from the default generator of `device`.
 TORCHLORA_API at::Tensor make_seed(c10::Device device);
 
+// ---- Many adapters in one batch ------------------------------------------------------------
+// S adapters stacked in slots, zero-padded to one rank r (padding adds nothing to the result):
+//   lora_A [S, r, in]   lora_B [S, out, r]   lora_bias [S, out] (optional)   scale [S] (float)
+// slot_index [T] (int32 or int64) picks each row's slot; -1 means no adapter (base_out alone).
+// The scale is a tensor so that changing a request's scale costs nothing and recompiles nothing.
+// Slot values out of [-1, S) raise on the CPU; on CUDA they trip a device-side assert (the
+// kernels never wait for the host, so the ops can be captured in CUDA graphs).
+// Autograd reaches x, lora_A, lora_B, lora_bias and scale: several adapters train in one batch,
+// each row's gradient going to its own slot. float16/bfloat16 keep the [T, r] intermediate in float32.
+
+// h[t] = lora_A[slot[t]] @ x[t]: x [T, in] -> h [T, r] float32 (float64 for float64); rows
+// with slot -1 are zero.
+TORCHLORA_API at::Tensor multi_lora_shrink(const at::Tensor& x, const at::Tensor& lora_A,
+                                           const at::Tensor& slot_index);
+
+// out[t] = base_out[t] + scale[slot[t]] * (lora_B[slot[t]] @ h[t] + lora_bias[slot[t]]), base_out [T, out]
+// in any float dtype (the result keeps it); h [T, r] from multi_lora_shrink.
+TORCHLORA_API at::Tensor multi_lora_expand(const at::Tensor& base_out, const at::Tensor& h,
+                                           const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                           const at::Tensor& scale, const at::Tensor& slot_index);
+
+// multi_lora_expand into base_out itself (no new [T, out] tensor); returns base_out.
+TORCHLORA_API at::Tensor& multi_lora_expand_(at::Tensor& base_out, const at::Tensor& h,
+                                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                             const at::Tensor& scale, const at::Tensor& slot_index);
+
+// A mixed batch through a linear layer's adapters: multi_lora_expand(base_out, multi_lora_shrink(x)).
+//   x [..., in] with T rows, base_out [..., out], slot_index [T].
+TORCHLORA_API at::Tensor multi_lora_linear(const at::Tensor& x, const at::Tensor& base_out,
+                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                           const std::optional<at::Tensor>& lora_bias, const at::Tensor& scale,
+                                           const at::Tensor& slot_index);
+
+// multi_lora_linear accumulating into base_out (the base layer's own output); returns base_out.
+TORCHLORA_API at::Tensor& multi_lora_linear_(at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_A,
+                                             const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                             const at::Tensor& scale, const at::Tensor& slot_index);
+
+// x @ weight^T + bias with every row's adapter added into that output in place.
+TORCHLORA_API at::Tensor linear_with_multi_lora(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
+                                                const at::Tensor& scale, const at::Tensor& slot_index);
+
+// out[t] = base_out[t] + scale[slot[t]] * lora_B[slot[t]] @ lora_A[slot[t]][:, ids[t]]
+//   ids [...] with T entries, base_out [..., D], lora_A [S, r, V] (PEFT's lora_embedding_A
+//   stacked), lora_B [S, D, r]. padding_idx >= 0: that id's column of lora_A gets no gradient.
+TORCHLORA_API at::Tensor multi_lora_embedding(const at::Tensor& ids, const at::Tensor& base_out,
+                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                              const at::Tensor& scale, const at::Tensor& slot_index,
+                                              int64_t padding_idx = -1);
+
+// lora_conv2d with a slot per sample: x [N, in, H, W], base_out [N, out, H', W'],
+// lora_A [S, r, in, kh, kw], lora_B [S, out, r / groups, 1, 1], lora_bias [S, out], slot_index [N].
+TORCHLORA_API at::Tensor multi_lora_conv2d(const at::Tensor& x, const at::Tensor& base_out,
+                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                           const std::optional<at::Tensor>& lora_bias, const at::Tensor& scale,
+                                           const at::Tensor& slot_index, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 }  // namespace torchlora
