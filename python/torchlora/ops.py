@@ -15,7 +15,8 @@ from . import _native  # noqa: F401  (registers the operators)
 
 __all__ = [
     "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed",
-    "lora_delta_weight",
+    "lora_delta_weight", "multi_lora_shrink", "multi_lora_expand", "multi_lora_expand_", "multi_lora_linear",
+    "multi_lora_linear_", "linear_with_multi_lora", "multi_lora_embedding", "multi_lora_conv2d",
 ]
 
 _SEED_HIGH = 2**62
@@ -168,3 +169,65 @@ def lora_delta_weight(
     factors' dtype, as in PEFT). Differentiable in both factors.
     """
     return torch.ops.torchlora.lora_delta_weight(lora_A, lora_B, scaling, fan_in_fan_out, dtype)
+
+
+# ---- many adapters in one batch -----------------------------------------------------------------
+# S adapters stacked in slots and zero-padded to one rank r: lora_A [S, r, in], lora_B [S, out, r],
+# lora_bias [S, out], scale [S] (a tensor: changing it costs nothing and recompiles nothing).
+# slot_index [T] (int32/int64) picks each row's slot; -1 means no adapter. Values outside [-1, S)
+# raise on the CPU and trip a device-side assert on CUDA (the kernels never wait for the host).
+
+
+def multi_lora_shrink(x: Tensor, lora_A: Tensor, slot_index: Tensor) -> Tensor:
+    """``h[t] = lora_A[slot_index[t]] @ x[t]``: ``x [T, in]`` -> ``h [T, r]`` in float32
+    (float64 for float64); rows with slot -1 are zero."""
+    return torch.ops.torchlora.multi_lora_shrink(x, lora_A, slot_index)
+
+
+def multi_lora_expand(base_out: Tensor, h: Tensor, lora_B: Tensor, lora_bias: Tensor | None, scale: Tensor,
+                      slot_index: Tensor) -> Tensor:
+    """``base_out[t] + scale[s] * (lora_B[s] @ h[t] + lora_bias[s])`` with ``s = slot_index[t]``;
+    ``base_out [T, out]`` in any float dtype, which the result keeps."""
+    return torch.ops.torchlora.multi_lora_expand(base_out, h, lora_B, lora_bias, scale, slot_index)
+
+
+def multi_lora_expand_(base_out: Tensor, h: Tensor, lora_B: Tensor, lora_bias: Tensor | None, scale: Tensor,
+                       slot_index: Tensor) -> Tensor:
+    """:func:`multi_lora_expand` into ``base_out`` itself; returns it."""
+    return torch.ops.torchlora.multi_lora_expand_(base_out, h, lora_B, lora_bias, scale, slot_index)
+
+
+def multi_lora_linear(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, lora_bias: Tensor | None,
+                      scale: Tensor, slot_index: Tensor) -> Tensor:
+    """A linear layer's mixed batch: row ``t`` of ``x [..., in]`` gets the adapter in slot
+    ``slot_index[t]`` added to ``base_out [..., out]``, one operator whatever the number of adapters."""
+    return torch.ops.torchlora.multi_lora_linear(x, base_out, lora_A, lora_B, lora_bias, scale, slot_index)
+
+
+def multi_lora_linear_(base_out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_bias: Tensor | None,
+                       scale: Tensor, slot_index: Tensor) -> Tensor:
+    """:func:`multi_lora_linear` accumulating into ``base_out`` (no new ``[T, out]`` tensor); returns it."""
+    return torch.ops.torchlora.multi_lora_linear_(base_out, x, lora_A, lora_B, lora_bias, scale, slot_index)
+
+
+def linear_with_multi_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                           lora_bias: Tensor | None, scale: Tensor, slot_index: Tensor) -> Tensor:
+    """``F.linear(x, weight, bias)`` with every row's adapter added into it in place."""
+    return torch.ops.torchlora.linear_with_multi_lora(x, weight, bias, lora_A, lora_B, lora_bias, scale, slot_index)
+
+
+def multi_lora_embedding(ids: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Tensor,
+                         slot_index: Tensor, padding_idx: int = -1) -> Tensor:
+    """``base_out[t] + scale[s] * lora_B[s] @ lora_A[s][:, ids[t]]``: ``ids [...]`` with T entries,
+    ``lora_A [S, r, V]`` (PEFT's ``lora_embedding_A`` per slot), ``lora_B [S, D, r]``. With
+    ``padding_idx >= 0`` that id's column of ``lora_A`` gets no gradient."""
+    return torch.ops.torchlora.multi_lora_embedding(ids, base_out, lora_A, lora_B, scale, slot_index, padding_idx)
+
+
+def multi_lora_conv2d(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, lora_bias: Tensor | None,
+                      scale: Tensor, slot_index: Tensor, stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int) -> Tensor:
+    """:func:`lora_conv2d` with a slot per sample: ``x [N, in, H, W]``, ``lora_A [S, r, in, kh, kw]``,
+    ``lora_B [S, out, r / groups, 1, 1]``, ``lora_bias [S, out]``, ``slot_index [N]``."""
+    return torch.ops.torchlora.multi_lora_conv2d(x, base_out, lora_A, lora_B, lora_bias, scale, slot_index,
+                                                 list(stride), list(padding), list(dilation), groups)
