@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import ops
+from .adapter_stack import AdapterStack, per_row_dropout
 from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
@@ -87,6 +88,20 @@ class LoraConv2d(LoraLayer):
         if not self.lora_bias[adapter]:
             return None
         return self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
+
+    def _stack_groups(self) -> int:
+        return self.get_base_layer().groups
+
+    def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, result: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W]
+            return self._multi_lora_update(stack, sample_slots, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0)
+        lora_A = self.lora_A[stack.names[0]]  # every adapter's lora_A has the same geometry
+        x = per_row_dropout(x.to(stack.lora_A.dtype), sample_slots, stack.dropout, self.training)
+        return ops.multi_lora_conv2d(x, result, stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, sample_slots,
+                                     lora_A.stride, _explicit_padding(lora_A), lora_A.dilation, self._stack_groups())
 
     def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .adapter_stack import AdapterStack, row_slots
 from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
@@ -72,6 +73,21 @@ class LoraEmbedding(LoraLayer):
 
     def _holds(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_embedding_A
+
+    def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name], None
+
+    def _stacks_adapters(self) -> bool:
+        # max_norm renormalises each adapter's looked-up rows, scale_grad_by_freq scales their
+        # gradients by the batch's id counts: both stay with the per-adapter loop
+        base = self.get_base_layer()
+        return base.max_norm is None and not (base.scale_grad_by_freq and torch.is_grad_enabled())
+
+    def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, ids: Tensor, result: Tensor) -> Tensor:
+        padding_idx = self.get_base_layer().padding_idx
+        slots = row_slots(sample_slots, ids.numel())
+        return ops.multi_lora_embedding(ids, result, stack.lora_A, stack.lora_B, stack.scale, slots,
+                                        -1 if padding_idx is None else padding_idx)
 
     def _lora_update(self, name: str, ids: Tensor, result: Tensor) -> Tensor:
         base = self.get_base_layer()

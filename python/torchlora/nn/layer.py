@@ -15,11 +15,46 @@ from torch import Tensor, nn
 from .. import ops
 from .._native import _C
 from ..config import validate_config_dict
+from .adapter_stack import AdapterStack, build_stack, optimizer_generation, per_row_dropout, row_slots
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
 BASE_ADAPTER_NAME: str = _C.peft.BASE_ADAPTER_NAME
 
 InitLoraWeights = Union[bool, str]
+
+
+class ScalingDict(dict):
+    """``layer.scaling``: a dict that counts its changes, so cached adapter stacks see a new scale."""
+
+    def _changed(self) -> None:
+        self.changes = getattr(self, "changes", 0) + 1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+
+class SampleAdapters(list):
+    """The per-sample adapter names of one mixed-batch forward, as the model hands them to every
+    layer: layers with the same adapters share the slot tensor made from them (``memo``), and
+    names a layer does not hold take no adapter there (as PEFT)."""
+
+    def __init__(self, names) -> None:
+        super().__init__(names)
+        self.memo: dict = {}
 
 _LAYER_INIT_CHOICES = (True, False, "gaussian")
 
@@ -57,7 +92,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, float] = ScalingDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -68,6 +103,9 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter: str | list[str] = "default"
+        self._stack_cache: tuple | None = None
+        self._stack_changes = 0
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_adapter_stack())
 
     # ------------------------------------------------------------------ adapters
     def get_base_layer(self) -> nn.Module:
@@ -167,6 +205,7 @@ class LoraLayer(nn.Module):
             self._create_adapter(adapter_name, r, lora_bias)
             self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        self.refresh_adapter_stack()
         self.set_adapter(self.active_adapters)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
@@ -237,6 +276,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        self.refresh_adapter_stack()
         if adapter_name in self.active_adapters:
             remaining = [n for n in self.active_adapters if n != adapter_name]
             if not remaining:
@@ -324,10 +364,13 @@ class LoraLayer(nn.Module):
         batch at inference time, as in PEFT.
         """
         adapter_names = kwargs.pop("adapter_names", None)
+        adapter_slots = kwargs.pop("adapter_slots", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_slots is not None:
+            return self._slot_batch_forward(x, *args, adapter_slots=adapter_slots, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -340,7 +383,101 @@ class LoraLayer(nn.Module):
         return result.to(result_dtype)
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
-        self._check_mixed_batch(adapter_names)
+        """Sample i through ``adapter_names[i]``: the base layer, then one multi-adapter operator
+        for every adapter in the batch (``_multi_lora_update``)."""
+        self._check_mixed_batch(adapter_names, x)
+        if not self._stacks_adapters():
+            return self._mixed_batch_loop(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        stack = self.adapter_stack()
+        slots = self._sample_slots(stack, adapter_names, x.device)
+        if slots is None:
+            return result
+        return self._multi_lora_update(stack, slots, x, result)
+
+    def _slot_batch_forward(self, x: Tensor, *args: Any, adapter_slots: Tensor, **kwargs: Any) -> Tensor:
+        """A mixed batch given as a tensor: ``adapter_slots[i]`` is sample i's index into
+        :meth:`adapter_names` (-1: no adapter). Unlike ``adapter_names`` it is data, not Python
+        values, so a ``torch.compile``d layer takes new assignments without recompiling."""
+        if self.merged:
+            raise ValueError("adapter_slots (mixed batches) cannot be used while adapters are merged")
+        if not isinstance(adapter_slots, Tensor) or adapter_slots.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"adapter_slots must be an int32 or int64 tensor (one slot per sample), got {adapter_slots!r}")
+        if adapter_slots.dim() != 1 or adapter_slots.shape[0] != x.shape[0]:
+            raise ValueError(f"adapter_slots must have shape [{x.shape[0]}] (one per sample), got {tuple(adapter_slots.shape)}")
+        if not self._stacks_adapters():
+            raise NotImplementedError(f"adapter_slots is not supported by {type(self).__name__} with this base layer")
+        result = self.base_layer(x, *args, **kwargs)
+        return self._multi_lora_update(self.adapter_stack(), adapter_slots.to(x.device), x, result)
+
+    def _sample_slots(self, stack: AdapterStack, adapter_names: list[str], device: torch.device) -> Tensor | None:
+        """The per-sample slot tensor (shared between layers of one forward through the memo of
+        :class:`SampleAdapters`), or None when no sample uses an adapter of this layer."""
+        memo = getattr(adapter_names, "memo", None)
+        key = (stack.names, device)
+        if memo is not None and key in memo:
+            return memo[key]
+        slot_of = stack.slot_of
+        slots = None
+        if any(n in slot_of for n in adapter_names):
+            slots = stack.sample_slots(adapter_names, device)
+        if memo is not None:
+            memo[key] = slots
+        return slots
+
+    def _stacks_adapters(self) -> bool:
+        """Whether mixed batches take the multi-adapter operator here (else a loop per adapter)."""
+        return True
+
+    def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, result: Tensor) -> Tensor:
+        """``result`` plus each sample's adapter for input ``x`` (``sample_slots``: one slot per sample)."""
+        raise NotImplementedError
+
+    def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The adapter's (lora_A, lora_B, lora_bias) in the multi-adapter operator's layout."""
+        raise NotImplementedError
+
+    # rank dimension of lora_A and lora_B as _stack_factors gives them
+    _stack_rank_dims: tuple[int, int] = (0, 1)
+
+    def _stack_groups(self) -> int:
+        return 1
+
+    def refresh_adapter_stack(self) -> None:
+        """Drop the cached stack of adapters that mixed batches use without autograd; call it
+        after editing adapter weights in place other than through ``load_state_dict``, an
+        optimizer step or torchlora's own methods."""
+        self._stack_cache = None
+        self._stack_changes += 1
+
+    def _apply(self, fn, *args, **kwargs):
+        self.refresh_adapter_stack()  # .to(), .cuda(), .half(): the cached copies would stay behind
+        return super()._apply(fn, *args, **kwargs)
+
+    def adapter_stack(self) -> AdapterStack:
+        """This layer's adapters stacked in slots (slot i = ``adapter_names()[i]``). Without
+        autograd a cached copy; with autograd built from the parameters, so gradients reach them."""
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable and self._stack_cache is not None:
+            changes, scaling_changes, generation, stack = self._stack_cache
+            if (changes == self._stack_changes and generation == optimizer_generation()
+                    and scaling_changes == getattr(self.scaling, "changes", 0)):
+                return stack
+        names = [n for n in self.adapter_names() if self._holds(n)]
+        a_dim, b_dim = self._stack_rank_dims
+        stack = build_stack(names, [self._stack_factors(n) for n in names], [self.scaling[n] for n in names],
+                            [self._dropout_probability(n) for n in names], a_dim, b_dim, self._stack_groups())
+        if cacheable:
+            self._stack_cache = (self._stack_changes, getattr(self.scaling, "changes", 0), optimizer_generation(),
+                                 stack)
+        return stack
+
+    def _dropout_probability(self, adapter_name: str) -> float:
+        module = self.lora_dropout[adapter_name] if adapter_name in self.lora_dropout else None
+        return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+    def _mixed_batch_loop(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
+        """The per-adapter loop (PEFT's way), for the cases the stacked operator does not cover."""
         result = self.base_layer(x, *args, **kwargs)
         for name, rows in self._sub_batches(adapter_names, x.shape[0]).items():
             if name == BASE_ADAPTER_NAME or not self._holds(name):
@@ -365,11 +502,16 @@ class LoraLayer(nn.Module):
             groups.setdefault(name, []).append(index)
         return groups
 
-    def _check_mixed_batch(self, adapter_names: list[str]) -> None:
-        if self.training:
-            raise ValueError("adapter_names (mixed-batch inference) cannot be used in training mode")
+    def _check_mixed_batch(self, adapter_names: list[str], x: Tensor) -> None:
         if self.merged:
             raise ValueError("adapter_names (mixed-batch inference) cannot be used while adapters are merged")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of strings (one per sample), got {adapter_names!r}")
+        batch = x.shape[0] if x.dim() > 0 else 0
+        if len(adapter_names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
+        if isinstance(adapter_names, SampleAdapters):
+            return  # checked once for the whole model; names this layer lacks take no adapter here
         known = set(self.adapter_names()) | {BASE_ADAPTER_NAME}
         unknown = sorted(set(adapter_names) - known)
         if unknown:

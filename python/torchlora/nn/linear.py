@@ -11,6 +11,7 @@ from torch.nn.modules import module as _module_hooks
 
 from .. import ops
 from .._native import _C
+from .adapter_stack import AdapterStack, per_row_dropout, row_slots
 from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 
@@ -145,6 +146,21 @@ class LoraLinear(LoraLayer):
         if in_place:
             return ops.lora_linear_(result, x, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
         return ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
+
+    def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
+
+    def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, result: Tensor) -> Tensor:
+        """Every row's adapter in one ``torchlora.multi_lora_linear`` (in place into a plain
+        ``nn.Linear``'s fresh output)."""
+        x2 = x.reshape(-1, x.shape[-1]).to(stack.lora_A.dtype)
+        slots = row_slots(sample_slots, x2.shape[0])
+        x2 = per_row_dropout(x2, slots, stack.dropout, self.training)
+        out2 = result.reshape(-1, result.shape[-1])
+        args = (stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, slots)
+        if self._base_is_plain_linear() and not (result.requires_grad and result.is_leaf) and result._base is None:
+            return ops.multi_lora_linear_(out2, x2, *args).view(result.shape)
+        return ops.multi_lora_linear(x2, out2, *args).view(result.shape)
 
     def _base_is_plain_linear(self) -> bool:
         """Whether the base layer is exactly ``nn.Linear`` with no hooks anywhere, so that calling

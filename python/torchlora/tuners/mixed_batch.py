@@ -1,5 +1,7 @@
-"""Mixed-batch inference: ``model(..., adapter_names=[one per sample])`` reaches every LoRA
-layer and modules_to_save wrapper through forward pre-hooks, as in PEFT."""
+"""Mixed batches: ``model(..., adapter_names=[one per sample])`` reaches every LoRA layer and
+modules_to_save wrapper through forward pre-hooks, as in PEFT. Each LoRA layer then runs one
+multi-adapter operator for the whole batch. Unlike PEFT, this also works in training mode:
+each sample's gradient reaches only its own adapter."""
 
 from __future__ import annotations
 
@@ -11,16 +13,14 @@ from typing import Any, Optional
 from torch import nn
 
 from ..nn import LoraLayer
-from ..nn.layer import BASE_ADAPTER_NAME
+from ..nn.layer import BASE_ADAPTER_NAME, SampleAdapters
 from .modules_to_save import ModulesToSaveWrapper
 
 
 def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    if isinstance(module, LoraLayer):
-        # an adapter that does not touch this layer leaves its rows as the base layer computes them
-        held = set(module.adapter_names())
-        adapter_names = [n if n in held else BASE_ADAPTER_NAME for n in adapter_names]
-    elif isinstance(module, ModulesToSaveWrapper):
+    # LoRA layers take the shared SampleAdapters as they are: an adapter that does not touch a
+    # layer leaves its rows as the base layer computes them
+    if isinstance(module, ModulesToSaveWrapper):
         adapter_names = [n if n in module.modules_to_save else BASE_ADAPTER_NAME for n in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -34,8 +34,6 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
     if adapter_names is None:
         yield
         return
-    if training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
     known: set[str] = set()
@@ -44,11 +42,11 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
     unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-    adapter_names = list(adapter_names)
+    adapter_names = SampleAdapters(adapter_names)
     num_beams = kwargs.get("num_beams")
     original = adapter_names
     if num_beams is not None and num_beams > 1:
-        adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        adapter_names = SampleAdapters([n for n in adapter_names for _ in range(num_beams)])
     handles = []
     try:
         for module in model.modules():
