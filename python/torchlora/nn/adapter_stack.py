@@ -4,38 +4,20 @@ for a mixed batch, whatever the number of adapters).
 Slot ``i`` holds ``layer.adapter_names()[i]``; ranks are zero-padded to the largest one (the
 padding adds exact zeros). Without autograd (``torch.no_grad`` / ``inference_mode``) the stack
 is a cached copy, rebuilt only when the adapters change: added or deleted, loaded
-(``load_state_dict``), moved or cast (``.to()``), rescaled (``layer.scaling[name] = ...``),
-or stepped by a ``torch.optim`` optimizer. Weights edited in place by other means call
-:meth:`LoraLayer.refresh_adapter_stack`. With autograd the stack is built from the parameters on
-every forward, so each row's gradient reaches its own adapter's parameters.
+(``load_state_dict``), moved or cast (``.to()``), rescaled (``layer.scaling[name] = ...``), or
+changed in place (an optimizer step, an edit under ``no_grad``: the parameters' version counters
+tell). With autograd the stack is built from the parameters on every forward, so each row's
+gradient reaches its own adapter's parameters.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
-_generation = itertools.count(1)
-# Bumped whenever any torch.optim optimizer steps: cached stacks older than it are rebuilt.
-_optimizer_generation = 0
-
-
-def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_generation
-    _optimizer_generation = next(_generation)
-
-
-register_optimizer_step_post_hook(_after_optimizer_step)
-
-
-def optimizer_generation() -> int:
-    return _optimizer_generation
 
 
 @dataclass(frozen=True)

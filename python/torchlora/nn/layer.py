@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._native import _C
 from ..config import validate_config_dict
-from .adapter_stack import AdapterStack, build_stack, optimizer_generation, per_row_dropout, row_slots
+from .adapter_stack import AdapterStack, build_stack
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
 BASE_ADAPTER_NAME: str = _C.peft.BASE_ADAPTER_NAME
@@ -444,9 +444,10 @@ class LoraLayer(nn.Module):
         return 1
 
     def refresh_adapter_stack(self) -> None:
-        """Drop the cached stack of adapters that mixed batches use without autograd; call it
-        after editing adapter weights in place other than through ``load_state_dict``, an
-        optimizer step or torchlora's own methods."""
+        """Drop the cached stack of adapters that mixed batches use without autograd. In-place
+        changes of the adapter weights are seen by their version counters; call this after
+        replacing a parameter's ``.data`` by other means than torchlora's methods,
+        ``load_state_dict`` or ``.to()``."""
         self._stack_cache = None
         self._stack_changes += 1
 
@@ -459,17 +460,20 @@ class LoraLayer(nn.Module):
         autograd a cached copy; with autograd built from the parameters, so gradients reach them."""
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable and self._stack_cache is not None:
-            changes, scaling_changes, generation, stack = self._stack_cache
-            if (changes == self._stack_changes and generation == optimizer_generation()
-                    and scaling_changes == getattr(self.scaling, "changes", 0)):
+            changes, scaling_changes, sources, versions, stack = self._stack_cache
+            if (changes == self._stack_changes and scaling_changes == getattr(self.scaling, "changes", 0)
+                    and versions == sum(t._version for t in sources)):
                 return stack
         names = [n for n in self.adapter_names() if self._holds(n)]
+        factors = [self._stack_factors(n) for n in names]
         a_dim, b_dim = self._stack_rank_dims
-        stack = build_stack(names, [self._stack_factors(n) for n in names], [self.scaling[n] for n in names],
+        stack = build_stack(names, factors, [self.scaling[n] for n in names],
                             [self._dropout_probability(n) for n in names], a_dim, b_dim, self._stack_groups())
         if cacheable:
-            self._stack_cache = (self._stack_changes, getattr(self.scaling, "changes", 0), optimizer_generation(),
-                                 stack)
+            # in-place changes (optimizer steps, edits under no_grad) bump the tensors' versions
+            sources = [t for f in factors for t in f if t is not None]
+            self._stack_cache = (self._stack_changes, getattr(self.scaling, "changes", 0), sources,
+                                 sum(t._version for t in sources), stack)
         return stack
 
     def _dropout_probability(self, adapter_name: str) -> float:
