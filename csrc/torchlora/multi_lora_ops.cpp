@@ -43,6 +43,11 @@ TORCH_LIBRARY_FRAGMENT(torchlora, m) {
   m.def(
       "linear_with_multi_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "Tensor? lora_bias, Tensor scale, Tensor slot_index) -> Tensor");
+  // linear_with_multi_lora when nothing needs a gradient, on the CPU: the base GEMM and the adapters
+  // chunk by chunk while the rows are in cache (cpu/linear_with_multi_lora.cpp). x is [T, in].
+  m.def(
+      "_linear_with_multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor? lora_bias, Tensor scale, Tensor slot_index) -> Tensor");
   m.def(
       "multi_lora_embedding(Tensor ids, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scale, "
       "Tensor slot_index, int padding_idx=-1) -> Tensor");

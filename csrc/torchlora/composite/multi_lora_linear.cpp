@@ -3,7 +3,10 @@
 // torch.compile come from the primitives).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
+
+#include <vector>
 #include <torch/library.h>
 
 #include "../detail/multi_lora_op_handles.h"
@@ -47,10 +50,31 @@ at::Tensor& multi_lora_linear_inplace_composite(at::Tensor& base_out, const at::
   return base_out;
 }
 
+// Inference on the CPU in float32/float64: the fused kernel. With autograd, the composition below.
+bool takes_fused_inference_kernel(const at::Tensor& x, const at::Tensor& weight, const MultiOpt& bias,
+                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const MultiOpt& lora_bias,
+                                  const at::Tensor& scale) {
+  if (!x.device().is_cpu() || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) || x.dim() < 1) {
+    return false;
+  }
+  if (!c10::GradMode::is_enabled()) return true;
+  auto grad = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  return !(grad(x) || grad(weight) || (bias && grad(*bias)) || grad(lora_A) || grad(lora_B) ||
+           (lora_bias && grad(*lora_bias)) || grad(scale));
+}
+
 at::Tensor linear_with_multi_lora_composite(const at::Tensor& x, const at::Tensor& weight, const MultiOpt& bias,
                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
                                             const MultiOpt& lora_bias, const at::Tensor& scale,
                                             const at::Tensor& slot_index) {
+  if (takes_fused_inference_kernel(x, weight, bias, lora_A, lora_B, lora_bias, scale)) {
+    check_linear_rows(x, x, "torchlora.linear_with_multi_lora");
+    const at::Tensor out = detail::linear_with_multi_lora_forward_op().call(as_rows(x), weight, bias, lora_A, lora_B,
+                                                                            lora_bias, scale, slot_index);
+    std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
+    sizes.back() = out.sym_size(1);
+    return out.view_symint(sizes);
+  }
   at::Tensor out = at::linear(x, weight, bias);
   return multi_lora_linear_inplace_composite(out, x, lora_A, lora_B, lora_bias, scale, slot_index);
 }

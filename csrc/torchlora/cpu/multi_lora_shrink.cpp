@@ -11,34 +11,13 @@
 #include <torch/library.h>
 
 #include "../detail/multi_lora_checks.h"
+#include "multi_lora_rows.h"
 #include "slot_runs.h"
 
 namespace torchlora::cpu {
 namespace {
 
 constexpr int64_t kRowsPerUnit = 256;
-
-// x's rows in the compute dtype with unit column stride (the row stride may be anything).
-at::Tensor rows_in(const at::Tensor& t, at::ScalarType cd) {
-  at::Tensor c = t.to(cd);
-  return c.stride(-1) == 1 ? c : c.contiguous();
-}
-
-template <typename cd_t>
-void shrink_rows(const at::Tensor& x, const at::Tensor& A, at::Tensor& h, const SlotRun& run) {
-  const int64_t in = x.size(1), r = A.size(1);
-  if (run.rows() >= kGemmMinRows) {
-    at::Tensor h_rows = h.narrow(0, run.begin, run.rows());
-    at::mm_out(h_rows, x.narrow(0, run.begin, run.rows()), A.select(0, run.slot).t());
-    return;
-  }
-  const cd_t* a = A.const_data_ptr<cd_t>() + run.slot * r * in;
-  for (int64_t t = run.begin; t < run.end; ++t) {
-    const cd_t* xt = x.const_data_ptr<cd_t>() + t * x.stride(0);
-    cd_t* ht = h.mutable_data_ptr<cd_t>() + t * r;
-    for (int64_t j = 0; j < r; ++j) ht[j] = dot(xt, a + j * in, in);
-  }
-}
 
 at::Tensor multi_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& slot_index) {
   constexpr const char* op = "torchlora.multi_lora_shrink";
@@ -47,14 +26,14 @@ at::Tensor multi_lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, 
   const auto cd = detail::multi_intermediate_dtype(x.scalar_type());
   const auto runs = slot_runs(slot_index, slots, op);
   // detached: the row products write into views with out= ops, which autograd refuses
-  const at::Tensor xc = rows_in(x.detach(), cd), Ac = lora_A.detach().to(cd).contiguous();
+  const at::Tensor xc = rows_in(x, cd), Ac = lora_A.detach().to(cd).contiguous();
   at::Tensor h = at::zeros({d.tokens.expect_int(), d.rank.expect_int()}, x.options().dtype(cd));
   const auto units = split_runs(runs, kRowsPerUnit);
   for_each_unit(static_cast<int64_t>(units.size()), [&](int64_t i) {
     if (cd == at::kDouble) {
-      shrink_rows<double>(xc, Ac, h, units[i]);
+      shrink_run<double>(xc, Ac, h, units[i]);
     } else {
-      shrink_rows<float>(xc, Ac, h, units[i]);
+      shrink_run<float>(xc, Ac, h, units[i]);
     }
   });
   return h;

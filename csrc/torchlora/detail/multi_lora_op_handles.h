@@ -41,6 +41,7 @@ using MultiConv2dFn = at::Tensor(TensorRef, TensorRef, TensorRef, TensorRef, con
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_linear_op, "multi_lora_linear", MultiLinearFn)
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_linear_inplace_op, "multi_lora_linear_", MultiLinearInplaceFn)
 TORCHLORA_MULTI_OP_HANDLE(linear_with_multi_lora_op, "linear_with_multi_lora", LinearWithMultiFn)
+TORCHLORA_MULTI_OP_HANDLE(linear_with_multi_lora_forward_op, "_linear_with_multi_lora_forward", LinearWithMultiFn)
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_embedding_op, "multi_lora_embedding", MultiEmbeddingFn)
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_conv2d_op, "multi_lora_conv2d", MultiConv2dFn)
 

@@ -388,12 +388,16 @@ class LoraLayer(nn.Module):
         self._check_mixed_batch(adapter_names, x)
         if not self._stacks_adapters():
             return self._mixed_batch_loop(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         stack = self.adapter_stack()
         slots = self._sample_slots(stack, adapter_names, x.device)
         if slots is None:
-            return result
-        return self._multi_lora_update(stack, slots, x, result)
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_with_slots(stack, slots, x, *args, **kwargs)
+
+    def _forward_with_slots(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, *args: Any,
+                            **kwargs: Any) -> Tensor:
+        """The base layer's output plus each sample's adapter."""
+        return self._multi_lora_update(stack, sample_slots, x, self.base_layer(x, *args, **kwargs))
 
     def _slot_batch_forward(self, x: Tensor, *args: Any, adapter_slots: Tensor, **kwargs: Any) -> Tensor:
         """A mixed batch given as a tensor: ``adapter_slots[i]`` is sample i's index into
@@ -407,8 +411,7 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter_slots must have shape [{x.shape[0]}] (one per sample), got {tuple(adapter_slots.shape)}")
         if not self._stacks_adapters():
             raise NotImplementedError(f"adapter_slots is not supported by {type(self).__name__} with this base layer")
-        result = self.base_layer(x, *args, **kwargs)
-        return self._multi_lora_update(self.adapter_stack(), adapter_slots.to(x.device), x, result)
+        return self._forward_with_slots(self.adapter_stack(), adapter_slots.to(x.device), x, *args, **kwargs)
 
     def _sample_slots(self, stack: AdapterStack, adapter_names: list[str], device: torch.device) -> Tensor | None:
         """The per-sample slot tensor (shared between layers of one forward through the memo of

@@ -150,17 +150,31 @@ class LoraLinear(LoraLayer):
     def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
 
+    def _forward_with_slots(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, *args: Any,
+                            **kwargs: Any) -> Tensor:
+        """For a plain ``nn.Linear`` base, the base GEMM and every row's adapter as one op
+        (``torchlora.linear_with_multi_lora``) on the flattened input; otherwise the general path."""
+        base = self.base_layer
+        if args or kwargs or not self._base_is_plain_linear() or x.dim() == 0:
+            return super()._forward_with_slots(stack, sample_slots, x, *args, **kwargs)
+        x2 = x.reshape(-1, x.shape[-1])
+        slots = row_slots(sample_slots, x2.shape[0])
+        dropped = per_row_dropout(x2, slots, stack.dropout, self.training)
+        args = (stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, slots)
+        if dropped is x2 and x2.dtype == base.weight.dtype == stack.lora_A.dtype:
+            out = ops.linear_with_multi_lora(x2, base.weight, base.bias, *args)
+        else:
+            out = ops.multi_lora_linear_(F.linear(x2, base.weight, base.bias), dropped.to(stack.lora_A.dtype), *args)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, result: Tensor) -> Tensor:
-        """Every row's adapter in one ``torchlora.multi_lora_linear`` (in place into a plain
-        ``nn.Linear``'s fresh output)."""
+        """Every row's adapter in one ``torchlora.multi_lora_linear`` added to ``result``."""
         x2 = x.reshape(-1, x.shape[-1]).to(stack.lora_A.dtype)
         slots = row_slots(sample_slots, x2.shape[0])
         x2 = per_row_dropout(x2, slots, stack.dropout, self.training)
         out2 = result.reshape(-1, result.shape[-1])
-        args = (stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, slots)
-        if self._base_is_plain_linear() and not (result.requires_grad and result.is_leaf) and result._base is None:
-            return ops.multi_lora_linear_(out2, x2, *args).view(result.shape)
-        return ops.multi_lora_linear(x2, out2, *args).view(result.shape)
+        out = ops.multi_lora_linear(x2, out2, stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, slots)
+        return out.view(result.shape)
 
     def _base_is_plain_linear(self) -> bool:
         """Whether the base layer is exactly ``nn.Linear`` with no hooks anywhere, so that calling
