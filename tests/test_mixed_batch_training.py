@@ -14,7 +14,7 @@ import torchlora
 from torchlora.nn import LoraConv2d, LoraEmbedding, LoraLinear
 
 
-def _count_ops(fn, name: str = "torchlora::multi_lora_shrink") -> int:
+def _count_ops(fn, name: str = "torchlora::linear_with_multi_lora") -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return sum(1 for e in prof.events() if e.name == name)

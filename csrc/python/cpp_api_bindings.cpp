@@ -66,6 +66,8 @@ void bind_modules(py::module_& m) {
       .def("__call__", &tnn::LoraLayer::forward, py::arg("x"))
       .def("forward_mixed", &tnn::LoraLayer::forward_mixed, py::arg("x"), py::arg("adapter_names"),
            "Mixed batch: sample i uses adapter_names[i] (\"__base__\": none).")
+      .def("forward_slots", &tnn::LoraLayer::forward_slots, py::arg("x"), py::arg("adapter_slots"),
+           "Mixed batch with the assignment as a tensor: sample i takes adapter_names()[adapter_slots[i]] (-1: none).")
       .def("enable_adapters", &tnn::LoraLayer::enable_adapters, py::arg("enabled"))
       .def("delete_adapter", &tnn::LoraLayer::delete_adapter, py::arg("adapter_name"))
       .def("merge", &tnn::LoraLayer::merge, py::arg("safe_merge") = false,

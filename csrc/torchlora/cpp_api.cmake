@@ -13,6 +13,7 @@ set(TORCHLORA_CPP_API_SOURCES
   peft/keys.cpp
   peft/config_schema.cpp
   peft/mutated_init.cpp
+  nn/adapter_stack.cpp
   nn/lora_layer.cpp
   nn/lora_pair.cpp
   nn/lora_linear.cpp

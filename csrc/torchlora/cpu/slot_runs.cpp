@@ -70,10 +70,15 @@ inline __attribute__((always_inline)) T dot_lanes(const T* a, const T* b, int64_
 }
 }  // namespace
 
+// Short vectors (the rank, in the expand) take 8 lanes, long ones (the input features) 32.
 TORCHLORA_DOT_CLONES
-float dot_f32(const float* a, const float* b, int64_t n) { return dot_lanes<float, 32>(a, b, n); }
+float dot_f32(const float* a, const float* b, int64_t n) {
+  return n < 64 ? dot_lanes<float, 8>(a, b, n) : dot_lanes<float, 32>(a, b, n);
+}
 
 TORCHLORA_DOT_CLONES
-double dot_f64(const double* a, const double* b, int64_t n) { return dot_lanes<double, 16>(a, b, n); }
+double dot_f64(const double* a, const double* b, int64_t n) {
+  return n < 32 ? dot_lanes<double, 4>(a, b, n) : dot_lanes<double, 16>(a, b, n);
+}
 
 }  // namespace torchlora::cpu

@@ -96,6 +96,27 @@ at::Tensor LoraConv2dImpl::delta_bias(const std::string& name) const {
   return lora_B->at<torch::nn::Conv2dImpl>(name).bias * scaling(name);
 }
 
+AdapterFactors LoraConv2dImpl::stack_factors(const std::string& name) const {
+  const auto& b = lora_B->at<torch::nn::Conv2dImpl>(name);
+  return {lora_A->at<torch::nn::Conv2dImpl>(name).weight, b.weight, b.bias};
+}
+
+int64_t LoraConv2dImpl::stack_groups() const { return base_layer->options.groups(); }
+
+at::Tensor LoraConv2dImpl::multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots,
+                                             const at::Tensor& x, const at::Tensor& result) {
+  if (x.dim() == 3) {  // unbatched [C, H, W]
+    return multi_lora_update(stack, sample_slots, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0);
+  }
+  const auto& a = lora_A->at<torch::nn::Conv2dImpl>(stack.names.front());  // one geometry for every adapter
+  const std::vector<int64_t> stride(a.options.stride()->begin(), a.options.stride()->end());
+  const std::vector<int64_t> dilation(a.options.dilation()->begin(), a.options.dilation()->end());
+  const auto xs = per_row_dropout(x.to(stack.lora_A.scalar_type()), sample_slots, stack.dropout, is_training());
+  const auto bias = stack.lora_bias.defined() ? std::optional<at::Tensor>(stack.lora_bias) : std::nullopt;
+  return torchlora::multi_lora_conv2d(xs, result, stack.lora_A, stack.lora_B, bias, stack.scale, sample_slots, stride,
+                                      explicit_padding(a.options), dilation, stack_groups());
+}
+
 at::Tensor LoraConv2dImpl::lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) {
   if (x.dim() == 3) {  // unbatched [C, H, W], as Conv2d accepts
     return lora_update(name, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0);

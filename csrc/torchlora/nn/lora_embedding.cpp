@@ -61,6 +61,26 @@ at::Tensor LoraEmbeddingImpl::get_delta_weight(const std::string& name) const {
                                       /*fan_in_fan_out=*/true);
 }
 
+AdapterFactors LoraEmbeddingImpl::stack_factors(const std::string& name) const {
+  return {lora_embedding_A->get(name), lora_embedding_B->get(name), at::Tensor()};
+}
+
+bool LoraEmbeddingImpl::stacks_adapters() const {
+  const auto& opts = base_layer->options;
+  return !opts.max_norm().has_value() && !(opts.scale_grad_by_freq() && at::GradMode::is_enabled());
+}
+
+at::Tensor LoraEmbeddingImpl::multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots,
+                                                const at::Tensor& ids, const at::Tensor& result) {
+  const auto& opts = base_layer->options;
+  int64_t padding_idx = -1;
+  if (opts.padding_idx().has_value()) {
+    padding_idx = *opts.padding_idx() < 0 ? *opts.padding_idx() + num_embeddings : *opts.padding_idx();
+  }
+  return torchlora::multi_lora_embedding(ids, result, stack.lora_A, stack.lora_B, stack.scale,
+                                         row_slots(sample_slots, ids.numel()), padding_idx);
+}
+
 at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Tensor& ids, const at::Tensor& result) {
   const auto& opts = base_layer->options;
   auto A = lora_embedding_A->get(name);

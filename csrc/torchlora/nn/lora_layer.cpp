@@ -45,6 +45,7 @@ void LoraLayer::register_adapter(const std::string& name, const AdapterOptions& 
     order_.push_back(name);
   }
   adapters_[name] = options;
+  ++stack_changes_;
 }
 
 const AdapterOptions& LoraLayer::adapter_options(const std::string& name) const {
@@ -98,6 +99,7 @@ void LoraLayer::delete_adapter(const std::string& name) {
   TORCH_CHECK(!contains(merged_, name), "torchlora: adapter '", name, "' is merged; unmerge it before deleting it");
   remove_adapter_parameters(name);
   adapters_.erase(name);
+  ++stack_changes_;
   order_.erase(std::find(order_.begin(), order_.end(), name));
   if (contains(active_, name)) {
     std::vector<std::string> remaining;
@@ -191,19 +193,84 @@ at::Tensor LoraLayer::forward_mixed(const at::Tensor& x, const std::vector<std::
   if (disabled_) {
     return forward(x);
   }
-  TORCH_CHECK_VALUE(!is_training(), "torchlora: adapter_names (mixed-batch inference) cannot be used in training mode");
   TORCH_CHECK_VALUE(!merged(), "torchlora: adapter_names (mixed-batch inference) cannot be used while adapters are merged");
   TORCH_CHECK_VALUE(x.dim() > 0 && static_cast<int64_t>(adapter_names.size()) == x.size(0), "torchlora: adapter_names has ",
                     adapter_names.size(), " entries but the batch has ", x.dim() > 0 ? x.size(0) : 0, " samples");
-  std::vector<std::string> groups;
-  std::map<std::string, std::vector<int64_t>> rows;
-  for (size_t i = 0; i < adapter_names.size(); ++i) {
-    const auto& name = adapter_names[i];
+  bool any = false;
+  for (const auto& name : adapter_names) {
     TORCH_CHECK_VALUE(name == peft::kBaseAdapterName || has_adapter(name),
                       "torchlora: adapter_names contains the unknown adapter '", name, "'; this layer has ",
                       join(order_));
-    if (!rows.count(name)) groups.push_back(name);
-    rows[name].push_back(static_cast<int64_t>(i));
+    any = any || name != peft::kBaseAdapterName;
+  }
+  if (!stacks_adapters()) return mixed_batch_loop(x, adapter_names);
+  if (!any) return base_forward(x);
+  const AdapterStack stack = adapter_stack();
+  return forward_with_slots(stack, stack.sample_slots(adapter_names, x.device()), x);
+}
+
+at::Tensor LoraLayer::forward_slots(const at::Tensor& x, const at::Tensor& sample_slots) {
+  if (disabled_) {
+    return forward(x);
+  }
+  TORCH_CHECK_VALUE(!merged(), "torchlora: adapter_slots (mixed batches) cannot be used while adapters are merged");
+  TORCH_CHECK_TYPE(sample_slots.defined() && (sample_slots.scalar_type() == at::kInt || sample_slots.scalar_type() == at::kLong),
+                   "torchlora: adapter_slots must be an int32 or int64 tensor (one slot per sample)");
+  TORCH_CHECK_VALUE(sample_slots.dim() == 1 && x.dim() > 0 && sample_slots.size(0) == x.size(0),
+                    "torchlora: adapter_slots must have shape [", x.dim() > 0 ? x.size(0) : 0,
+                    "] (one per sample), got ", sample_slots.sizes());
+  TORCH_CHECK(stacks_adapters(), "torchlora: adapter_slots is not supported by this layer with its base layer options");
+  return forward_with_slots(adapter_stack(), sample_slots.to(x.device()), x);
+}
+
+at::Tensor LoraLayer::forward_with_slots(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x) {
+  return multi_lora_update(stack, sample_slots, x, base_forward(x));
+}
+
+AdapterStack LoraLayer::adapter_stack() {
+  const bool cacheable = !at::GradMode::is_enabled();
+  auto version_sum = [](const std::vector<at::Tensor>& sources) {
+    int64_t sum = 0;
+    for (const auto& t : sources) sum += static_cast<int64_t>(t._version());
+    return sum;
+  };
+  if (cacheable && stack_cache_.changes == stack_changes_ && !stack_cache_.sources.empty() &&
+      stack_cache_.sources.front().device() == stack_cache_.stack.lora_A.device() &&
+      version_sum(stack_cache_.sources) == stack_cache_.versions) {
+    return stack_cache_.stack;
+  }
+  std::vector<std::string> names;
+  std::vector<AdapterFactors> factors;
+  std::vector<double> scalings, dropout;
+  for (const auto& name : order_) {
+    names.push_back(name);
+    factors.push_back(stack_factors(name));
+    scalings.push_back(scaling(name));
+    dropout.push_back(adapters_.at(name).lora_dropout());
+  }
+  TORCH_CHECK_VALUE(!names.empty(), "torchlora: this layer holds no adapters to stack");
+  const auto dims = stack_rank_dims();
+  AdapterStack stack = stack_adapters(names, factors, scalings, dropout, dims[0], dims[1], stack_groups());
+  if (cacheable) {
+    stack_cache_.sources.clear();
+    for (const auto& f : factors) {
+      for (const auto& t : {f.lora_A, f.lora_B, f.lora_bias}) {
+        if (t.defined()) stack_cache_.sources.push_back(t);
+      }
+    }
+    stack_cache_.versions = version_sum(stack_cache_.sources);
+    stack_cache_.changes = stack_changes_;
+    stack_cache_.stack = stack;
+  }
+  return stack;
+}
+
+at::Tensor LoraLayer::mixed_batch_loop(const at::Tensor& x, const std::vector<std::string>& adapter_names) {
+  std::vector<std::string> groups;
+  std::map<std::string, std::vector<int64_t>> rows;
+  for (size_t i = 0; i < adapter_names.size(); ++i) {
+    if (!rows.count(adapter_names[i])) groups.push_back(adapter_names[i]);
+    rows[adapter_names[i]].push_back(static_cast<int64_t>(i));
   }
   auto result = base_forward(x);
   for (const auto& name : groups) {

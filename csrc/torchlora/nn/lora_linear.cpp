@@ -72,6 +72,50 @@ at::Tensor LoraLinearImpl::add_lora(const std::string& name, const at::Tensor& x
   return torchlora::lora_linear(x_cast, result, A, b.weight, bias, scaling(name), p, seed);
 }
 
+AdapterFactors LoraLinearImpl::stack_factors(const std::string& name) const {
+  const auto& b = lora_B->at<torch::nn::LinearImpl>(name);
+  return {lora_A->at<torch::nn::LinearImpl>(name).weight, b.weight, b.bias};
+}
+
+namespace {
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+}  // namespace
+
+at::Tensor LoraLinearImpl::forward_with_slots(const AdapterStack& stack, const at::Tensor& sample_slots,
+                                              const at::Tensor& x) {
+  if (x.dim() == 0) return LoraLayer::forward_with_slots(stack, sample_slots, x);
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  const auto slots = row_slots(sample_slots, x2.size(0));
+  const auto dropped = per_row_dropout(x2, slots, stack.dropout, is_training());
+  const auto& weight = base_layer->weight;
+  const auto bias = optional_tensor(base_layer->bias);
+  const auto lora_bias = optional_tensor(stack.lora_bias);
+  at::Tensor out;
+  if (dropped.is_same(x2) && x2.scalar_type() == weight.scalar_type() &&
+      weight.scalar_type() == stack.lora_A.scalar_type()) {
+    out = torchlora::linear_with_multi_lora(x2, weight, bias, stack.lora_A, stack.lora_B, lora_bias, stack.scale, slots);
+  } else {
+    out = base_layer->forward(x2);
+    torchlora::multi_lora_linear_(out, dropped.to(stack.lora_A.scalar_type()), stack.lora_A, stack.lora_B, lora_bias,
+                                  stack.scale, slots);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out.size(-1);
+  return out.view(shape);
+}
+
+at::Tensor LoraLinearImpl::multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots,
+                                             const at::Tensor& x, const at::Tensor& result) {
+  const auto x2 = x.reshape({-1, x.size(-1)}).to(stack.lora_A.scalar_type());
+  const auto slots = row_slots(sample_slots, x2.size(0));
+  const auto out = torchlora::multi_lora_linear(per_row_dropout(x2, slots, stack.dropout, is_training()),
+                                                result.reshape({-1, result.size(-1)}), stack.lora_A, stack.lora_B,
+                                                optional_tensor(stack.lora_bias), stack.scale, slots);
+  return out.view(result.sizes());
+}
+
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
   std::vector<std::string> names;
   for (const auto& name : active_adapters()) {

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _native  # noqa: F401  (registers the operators)
 
 
 @dataclass(frozen=True)
@@ -38,54 +39,29 @@ class AdapterStack:
         return torch.tensor([slot_of.get(n, -1) for n in adapter_names], dtype=torch.int32, device=device)
 
 
-def pad_rank(t: Tensor, dim: int, rank: int, groups: int = 1) -> Tensor:
-    """``t`` zero-padded along ``dim`` to ``rank``; with ``groups`` the dimension is that many
-    equal blocks (a grouped conv's channels), each padded to ``rank / groups``."""
-    size = t.shape[dim]
-    if size == rank:
-        return t
-    if groups > 1:
-        blocks = t.unflatten(dim, (groups, size // groups))
-        return pad_rank(blocks, dim + 1, rank // groups).flatten(dim, dim + 1)
-    return F.pad(t, [0, 0] * (t.dim() - dim - 1) + [0, rank - size])
-
-
 def build_stack(names: list[str], factors: list[tuple[Tensor, Tensor, Optional[Tensor]]], scaling: list[float],
                 dropout: list[float], a_rank_dim: int, b_rank_dim: int, groups: int = 1) -> AdapterStack:
     """Stack per-adapter factors (``A`` with its rank along ``a_rank_dim``, ``B`` along
-    ``b_rank_dim``, optional bias) into slots, zero-padding ranks to the largest (a multiple of
-    ``groups``) and casting to one dtype."""
-    dtype = factors[0][0].dtype
-    for A, _, _ in factors[1:]:
-        dtype = torch.promote_types(dtype, A.dtype)
-    rank = max(A.shape[a_rank_dim] for A, _, _ in factors)
-    rank = -(-rank // groups) * groups
-    lora_A = torch.stack([pad_rank(A.to(dtype), a_rank_dim, rank, groups) for A, _, _ in factors])
-    lora_B = torch.stack([pad_rank(B.to(dtype), b_rank_dim, rank // groups) for _, B, _ in factors])
-    lora_bias = None
-    if any(b is not None for _, _, b in factors):
-        out = factors[0][1].shape[0]
-        zeros = factors[0][1].new_zeros(out, dtype=dtype)
-        lora_bias = torch.stack([zeros if b is None else b.to(dtype) for _, _, b in factors])
-    device = lora_A.device
-    scale = torch.tensor(scaling, dtype=torch.float32, device=device)
+    ``b_rank_dim``, optional bias) into slots by the C++ core's rule (``torchlora.stack_adapters``:
+    ranks zero-padded to the largest, one dtype)."""
+    stacked = torch.ops.torchlora.stack_adapters([f[0] for f in factors], [f[1] for f in factors],
+                                                 [f[2] for f in factors], a_rank_dim, b_rank_dim, groups)
+    lora_A, lora_B = stacked[0], stacked[1]
+    lora_bias = stacked[2] if len(stacked) > 2 else None
+    scale = torch.tensor(scaling, dtype=torch.float32, device=lora_A.device)
     return AdapterStack(tuple(names), {n: i for i, n in enumerate(names)}, lora_A, lora_B, lora_bias, scale,
                         tuple(dropout))
 
 
 def row_slots(sample_slots: Tensor, rows: int) -> Tensor:
     """Per-row slots for ``rows`` rows made of ``len(sample_slots)`` equal consecutive blocks."""
-    samples = sample_slots.shape[0]
-    if rows == samples:
+    if rows == sample_slots.shape[0]:
         return sample_slots
-    return sample_slots[:, None].expand(samples, rows // samples).reshape(-1)
+    return torch.ops.torchlora.multi_lora_row_slots(sample_slots, rows)
 
 
 def per_row_dropout(x: Tensor, slots: Tensor, dropout: tuple[float, ...], training: bool) -> Tensor:
     """Inverted dropout with each row's adapter's probability (rows of ``x`` follow ``slots``)."""
     if not training or not any(p > 0.0 for p in dropout):
         return x
-    p = torch.tensor(dropout, dtype=x.dtype, device=x.device)[slots.clamp(min=0).long()]
-    p = p.view(-1, *([1] * (x.dim() - 1)))
-    keep = torch.rand_like(x) >= p
-    return x * keep / (1.0 - p)
+    return torch.ops.torchlora.multi_lora_row_dropout(x, slots, list(dropout), training)

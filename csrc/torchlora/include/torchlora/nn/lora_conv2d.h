@@ -35,6 +35,10 @@ class TORCHLORA_API LoraConv2dImpl : public LoraLayer {
   at::Tensor delta_bias(const std::string& name) const override;
   void check_mergeable(const std::string& name) const override;
   at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) override;
+  AdapterFactors stack_factors(const std::string& name) const override;
+  at::Tensor multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x,
+                               const at::Tensor& result) override;
+  int64_t stack_groups() const override;
 };
 TORCH_MODULE(LoraConv2d);
 

@@ -34,6 +34,12 @@ class TORCHLORA_API LoraEmbeddingImpl : public LoraLayer {
   at::Tensor base_weight() const override { return base_layer->weight; }
   at::Tensor base_bias() const override { return {}; }
   at::Tensor lora_update(const std::string& name, const at::Tensor& ids, const at::Tensor& result) override;
+  AdapterFactors stack_factors(const std::string& name) const override;
+  at::Tensor multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x,
+                               const at::Tensor& result) override;
+  // max_norm renormalises each adapter's looked-up rows, scale_grad_by_freq scales their gradients
+  // by the batch's id counts: both stay with the per-adapter loop.
+  bool stacks_adapters() const override;
 };
 TORCH_MODULE(LoraEmbedding);
 

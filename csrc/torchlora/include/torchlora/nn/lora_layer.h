@@ -6,11 +6,13 @@
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 
+#include <array>
 #include <map>
 #include <string>
 #include <vector>
 
 #include <torchlora/export.h>
+#include <torchlora/nn/adapter_stack.h>
 #include <torchlora/peft/names.h>
 
 namespace torchlora::nn {
@@ -69,9 +71,19 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   // base_layer(x) plus every active adapter's low-rank term; the base layer alone while the
   // adapters are merged or disabled (unmerging them first).
   virtual at::Tensor forward(const at::Tensor& x);
-  // Mixed batch: sample i uses adapter adapter_names[i] (peft::kBaseAdapterName: none).
-  // Inference only; with the adapters disabled, forward(x).
+  // Mixed batch: sample i uses adapter adapter_names[i] (peft::kBaseAdapterName: none), one
+  // multi-adapter operator for the whole batch. Also in training mode: each sample's gradient
+  // reaches only its own adapter. With the adapters disabled, forward(x).
   at::Tensor forward_mixed(const at::Tensor& x, const std::vector<std::string>& adapter_names);
+  // The same with the assignment as a tensor: sample i takes adapter_names()[sample_slots[i]]
+  // (-1: none), e.g. from an AdapterPool.
+  at::Tensor forward_slots(const at::Tensor& x, const at::Tensor& sample_slots);
+  // This layer's adapters stacked in slots (slot i = adapter_names()[i]). Without autograd a
+  // cached copy, rebuilt when adapters are added or removed, changed in place (their version
+  // counters tell) or moved; with autograd built from the parameters, so gradients reach them.
+  AdapterStack adapter_stack();
+  // Drops the cached stack (after replacing a parameter's data by other means).
+  void refresh_adapter_stack() { ++stack_changes_; }
 
  protected:
   explicit LoraLayer(std::string name) : torch::nn::Module(std::move(name)) {}
@@ -93,6 +105,19 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   // Puts adapter `name`'s parameters on the base weight's device (and dtype, if floating).
   void move_adapter_to_base(const std::string& name);
 
+  // Mixed batches. The adapter's factors in the multi-adapter operator's layout, the rank
+  // dimensions of lora_A and lora_B in it, and the groups of a grouped conv.
+  virtual AdapterFactors stack_factors(const std::string& name) const = 0;
+  virtual std::array<int64_t, 2> stack_rank_dims() const { return {0, 1}; }
+  virtual int64_t stack_groups() const { return 1; }
+  // Whether mixed batches take the multi-adapter operator here (else a loop per adapter).
+  virtual bool stacks_adapters() const { return true; }
+  // The base layer's output plus each sample's adapter (sample_slots: one slot per sample).
+  virtual at::Tensor forward_with_slots(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x);
+  // `result` plus each sample's adapter for input x.
+  virtual at::Tensor multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x,
+                                       const at::Tensor& result) = 0;
+
   bool disabled_ = false;
 
  private:
@@ -100,6 +125,16 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   std::map<std::string, AdapterOptions> adapters_;
   std::vector<std::string> active_;
   std::vector<std::string> merged_;
+  // the cached stack and what it was built from (see adapter_stack)
+  int64_t stack_changes_ = 0;
+  struct StackCache {
+    int64_t changes = -1;
+    int64_t versions = 0;
+    std::vector<at::Tensor> sources;
+    AdapterStack stack;
+  } stack_cache_;
+  // The per-adapter loop (PEFT's way) for the layers that do not stack their adapters.
+  at::Tensor mixed_batch_loop(const at::Tensor& x, const std::vector<std::string>& adapter_names);
 };
 
 }  // namespace torchlora::nn

@@ -40,6 +40,11 @@ class TORCHLORA_API LoraLinearImpl : public LoraLayer {
   at::Tensor base_bias() const override { return base_layer->bias; }
   at::Tensor delta_bias(const std::string& name) const override;
   at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) override;
+  AdapterFactors stack_factors(const std::string& name) const override;
+  // The base GEMM and every row's adapter as one op (torchlora::linear_with_multi_lora).
+  at::Tensor forward_with_slots(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x) override;
+  at::Tensor multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x,
+                               const at::Tensor& result) override;
 
  private:
   // `result` plus adapter `name`'s term, written into `result` itself when in_place.
