@@ -175,7 +175,8 @@ def check_tolerance(dtype: torch.dtype) -> float:
 
 def time_case(contenders: dict[str, Callable[[], Tensor]], args, device: torch.device, dtype: torch.dtype) -> dict:
     """One call each whose outputs are compared, warm-up rounds (the last one's time sets the
-    number of rounds), then interleaved rounds. Returns medians, ratios and what was left out."""
+    number of rounds; none for slow CPU cases), then interleaved rounds. Returns medians,
+    ratios and what was left out."""
     grid = args.grid
     outputs: dict[str, Tensor] = {}
     first: dict[str, float] = {}
@@ -189,8 +190,12 @@ def time_case(contenders: dict[str, Callable[[], Tensor]], args, device: torch.d
     del outputs
     skipped = [n for n in (PEFT, TORCHLORA) if first[n] > args.max_call_seconds]
     timed = {n: fn for n, fn in contenders.items() if n not in skipped}
-    warmup = interleaved(timed, rounds=3 if device.type == "cuda" else 1, warmup=0)
-    per_round = sum(samples[-1] for samples in warmup.samples.values())
+    per_round = sum(first[n] for n in timed)
+    if device.type == "cuda" or per_round < 1.0:
+        # CUDA's first calls pay for initialisation; on the CPU a call of a second or more is
+        # warm after the checking call
+        warmup = interleaved(timed, rounds=3 if device.type == "cuda" else 1, warmup=0)
+        per_round = sum(samples[-1] for samples in warmup.samples.values())
     rounds = max(grid.min_rounds, min(grid.rounds, int(grid.case_seconds / max(per_round, 1e-9))))
     timings = interleaved(timed, rounds, warmup=0)
     row: dict = {"rounds": rounds, "check_rel_diff": check, "skipped": skipped}
@@ -334,15 +339,17 @@ def line(row: dict) -> str:
 
 def markdown(results: dict) -> str:
     info, grid = results["machine"], results["grid"]
+    setting = [info["device"], info["dtype"], f"torch {info['torch']}", f"torchlora {info['torchlora']}",
+               f"peft {info['peft']}", f"transformers {info['transformers']}"]
+    if info["device_type"] == "cpu":
+        setting.append(f"{info['threads']} threads (`torch.set_num_threads`), {info['cores']} cores")
+    setting += [info["date"], f"load average {info['load_avg_start']:.1f} at start / {info['load_avg_end']:.1f} at end",
+                f"{info['seconds']:.0f} s in all"]
+    quick = " (quick mode: smoke-test sizes, not meaningful)" if results["quick"] else ""
     lines = [
         "# Mixed batches of many adapters",
         "",
-        f"{info['device']}, {info['dtype']}, torch {info['torch']}, torchlora {info['torchlora']}, "
-        f"peft {info['peft']}, transformers {info['transformers']}"
-        + (f", {info['threads']} threads (`torch.set_num_threads`), {info['cores']} cores" if info["device_type"] ==
-           "cpu" else "")
-        + f", {info['date']}, load average {info['load_avg_start']:.1f} at start / {info['load_avg_end']:.1f} at end,"
-        f" {info['seconds']:.0f} s in all{' (quick mode: smoke-test sizes, not meaningful)' if results['quick'] else ''}.",
+        ", ".join(setting) + quick + ".",
         "",
         "Every sample names its adapter (`adapter_names=[...]`, N adapters round-robin over the B samples), "
         "eval mode, `torch.no_grad()`. Prefill: B samples of "
