@@ -43,3 +43,27 @@ def test_quick_suite_writes_table_chart_and_json(tmp_path):
     table = (tmp_path / "cpu.md").read_text()
     assert "| linear T=64 d=32 r=4 | eval fwd |" in table and "all-MiniLM-L6-v2" in table
     assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_mixed_batch_benchmark_writes_table_and_json(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_mixed_batch.py"), "--quick", "--threads", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "mixed_batch.json").read_text())
+    cases = {(row["level"], row["shape"], row["adapters"]) for row in results["rows"]}
+    assert cases == {(level, shape, n) for level in ("model", "layer") for shape in ("prefill", "decode")
+                     for n in (1, 4)}
+    for row in results["rows"]:
+        assert row["base_ms"] > 0 and row["peft_ms"] > 0 and row["torchlora_ms"] > 0
+        assert row["check_rel_diff"] <= 1e-4  # torchlora's output is PEFT's
+        assert row["tokens"] == row["batch"] * (results["grid"]["seq_len"] if row["shape"] == "prefill" else 1)
+    table = (tmp_path / "mixed_batch.md").read_text()
+    assert "| model | Llama h=64 2 layers, r=4 on q/k/v/o | prefill | 4 | 4 | 32 |" in table
+    assert "| layer | Linear d=64, r=4 | decode | 1 | 4 | 4 |" in table
+    assert "PEFT / torchlora" in proc.stdout  # the table is printed too
