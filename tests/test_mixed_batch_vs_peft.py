@@ -25,7 +25,9 @@ import tiny_models as tm
 import torchlora
 from peft_parity import sync_all_weights
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+# float32 rounding: the adapters' products are summed in another order than PEFT's per-adapter
+# Linear modules (up to ~2e-5 on the tiny T5's logits with 17 adapters).
+TOL = dict(rtol=1e-5, atol=5e-5)
 # The real MiniLM (6 layers, hidden values up to ~6) carries float32 rounding of the same size in
 # both libraries a little further: with one adapter active (no mixed batch) they differ by up to
 # 5e-5 as well, each as far from a float64 reference as the other.
