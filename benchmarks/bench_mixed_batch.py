@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer-dims", type=int_tuple, help="d values of the layer cases (default: the grid's)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case at most (default: the grid's)")
     parser.add_argument("--case-seconds", type=float, help="time budget of one case (default: the grid's)")
-    parser.add_argument("--max-call-seconds", type=float, default=60.0,
-                        help="a contender whose first call takes longer is left out of that case (default 60)")
+    parser.add_argument("--max-call-seconds", type=float, default=120.0,
+                        help="a contender whose first call takes longer is left out of that case (default 120)")
     parser.add_argument("--skip-model", action="store_true", help="only the layer cases")
     parser.add_argument("--skip-layers", action="store_true", help="only the model cases")
     args = parser.parse_args(argv)
@@ -330,11 +330,16 @@ def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def _timed(row: dict, name: str) -> str:
+    if row[f"{name}_ms"] is None:
+        return f"{name} left out"
+    ratio = f" ({row[f'{name}_ratio']:.2f}x)" if name != BASE else ""
+    return f"{name} {row[f'{name}_ms']:9.2f} ms{ratio}"
+
+
 def line(row: dict) -> str:
     return (f"{row['level']:<5} {row['case']:<38} {row['shape']:<7} N={row['adapters']:<4} B={row['batch']:<4} "
-            f"T={row['tokens']:<6} base {_ms(row['base_ms']):>9} ms | peft {_ms(row['peft_ms']):>9} ms "
-            f"({_ratio(row['peft_ratio'])}x) | torchlora {_ms(row['torchlora_ms']):>9} ms "
-            f"({_ratio(row['torchlora_ratio'])}x)")
+            f"T={row['tokens']:<6} " + " | ".join(_timed(row, name) for name in (BASE, PEFT, TORCHLORA)))
 
 
 def markdown(results: dict) -> str:
