@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of torchlora's CUDA kernels, for a machine with an NVIDIA GPU, PyTorch and no
 # network: builds torchlora with all cores for the detected GPU architecture, runs the CUDA
-# tests and the linear-layer benchmark, and writes report.md (test summary, benchmark table,
+# tests, the linear-layer benchmark and the mixed-batch benchmark, and writes report.md (test summary, benchmark table,
 # build time, nvidia-smi line) plus the full logs into <report-dir>.
 #
 #   scripts/gpu-check.sh <report-dir>
@@ -114,12 +114,13 @@ printf -- '- build: %ss with %s jobs (nvcc %s, %s); %s\n' "$BUILD_SECONDS" "$JOB
 log "built in ${BUILD_SECONDS}s: $BUILD_INFO"
 
 # ---- tests -------------------------------------------------------------------------------
-log "running tests/test_cuda_kernels.py"
+CUDA_TESTS=(tests/test_cuda_kernels.py tests/test_cuda_multi_lora.py)
+log "running ${CUDA_TESTS[*]}"
 TEST_STATUS=0
-timeout 240 "$PYTHON" -m pytest tests/test_cuda_kernels.py -q -rfEs -p no:cacheprovider \
+timeout 300 "$PYTHON" -m pytest "${CUDA_TESTS[@]}" -q -rfEs -p no:cacheprovider \
   --junitxml="$REPORT/tests.xml" >"$REPORT/tests.log" 2>&1 || TEST_STATUS=$?
 {
-  printf '\n## Tests (tests/test_cuda_kernels.py, exit %s)\n\n```\n' "$TEST_STATUS"
+  printf '\n## Tests (%s, exit %s)\n\n```\n' "${CUDA_TESTS[*]}" "$TEST_STATUS"
   grep -E "^(FAILED|ERROR)" "$REPORT/tests.log" | head -n 40 || true
   tail -n 1 "$REPORT/tests.log"
   printf '```\n'
@@ -137,9 +138,24 @@ timeout 240 "$PYTHON" benchmarks/bench_cuda_linear.py "${BENCH_MODE[@]}" --out "
 printf '\n## Benchmark (exit %s)\n\n' "$BENCH_STATUS" >>"$MD"
 if [[ -s "$REPORT/bench.md" ]]; then cat "$REPORT/bench.md" >>"$MD"; else tail -n 20 "$REPORT/bench.log" >>"$MD"; fi
 
+# ---- mixed batches of many adapters (the multi-adapter kernels against PEFT's loop) ---------
+MIXED_STATUS=0
+MIXED_ARGS=(--device cuda --dtype bfloat16 --rounds 20 --case-seconds 10)
+[[ "$CPU_TRY" == 1 ]] && MIXED_ARGS=(--quick)
+if "$PYTHON" -c 'import peft, transformers' 2>/dev/null; then
+  log "running benchmarks/bench_mixed_batch.py ${MIXED_ARGS[*]}"
+  timeout 300 "$PYTHON" benchmarks/bench_mixed_batch.py "${MIXED_ARGS[@]}" --out "$REPORT/mixed" \
+    >"$REPORT/mixed.log" 2>&1 || MIXED_STATUS=$?
+else
+  # it compares against PEFT: without peft/transformers (carry their wheels) it cannot run
+  echo "skipped: peft and transformers are not installed for $PYTHON" >"$REPORT/mixed.log"
+fi
+printf '\n## Mixed batches (exit %s)\n\n' "$MIXED_STATUS" >>"$MD"
+if [[ -s "$REPORT/mixed/mixed_batch.md" ]]; then cat "$REPORT/mixed/mixed_batch.md" >>"$MD"; else tail -n 20 "$REPORT/mixed.log" >>"$MD"; fi
+
 printf '\n- total: %ss\n' "$(($(date +%s) - STARTED))" >>"$MD"
 log "report: $MD"
-if [[ "$TEST_STATUS" != 0 || "$BENCH_STATUS" != 0 ]]; then
-  fail "tests exit $TEST_STATUS, benchmark exit $BENCH_STATUS (see $REPORT)"
+if [[ "$TEST_STATUS" != 0 || "$BENCH_STATUS" != 0 || "$MIXED_STATUS" != 0 ]]; then
+  fail "tests exit $TEST_STATUS, benchmark exit $BENCH_STATUS, mixed-batch benchmark exit $MIXED_STATUS (see $REPORT)"
 fi
 log "all good"

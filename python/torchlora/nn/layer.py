@@ -512,13 +512,15 @@ class LoraLayer(nn.Module):
     def _check_mixed_batch(self, adapter_names: list[str], x: Tensor) -> None:
         if self.merged:
             raise ValueError("adapter_names (mixed-batch inference) cannot be used while adapters are merged")
-        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        from_model = isinstance(adapter_names, SampleAdapters)  # its names were checked once for the whole model
+        if not from_model and (not isinstance(adapter_names, (list, tuple))
+                               or not all(isinstance(n, str) for n in adapter_names)):
             raise TypeError(f"adapter_names must be a list of strings (one per sample), got {adapter_names!r}")
         batch = x.shape[0] if x.dim() > 0 else 0
         if len(adapter_names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
-        if isinstance(adapter_names, SampleAdapters):
-            return  # checked once for the whole model; names this layer lacks take no adapter here
+        if from_model:
+            return  # names this layer lacks take no adapter here
         known = set(self.adapter_names()) | {BASE_ADAPTER_NAME}
         unknown = sorted(set(adapter_names) - known)
         if unknown:

@@ -36,9 +36,13 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
         return
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
+    # one pass over the modules: the layers that take the names, and the adapters they know
+    targets = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
     known: set[str] = set()
-    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
-        known.update(layer.adapter_names())
+    for layer in targets:
+        if isinstance(layer, LoraLayer):
+            known.update(layer.lora_A.keys())
+            known.update(layer.lora_embedding_A.keys())
     unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - known)
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
@@ -49,17 +53,15 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
         adapter_names = SampleAdapters([n for n in adapter_names for _ in range(num_beams)])
     handles = []
     try:
-        for module in model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                hook = partial(_adapter_names_hook, adapter_names=adapter_names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        hook = partial(_adapter_names_hook, adapter_names=adapter_names)
+        handles.extend(module.register_forward_pre_hook(hook, with_kwargs=True) for module in targets)
         encoder = _get_encoder(model)
         if adapter_names is not original and encoder is not None:
             # the encoder sees the inputs before beams are expanded
+            encoder_hook = partial(_adapter_names_hook, adapter_names=original)
             for module in encoder.modules():
                 if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                    hook = partial(_adapter_names_hook, adapter_names=original)
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(encoder_hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:
