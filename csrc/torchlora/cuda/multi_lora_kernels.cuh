@@ -332,8 +332,10 @@ __global__ void __launch_bounds__(kSgmvShrinkThreads)
 }
 
 // out[i] = sum_split partial[split, i], in a fixed order.
+constexpr int kSumThreads = 256;
+
 template <typename acc_t>
-__global__ void sum_splits_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t n,
+__global__ void __launch_bounds__(kSumThreads) sum_splits_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t n,
                                   acc_t* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -627,8 +629,10 @@ __global__ void __launch_bounds__(kOuterThreads)
 // ---- the rows of the expand backward ---------------------------------------------------------
 // grad_h[t] = scale[slot[t]] u[t] (zero for slot -1), and grad_scale[s] += u[t] . h[t] summed
 // over the rows of slot s: within a warp by slot (__match_any_sync), then one atomicAdd each.
+constexpr int kRowsThreads = 256;
+
 template <typename acc_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kRowsThreads)
     expand_backward_rows_kernel(const acc_t* __restrict__ U,  // [T, R]
                                 const acc_t* __restrict__ H,  // [T, R]
                                 int64_t T, int64_t R, const acc_t* __restrict__ scale, int64_t slots,
@@ -724,8 +728,7 @@ void launch_shrink_shaped(const at::Tensor& X, const SlotWeights<w_t>& W, int64_
   }
   if (splits > 1) {
     const int64_t n = T * N;
-    constexpr int threads = 256;
-    sum_splits_kernel<acc_t><<<stride_blocks(ceil_div(n, threads), 8, device), threads, 0, stream>>>(
+    sum_splits_kernel<acc_t><<<stride_blocks(ceil_div(n, kSumThreads), 8, device), kSumThreads, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), splits, n, out.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -788,9 +791,8 @@ void launch_expand_backward_rows(const at::Tensor& U, const at::Tensor& H, const
                                  const at::Tensor& slot_index, acc_t* grad_h, acc_t* grad_scale) {
   const int64_t T = U.size(0), R = U.size(1);
   if (T == 0 || (grad_h == nullptr && grad_scale == nullptr)) return;
-  constexpr int threads = 256;
-  expand_backward_rows_kernel<acc_t><<<stride_blocks(ceil_div(T, threads), 8, U.device().index()), threads, 0,
-                                       stream_of(U)>>>(U.const_data_ptr<acc_t>(), H.const_data_ptr<acc_t>(), T, R,
+  expand_backward_rows_kernel<acc_t><<<stride_blocks(ceil_div(T, kRowsThreads), 8, U.device().index()), kRowsThreads,
+                                       0, stream_of(U)>>>(U.const_data_ptr<acc_t>(), H.const_data_ptr<acc_t>(), T, R,
                                                        scale.const_data_ptr<acc_t>(), slots,
                                                        slot_index_view(slot_index), grad_h, grad_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
