@@ -1,10 +1,10 @@
 // CPU kernel of _linear_with_multi_lora_forward: out = x @ W^T + bias with every row's adapter
 // added, for inference (linear_with_multi_lora takes it when nothing needs a gradient).
 //
-// For a long batch the rows go in chunks: each chunk's base GEMM, then its runs' shrink and
-// expand while the chunk's x and out rows are still in cache, so the adapters add no pass over
-// [T, out] or [T, in] of their own. A short batch (decode) runs the base GEMM over all rows
-// (BLAS threads it) and then the runs in parallel. float32 and float64 (other dtypes take the
+// For a long batch and a weight that fits in cache the rows go in chunks: each chunk's base GEMM,
+// then its runs' shrink and expand while the chunk's x and out rows are still in cache, so the
+// adapters add no pass over [T, out] or [T, in] of their own. A short batch (decode) or a large
+// weight runs the base GEMM over all rows (BLAS threads it) and then the runs in parallel. float32 and float64 (other dtypes take the
 // composite path).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +23,9 @@ namespace torchlora::cpu {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 256;
+// Chunks re-read the whole base weight: worth it while the weight stays in cache. A larger one
+// takes one threaded GEMM over all rows (which tiles the weight itself) and then the adapters.
+constexpr int64_t kChunkedWeightBytes = int64_t{4} << 20;
 
 // out_rows = x_rows @ W^T + bias (a chunk of rows, or all of them)
 void base_rows(at::Tensor out_rows, const at::Tensor& x_rows, const at::Tensor& weight, const at::Tensor& bias) {
@@ -82,7 +85,7 @@ at::Tensor linear_with_multi_lora_forward_cpu(const at::Tensor& x, const at::Ten
     }
     expand_run(out, h, e, run);
   };
-  if (tokens < 2 * kRowsPerChunk) {
+  if (tokens < 2 * kRowsPerChunk || W.numel() * W.element_size() > kChunkedWeightBytes) {
     base_rows(out, xc, W, b);
     const auto units = split_runs(runs, kRowsPerChunk);
     for_each_unit(static_cast<int64_t>(units.size()), [&](int64_t i) { adapter_run(units[i]); });
