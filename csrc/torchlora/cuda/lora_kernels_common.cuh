@@ -30,22 +30,30 @@ inline bool has_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Calls fn(TypeTag<scalar_t>{}) for float32, float16 or bfloat16.
-template <typename Fn>
+// Calls fn(TypeTag<scalar_t>{}) for float32, float16 or bfloat16, and float64 too with
+// with_double (the multi-adapter kernels have float64 instantiations; the others take ATen there).
+template <bool with_double = false, typename Fn>
 void dispatch_kernel_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
   switch (dtype) {
     case at::kFloat:
       fn(TypeTag<float>{});
-      break;
+      return;
     case at::kHalf:
       fn(TypeTag<c10::Half>{});
-      break;
+      return;
     case at::kBFloat16:
       fn(TypeTag<c10::BFloat16>{});
+      return;
+    case at::kDouble:
+      if constexpr (with_double) {
+        fn(TypeTag<double>{});
+        return;
+      }
       break;
     default:
-      TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
+      break;
   }
+  TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) {

@@ -55,13 +55,13 @@ void run_expand(const at::Tensor& out, int64_t out_stride, const at::Tensor& bas
   const at::Tensor H = h.contiguous(), B = lora_B.contiguous(), idx = slot_index.contiguous();
   const at::Tensor bias = has_tensor(lora_bias) ? lora_bias->contiguous() : at::Tensor();
   const at::Tensor sc = scale.to(acc).contiguous();  // [S], read on the device
-  dispatch_float_dtype(lora_B.scalar_type(), op, [&](auto wtag) {
+  dispatch_kernel_dtype</*with_double=*/true>(lora_B.scalar_type(), op, [&](auto wtag) {
     using w_t = typename decltype(wtag)::type;
     using acc_t = acc_for<w_t>;
     // W[s][c, r] = B[s, c, r]
     const SlotWeights<w_t> W{B.const_data_ptr<w_t>(), C * R, R, 1};
     const w_t* bias_ptr = bias.defined() ? bias.const_data_ptr<w_t>() : nullptr;
-    dispatch_float_dtype(out.scalar_type(), op, [&](auto otag) {
+    dispatch_kernel_dtype</*with_double=*/true>(out.scalar_type(), op, [&](auto otag) {
       using out_t = typename decltype(otag)::type;
       const ExpandEpilogue<w_t, out_t, acc_t> ep{out.mutable_data_ptr<out_t>(), out_stride,
                                                  base.const_data_ptr<out_t>(),  base_stride,
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_expand_bac
   const at::Tensor sc = scale.to(acc).contiguous();
   at::Tensor scale_acc = output_mask[3] ? at::zeros({S}, acc_options) : at::Tensor();
 
-  dispatch_float_dtype(lora_B.scalar_type(), kExpandBackwardOp, [&](auto wtag) {
+  dispatch_kernel_dtype</*with_double=*/true>(lora_B.scalar_type(), kExpandBackwardOp, [&](auto wtag) {
     using w_t = typename decltype(wtag)::type;
     using acc_t = acc_for<w_t>;
     auto with_g_type = [&](auto&& fn) {  // fn(TypeTag<g_t>): G's dtype, w_t or acc_t

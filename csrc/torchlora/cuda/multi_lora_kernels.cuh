@@ -80,27 +80,6 @@ __device__ __forceinline__ To cast_to(From v) {
   }
 }
 
-// Calls fn(TypeTag<scalar_t>{}) for the four floating dtypes of the multi-adapter ops.
-template <typename Fn>
-void dispatch_float_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      fn(TypeTag<c10::Half>{});
-      break;
-    case at::kBFloat16:
-      fn(TypeTag<c10::BFloat16>{});
-      break;
-    case at::kDouble:
-      fn(TypeTag<double>{});
-      break;
-    default:
-      TORCH_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
-  }
-}
-
 // ---- operands -------------------------------------------------------------------------------
 
 // slot_index [T], int64 or int32 (exactly one pointer is set), contiguous.

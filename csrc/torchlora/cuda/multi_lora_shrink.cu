@@ -38,7 +38,7 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x,           // [T, in]
   at::Tensor h = at::empty({T, R}, x.options().dtype(detail::multi_intermediate_dtype(x.scalar_type())));
   if (T == 0) return h;
   const at::Tensor X = x.contiguous(), A = lora_A.contiguous(), idx = slot_index.contiguous();
-  dispatch_float_dtype(x.scalar_type(), kShrinkOp, [&](auto tag) {
+  dispatch_kernel_dtype</*with_double=*/true>(x.scalar_type(), kShrinkOp, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     // W[s][n = r, k] = A[s, r, k]
     const SlotWeights<scalar_t> W{A.const_data_ptr<scalar_t>(), R * K, K, 1};
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_shrink_backward_cuda(const at::Ten
   const at::ScalarType acc = detail::multi_intermediate_dtype(x.scalar_type());
   const at::Tensor gh = grad_h.to(acc).contiguous();
   const at::Tensor A = lora_A.contiguous(), idx = slot_index.contiguous();
-  dispatch_float_dtype(x.scalar_type(), kShrinkBackwardOp, [&](auto tag) {
+  dispatch_kernel_dtype</*with_double=*/true>(x.scalar_type(), kShrinkBackwardOp, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_for<scalar_t>;
     if (output_mask[0]) {
