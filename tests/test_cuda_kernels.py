@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from cuda_graph_capture import capture
+
 import torchlora
 from torchlora import ops
 
@@ -193,15 +195,7 @@ def test_linear_cuda_graph_capture_and_replay():
         out = ops.lora_linear(x, base, A, B, None, 0.5, p, seed)
         return (out, *torch.autograd.grad(out, [x, A, B], g))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture(step)
     for new_seed in (11, 12, 99):
         seed.fill_(new_seed)  # read on the device by the replayed kernels
         with torch.no_grad():

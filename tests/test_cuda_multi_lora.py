@@ -16,6 +16,8 @@ import textwrap
 import pytest
 import torch
 
+from cuda_graph_capture import capture
+
 import torchlora  # noqa: F401  (loads the operators)
 
 pytestmark = [
@@ -462,15 +464,7 @@ def test_cuda_graph_capture_with_slots_changed_in_place(T):
         grad_x, grad_A = OPS._multi_lora_shrink_backward(grad_h, x, A, slot, [True, True])
         return out, grad_x, grad_A, grad_B, grad_bias, grad_scale
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture(step)
 
     gen = torch.Generator().manual_seed(99)
     for layout in ["random", "runs", "none", "one"]:
