@@ -61,6 +61,14 @@ at::Tensor LoraEmbeddingImpl::get_delta_weight(const std::string& name) const {
                                       /*fan_in_fan_out=*/true);
 }
 
+namespace {
+// The base layer's padding_idx as the ops take it: non-negative, or -1 for none.
+int64_t normalized_padding_idx(const torch::nn::EmbeddingOptions& opts, int64_t num_embeddings) {
+  if (!opts.padding_idx().has_value()) return -1;
+  return *opts.padding_idx() < 0 ? *opts.padding_idx() + num_embeddings : *opts.padding_idx();
+}
+}  // namespace
+
 AdapterFactors LoraEmbeddingImpl::stack_factors(const std::string& name) const {
   return {lora_embedding_A->get(name), lora_embedding_B->get(name), at::Tensor()};
 }
@@ -73,10 +81,7 @@ bool LoraEmbeddingImpl::stacks_adapters() const {
 at::Tensor LoraEmbeddingImpl::multi_lora_update(const AdapterStack& stack, const at::Tensor& sample_slots,
                                                 const at::Tensor& ids, const at::Tensor& result) {
   const auto& opts = base_layer->options;
-  int64_t padding_idx = -1;
-  if (opts.padding_idx().has_value()) {
-    padding_idx = *opts.padding_idx() < 0 ? *opts.padding_idx() + num_embeddings : *opts.padding_idx();
-  }
+  const int64_t padding_idx = normalized_padding_idx(opts, num_embeddings);
   return torchlora::multi_lora_embedding(ids, result, stack.lora_A, stack.lora_B, stack.scale,
                                          row_slots(sample_slots, ids.numel()), padding_idx);
 }
@@ -90,10 +95,7 @@ at::Tensor LoraEmbeddingImpl::lora_update(const std::string& name, const at::Ten
     auto At = A.t();
     at::embedding_renorm_(At, ids, *opts.max_norm(), opts.norm_type());
   }
-  int64_t padding_idx = -1;
-  if (opts.padding_idx().has_value()) {
-    padding_idx = *opts.padding_idx() < 0 ? *opts.padding_idx() + num_embeddings : *opts.padding_idx();
-  }
+  const int64_t padding_idx = normalized_padding_idx(opts, num_embeddings);
   return torchlora::lora_embedding(ids, result, A, lora_embedding_B->get(name), scaling(name), padding_idx,
                                    opts.scale_grad_by_freq());
 }
