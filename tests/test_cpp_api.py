@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import torchlora  # noqa: E402
 from torchlora._native import _C  # noqa: E402
+from torchscript_files import save_torchscript  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_server_matches_peft_on_token_model(server_binary: Path, tmp_path: Path)
                       rank_pattern={"fc2": 2}, use_rslora=True, modules_to_save=["head"])
     save_peft_adapter(base, tmp_path / "b", seed=2, target_modules=r"fc\d", r=2, lora_alpha=5,
                       alpha_pattern={"fc1": 3}, lora_bias=True)
-    torch.jit.script(base).save(str(tmp_path / "model.pt"))
+    save_torchscript(base, tmp_path / "model.pt")
 
     ids = torch.randint(0, 20, (2, 5))
     expected = {"a": peft_reference(base, tmp_path / "a", ids), "b": peft_reference(base, tmp_path / "b", ids)}
@@ -148,7 +149,7 @@ def test_server_matches_peft_on_conv_model_and_half_precision_files(server_binar
                   metadata={"format": "pt"})
         (tmp_path / name / "adapter_config.json").write_text((tmp_path / "c" / "adapter_config.json").read_text())
     x = torch.randn(2, 3, 5, 5)
-    torch.jit.trace(base, x).save(str(tmp_path / "model.pt"))
+    save_torchscript(base, tmp_path / "model.pt", x)
     expected = {name: peft_reference(base, tmp_path / name, x) for name in ("c", "c_bf16", "c_f16")}
     assert not torch.allclose(expected["c"], expected["c_bf16"], atol=1e-7)  # the rounding is visible
 
@@ -162,7 +163,7 @@ def test_server_loads_adapters_at_run_time_and_reports_errors(server_binary: Pat
     torch.manual_seed(5)
     base = TokenModel().eval()
     save_peft_adapter(base, tmp_path / "a", seed=6, target_modules=["fc1"], r=3, lora_alpha=6)
-    torch.jit.script(base).save(str(tmp_path / "model.pt"))
+    save_torchscript(base, tmp_path / "model.pt")
     ids = torch.randint(0, 20, (1, 4))
     requests = [
         {"id": 0, "adapter": "late", "input": ids.tolist(), "dtype": "int64"},
@@ -220,7 +221,7 @@ _MALFORMED = {
 @pytest.fixture(scope="module")
 def token_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.jit.script(TokenModel().eval()).save(str(path))
+    save_torchscript(TokenModel().eval(), path)
     return path
 
 

@@ -22,6 +22,7 @@ from torch import nn
 import tiny_models as tm
 import torchlora
 from peft_parity import logits
+from torchscript_files import save_torchscript
 from test_cpp_api import TokenModel, assert_output, run_server, server_binary  # noqa: F401  (a fixture)
 
 IDS = tm.input_ids()
@@ -200,7 +201,7 @@ def _token_case(init: str, tmp_path: Path) -> tuple[nn.Module, torch.Tensor, tor
     ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
     _train_one_step(ours, lambda m: m(ids).square().mean())
     ours.save_pretrained(str(tmp_path / init))
-    torch.jit.script(base).save(str(tmp_path / "model.pt"))
+    save_torchscript(base, tmp_path / "model.pt")
     expected = _out(ours, ids)
     assert not torch.allclose(expected, _out(base, ids), atol=1e-4)
     return base, ids, expected

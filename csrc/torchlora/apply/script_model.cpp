@@ -128,6 +128,9 @@ void ScriptModuleMerger::unmerge() {
 }
 
 LoraScriptModel::LoraScriptModel(torch::jit::Module module) : merger_(std::move(module)) {
+  TORCH_WARN_ONCE("torchlora: LoraScriptModel serves TorchScript models, which PyTorch deprecates (torch >= 2.10 "
+                  "warns on torch.jit.script/trace/save/load); new servers should export with torchlora.export "
+                  "(torch.export + AOTInductor) and load the package with torchlora::serve::ExportedModel");
   merger_.module().eval();
 }
 

@@ -57,6 +57,11 @@ class TORCHLORA_API ScriptModuleMerger {
   bool merged_ = false;
 };
 
+// TorchScript is deprecated upstream (torch >= 2.10 warns on torch.jit.script/trace/save/load):
+// this class stays for existing deployments and warns once when constructed. New servers load a
+// torch.export + AOTInductor package with torchlora::serve::ExportedModel, whose adapters share
+// one batch instead of taking turns under a lock.
+//
 // A TorchScript model serving several named adapters, safe to use from many threads:
 // load_adapter / remove_adapter can run while other threads call forward. A forward for the
 // adapter already merged runs concurrently with others (shared lock); one that needs another
