@@ -143,6 +143,9 @@ void BatchLease::release() {
     pool_->release(held_);
     pool_.reset();
     held_.clear();
+    // The slots may hold other adapters from now on: a released lease cannot run a batch.
+    sample_slots_ = at::Tensor();
+    slot_scale_ = at::Tensor();
   }
 }
 
