@@ -1,6 +1,8 @@
 #include <torchlora/serve/adapter_pool.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
 #include <limits>
@@ -395,6 +397,11 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
           slot.name = v.name;
           ++st.stats.slot_loads;
           slot_of_wanted[i] = victim;
+        }
+        if (misses > 0 && st.options.device.type() != c10::kCPU) {
+          // The copies ran on this thread's current stream; a batch on another stream may read
+          // the slot next (a hit), so they must be complete before the slot is handed out.
+          c10::impl::getDeviceGuardImpl(st.options.device.type())->getStream(st.options.device).synchronize();
         }
         for (size_t i = 0; i < wanted.size(); ++i) {
           Slot& slot = st.slots[slot_of_wanted[i]];
