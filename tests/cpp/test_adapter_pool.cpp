@@ -413,15 +413,42 @@ TEST(AdapterPool, EveryRejectionSaysWhatIsWrong) {
 }
 
 // ------------------------------------------------------------------------- threads
+// Both layers are LoRA layers without adapters of their own: the base MLP unless bound to a pool.
+struct MlpNetImpl : torch::nn::Module {
+  MlpNetImpl() {
+    fc1 = register_module("fc1", tnn::LoraLinear(torch::nn::Linear(4, 8)));
+    fc2 = register_module("fc2", tnn::LoraLinear(torch::nn::Linear(8, 3)));
+  }
+  at::Tensor forward(const at::Tensor& x) { return fc2->forward(fc1->forward(x).relu()); }
+  tnn::LoraLinear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(MlpNet);
+
+// The MLP with the adapter merged into its weights (nullptr: the base MLP).
+at::Tensor merged_forward(MlpNet& net, const at::Tensor& x, const io::PeftAdapter* adapter) {
+  auto w1 = net->fc1->base_layer->weight, w2 = net->fc2->base_layer->weight;
+  if (adapter) {
+    w1 = w1 + io::delta_weight(adapter->modules.at("fc1"));
+    w2 = w2 + io::delta_weight(adapter->modules.at("fc2"));
+  }
+  namespace F = torch::nn::functional;
+  return F::linear(F::linear(x, w1, net->fc1->base_layer->bias).relu(), w2, net->fc2->base_layer->bias);
+}
+
 TEST(AdapterPool, ThreadsLoadUnloadAndAcquireWithoutDeadlock) {
   TempDir dir("stress");
-  constexpr int kAdapters = 6;
+  constexpr int kAdapters = 6, kAcquirers = 4;
   std::vector<io::PeftAdapter> adapters;
   for (int i = 0; i < kAdapters; ++i) {
     adapters.push_back(mlp_adapter(1 + i % 4, 80 + i));
     io::save_peft_adapter(dir.sub("a" + std::to_string(i)), adapters.back());
   }
-  serve::AdapterPool pool(mlp_layers(), options(3, 4, 3));
+  std::vector<MlpNet> nets;  // one module tree per serving thread (a binding changes its layers)
+  for (int t = 0; t < kAcquirers; ++t) {
+    torch::manual_seed(7);
+    nets.emplace_back();
+  }
+  serve::AdapterPool pool(serve::target_layers(*nets[0]), options(3, 4, 3));
   for (int i = 0; i < kAdapters; ++i) pool.load("a" + std::to_string(i), dir.sub("a" + std::to_string(i)));
   std::atomic<bool> stop{false};
   std::atomic<int64_t> batches{0}, exhausted{0}, not_found{0}, failures{0};
@@ -448,9 +475,11 @@ TEST(AdapterPool, ThreadsLoadUnloadAndAcquireWithoutDeadlock) {
       pool.load("a5", dir.sub("a5"));
     }
   });
-  for (int t = 0; t < 4; ++t) {
+  for (int t = 0; t < kAcquirers; ++t) {
     threads.emplace_back([&, t] {
+      torch::NoGradGuard no_grad;  // grad mode is per thread
       std::mt19937 rng(100 + t);
+      auto& net = nets[t];
       while (!stop) {
         std::vector<serve::AdapterRequest> batch;
         const int n = 1 + static_cast<int>(rng() % 4);
@@ -460,17 +489,18 @@ TEST(AdapterPool, ThreadsLoadUnloadAndAcquireWithoutDeadlock) {
         }
         try {
           auto lease = pool.acquire(batch);
-          // while held, every row's slot holds its adapter
-          for (size_t k = 0; k < batch.size(); ++k) {
-            const int64_t s = lease.slots()[k];
-            if (batch[k].adapter.empty()) {
-              if (s != -1) ++failures;
-              continue;
-            }
-            const auto& w = adapters[std::stoi(batch[k].adapter.substr(1))].modules.at("fc1");
-            const auto got = pool.stacks("fc1").lora_A[s].narrow(0, 0, w.rank());
-            if (!at::equal(got, w.lora_A) ||
-                pool.stacks("fc1").scale[s].item<float>() != static_cast<float>(w.scaling)) {
+          const auto x = torch::randn({n, 4});
+          at::Tensor out;
+          {
+            serve::PoolBinding binding(*net, pool, lease);
+            out = net->forward(x);
+          }
+          // while held, every row is its adapter's (or the base model's) output
+          for (int k = 0; k < n; ++k) {
+            const auto* adapter =
+                batch[k].adapter.empty() ? nullptr : &adapters[std::stoi(batch[k].adapter.substr(1))];
+            if ((lease.slots()[k] == -1) != (adapter == nullptr) ||
+                !at::allclose(out[k], merged_forward(net, x.narrow(0, k, 1), adapter)[0], 1e-4, 1e-5)) {
               ++failures;
             }
           }
