@@ -138,7 +138,7 @@ class AdapterServer:
         return groups
 
     def _run(self, inputs: Inputs, requests: list[tuple[str, float]]) -> list[Tensor]:
-        with self._forward_lock, self.pool.acquire(requests) as lease, self._bound(lease), torch.inference_mode():
+        with self._forward_lock, self.pool.acquire(requests) as lease, self._bound(lease), torch.no_grad():
             out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
             out = self._output(out)
             if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != len(requests):
