@@ -161,6 +161,26 @@ def test_the_callers_model_is_left_as_it_was(served):
     assert count_lora_layers(served["model"]) == 5
 
 
+def test_the_cpp_loader_serves_the_package_from_a_pool(served):
+    """The package as torchlora::serve::ExportedModel reads it: its pool loads the peft folders and
+    one forward serves a mixed batch with per-request scales."""
+    serve = torchlora._C.serve
+    exported = serve.ExportedModel(served["result"].package_path)
+    info = exported.info
+    assert (info["num_model_inputs"], info["max_loras"], info["max_lora_rank"]) == (2, MAX_LORAS, MAX_RANK)
+    assert [layer.name for layer in info["layers"]] == served["result"].layers
+    pool = exported.make_pool()
+    for name, folder in served["folders"].items():
+        pool.load(name, folder)
+    rows = ["a2", None, "a6", "a0", "a6", "a3", None, "a7", "a5"]
+    scales = [1.0, 1.0, 0.5, 2.0, 0.5, 1.0, 1.0, 1.0, 1.5]
+    inputs = _inputs(len(rows), 6, seed=5)
+    with pool.acquire([(name or "", scale) for name, scale in zip(rows, scales)]) as lease:
+        outputs = exported.forward([inputs["input_ids"], inputs["attention_mask"]], pool, lease)
+    expected = peft_rows(served["ref"], inputs, rows, row_scales=scales, output=_both_outputs)
+    _check_rows(outputs, expected)
+
+
 # ---------------------------------------------------------------------- a plain module with target_modules
 PLAIN_SPECS = [
     AdapterSpec("p0", 2, 4, ("emb", "conv", "lin0")),

@@ -17,6 +17,7 @@ and returns the model's output tensors, flattened. The package's AOTInductor met
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -235,16 +236,19 @@ def _is_peft_wrapper(module: nn.Module) -> bool:
     return bool(peft_types) and isinstance(module, peft_types)
 
 
+@functools.lru_cache(maxsize=None)
 def _peft_classes(*names: str) -> tuple[type, ...]:
+    """peft's classes of these names (none where peft is not installed)."""
     try:
         import peft
-        from peft.tuners.lora import LoraLayer as PeftLoraLayer
-        from peft.utils import ModulesToSaveWrapper as PeftModulesToSave
+        import peft.tuners.lora
+        import peft.utils
     except ImportError:  # peft is optional
         return ()
-    table = {"PeftModel": peft.PeftModel, "LoraModel": peft.LoraModel, "LoraLayer": PeftLoraLayer,
-             "ModulesToSaveWrapper": PeftModulesToSave}
-    return tuple(table[n] for n in names)
+    table = {"PeftModel": getattr(peft, "PeftModel", None), "LoraModel": getattr(peft, "LoraModel", None),
+             "LoraLayer": getattr(peft.tuners.lora, "LoraLayer", None),
+             "ModulesToSaveWrapper": getattr(peft.utils, "ModulesToSaveWrapper", None)}
+    return tuple(c for c in (table[n] for n in names) if c is not None)
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
