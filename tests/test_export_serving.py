@@ -218,7 +218,7 @@ def test_lora_bias_stacks_are_inputs_after_the_factors(tmp_path):
     """lora_bias=True: every layer takes lora_A, lora_B, lora_bias, scale; checked on the exported
     program (torch.export only) against peft with lora_bias adapters."""
     def build():
-        return tm.llama(attention_bias=True, use_cache=False)
+        return tm.llama(attention_bias=True)
 
     specs = [AdapterSpec("b0", 2, 4, ("q_proj", "v_proj")), AdapterSpec("b1", 3, 3, ("v_proj",))]
     folders = {}
@@ -238,7 +238,10 @@ def test_lora_bias_stacks_are_inputs_after_the_factors(tmp_path):
             m.save_pretrained(folders[spec.name])
     ours = torchlora.get_peft_model(build(), torchlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     ids = tm.input_ids(3, 5)
-    program, metadata = export_program(ours, (ids,), 2, 4, lora_bias=True)
+    with pytest.raises(TypeError, match="model_kwargs={'use_cache': False}"):
+        export_program(ours, (ids,), 2, 4, lora_bias=True)  # the model returns its cache
+    program, metadata = export_program(ours, {"input_ids": ids}, 2, 4, lora_bias=True,
+                                       model_kwargs={"use_cache": False})
     assert metadata["lora_bias"] is True and len(metadata["layers"]) == 4
     assert len(program.graph_signature.user_inputs) == 1 + 2 + 4 * 4
     ref = peft_reference(build, folders)
@@ -301,6 +304,8 @@ def test_unsupported_target_type(tmp_path):
     (dict(dynamic_shapes=[{0: torch.export.Dim("b")}, None]), ValueError, "2 entries for 1 example inputs"),
     (dict(dynamic_shapes=[{5: torch.export.Dim("b")}]), ValueError, "names dim 5"),
     (dict(dynamic_shapes="batch"), TypeError, "dynamic_shapes must be a sequence"),
+    (dict(model_kwargs={"x": torch.ones(1)}), TypeError, "are tensors"),
+    (dict(model_kwargs=[1]), TypeError, "model_kwargs must be a mapping"),
 ])
 def test_bad_arguments(tmp_path, small_peft, kw, error, match):
     with pytest.raises(error, match=match):

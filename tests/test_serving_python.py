@@ -156,6 +156,26 @@ def test_close_serves_queued_requests_then_refuses(adapters):
         server.submit(ids[0], "a1")
 
 
+def test_requests_of_different_shapes_go_to_separate_batches(adapters):
+    folders, ref = adapters
+    with _server(folders, names=["a2", "a5"], max_wait_ms=30.0) as server:
+        long_ids, short_ids = tm.input_ids(2, 7, seed=11), tm.input_ids(2, 4, seed=12)
+        futures = [server.submit(long_ids[0], "a2"), server.submit(short_ids[0], "a5"),
+                   server.submit(long_ids[1], None), server.submit(short_ids[1], "a2", 0.5)]
+        results = [f.result(timeout=120) for f in futures]
+    _check(results[0::2], peft_rows(ref, {"input_ids": long_ids}, ["a2", None], output=_logits))
+    _check(results[1::2], peft_rows(ref, {"input_ids": short_ids}, ["a5", "a2"], row_scales=[1.0, 0.5],
+                                    output=_logits))
+
+
+def test_a_model_in_training_mode_is_refused(adapters):
+    folders, _ = adapters
+    server = _server(folders, names=["a0"])
+    server.model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        server.forward(tm.input_ids(1, 4), ["a0"])
+
+
 def test_serving_leaves_the_model_as_it_was(adapters):
     folders, _ = adapters
     model = _model()
