@@ -161,6 +161,26 @@ def test_the_callers_model_is_left_as_it_was(served):
     assert count_lora_layers(served["model"]) == 5
 
 
+def test_the_cpp_loader_serves_the_package_from_a_pool(served):
+    """The package as torchlora::serve::ExportedModel reads it: its pool loads the peft folders and
+    one forward serves a mixed batch with per-request scales."""
+    serve = torchlora._C.serve
+    exported = serve.ExportedModel(served["result"].package_path)
+    info = exported.info
+    assert (info["num_model_inputs"], info["max_loras"], info["max_lora_rank"]) == (2, MAX_LORAS, MAX_RANK)
+    assert [layer.name for layer in info["layers"]] == served["result"].layers
+    pool = exported.make_pool()
+    for name, folder in served["folders"].items():
+        pool.load(name, folder)
+    rows = ["a2", None, "a6", "a0", "a6", "a3", None, "a7", "a5"]
+    scales = [1.0, 1.0, 0.5, 2.0, 0.5, 1.0, 1.0, 1.0, 1.5]
+    inputs = _inputs(len(rows), 6, seed=5)
+    with pool.acquire([(name or "", scale) for name, scale in zip(rows, scales)]) as lease:
+        outputs = exported.forward([inputs["input_ids"], inputs["attention_mask"]], pool, lease)
+    expected = peft_rows(served["ref"], inputs, rows, row_scales=scales, output=_both_outputs)
+    _check_rows(outputs, expected)
+
+
 # ---------------------------------------------------------------------- a plain module with target_modules
 PLAIN_SPECS = [
     AdapterSpec("p0", 2, 4, ("emb", "conv", "lin0")),
@@ -198,7 +218,7 @@ def test_lora_bias_stacks_are_inputs_after_the_factors(tmp_path):
     """lora_bias=True: every layer takes lora_A, lora_B, lora_bias, scale; checked on the exported
     program (torch.export only) against peft with lora_bias adapters."""
     def build():
-        return tm.llama(attention_bias=True, use_cache=False)
+        return tm.llama(attention_bias=True)
 
     specs = [AdapterSpec("b0", 2, 4, ("q_proj", "v_proj")), AdapterSpec("b1", 3, 3, ("v_proj",))]
     folders = {}
@@ -218,7 +238,10 @@ def test_lora_bias_stacks_are_inputs_after_the_factors(tmp_path):
             m.save_pretrained(folders[spec.name])
     ours = torchlora.get_peft_model(build(), torchlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     ids = tm.input_ids(3, 5)
-    program, metadata = export_program(ours, (ids,), 2, 4, lora_bias=True)
+    with pytest.raises(TypeError, match="model_kwargs={'use_cache': False}"):
+        export_program(ours, (ids,), 2, 4, lora_bias=True)  # the model returns its cache
+    program, metadata = export_program(ours, {"input_ids": ids}, 2, 4, lora_bias=True,
+                                       model_kwargs={"use_cache": False})
     assert metadata["lora_bias"] is True and len(metadata["layers"]) == 4
     assert len(program.graph_signature.user_inputs) == 1 + 2 + 4 * 4
     ref = peft_reference(build, folders)
@@ -281,6 +304,8 @@ def test_unsupported_target_type(tmp_path):
     (dict(dynamic_shapes=[{0: torch.export.Dim("b")}, None]), ValueError, "2 entries for 1 example inputs"),
     (dict(dynamic_shapes=[{5: torch.export.Dim("b")}]), ValueError, "names dim 5"),
     (dict(dynamic_shapes="batch"), TypeError, "dynamic_shapes must be a sequence"),
+    (dict(model_kwargs={"x": torch.ones(1)}), TypeError, "are tensors"),
+    (dict(model_kwargs=[1]), TypeError, "model_kwargs must be a mapping"),
 ])
 def test_bad_arguments(tmp_path, small_peft, kw, error, match):
     with pytest.raises(error, match=match):

@@ -17,6 +17,7 @@ and returns the model's output tensors, flattened. The package's AOTInductor met
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -62,6 +63,7 @@ def export_for_serving(
     lora_bias: bool = False,
     target_modules: Optional[Union[str, Sequence[str]]] = None,
     dynamic_shapes: Optional[Union[Sequence[Any], Mapping[str, Any]]] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
     inductor_configs: Optional[Mapping[str, Any]] = None,
 ) -> ExportResult:
     """Export ``model`` as a ``.pt2`` package whose LoRA layers serve ``max_loras`` adapter slots
@@ -71,7 +73,8 @@ def export_for_serving(
     their base layers' weights are the model; its own adapters are not exported), or a plain
     module with ``target_modules`` (PEFT's matching rules). ``example_inputs``: one tensor, a
     sequence of tensors (positional) or a mapping of keyword tensors, batch first; transformers
-    models should be given ``use_cache=False`` (caches are not tensors). ``dynamic_shapes``: one
+    models need ``model_kwargs={"use_cache": False}`` (caches are not tensors): constant keyword
+    arguments of every forward, fixed in the package. ``dynamic_shapes``: one
     entry per input (a dict ``{dim: torch.export.Dim}`` or None), keyed like ``example_inputs``;
     by default dim 0 of every input is a shared batch dim and dim 1 of integer inputs with two
     or more dims a dynamic token dim (examples need at least 2 along each). ``inductor_configs``
@@ -81,7 +84,8 @@ def export_for_serving(
     path = _check_package_path(package_path)
     start = time.perf_counter()
     program, metadata = export_program(model, example_inputs, max_loras, max_lora_rank, lora_bias=lora_bias,
-                                       target_modules=target_modules, dynamic_shapes=dynamic_shapes)
+                                       target_modules=target_modules, dynamic_shapes=dynamic_shapes,
+                                       model_kwargs=model_kwargs)
     export_seconds = time.perf_counter() - start
     configs = dict(inductor_configs or {})
     configs["always_keep_tensor_constants"] = True  # small constants would be inlined otherwise
@@ -104,17 +108,19 @@ def export_program(
     lora_bias: bool = False,
     target_modules: Optional[Union[str, Sequence[str]]] = None,
     dynamic_shapes: Optional[Union[Sequence[Any], Mapping[str, Any]]] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The ``torch.export`` step of :func:`export_for_serving` (same arguments): the exported
     program, whose inputs and outputs are the package's, and its metadata document."""
     _check_limits(max_loras, max_lora_rank, lora_bias)
     names, tensors = _normalise_inputs(example_inputs)
+    constants = _check_model_kwargs(model_kwargs, names)
     root, targets = _find_targets(model, target_modules)
     slot_inputs = SlotInputs()
     with _rewritten(root, targets, slot_inputs) as layers:
         dtype, device = _stack_dtype_device(layers)
         metadata = serving_metadata(layers, len(tensors), max_loras, max_lora_rank, lora_bias, dtype, device)
-        wrapper = _ServingForward(root, names, slot_inputs, len(layers), lora_bias)
+        wrapper = _ServingForward(root, names, slot_inputs, len(layers), lora_bias, constants)
         flat = list(tensors) + _example_slot_inputs(layers, tensors[0].shape[0], max_loras, max_lora_rank, lora_bias,
                                                     dtype, device)
         specs = _dynamic_specs(names, tensors, dynamic_shapes, len(flat))
@@ -186,6 +192,20 @@ def _normalise_inputs(example_inputs: Any) -> tuple[Optional[list[str]], list[Te
     return names, tensors
 
 
+def _check_model_kwargs(model_kwargs: Any, names: Optional[list[str]]) -> dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError(f"model_kwargs must be a mapping of keyword arguments, got {model_kwargs!r}")
+    tensors = sorted(k for k, v in model_kwargs.items() if isinstance(v, Tensor))
+    if tensors:
+        raise TypeError(f"model_kwargs {tensors} are tensors; tensors are inputs and go in example_inputs")
+    both = sorted(set(model_kwargs) & set(names or ()))
+    if both:
+        raise ValueError(f"{both} are both in example_inputs and model_kwargs")
+    return dict(model_kwargs)
+
+
 def _find_targets(model: nn.Module, target_modules: Any) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
     """The module to export and its (name, LoRA layer or target base module) pairs."""
     if not isinstance(model, nn.Module):
@@ -235,16 +255,19 @@ def _is_peft_wrapper(module: nn.Module) -> bool:
     return bool(peft_types) and isinstance(module, peft_types)
 
 
+@functools.lru_cache(maxsize=None)
 def _peft_classes(*names: str) -> tuple[type, ...]:
+    """peft's classes of these names (none where peft is not installed)."""
     try:
         import peft
-        from peft.tuners.lora import LoraLayer as PeftLoraLayer
-        from peft.utils import ModulesToSaveWrapper as PeftModulesToSave
+        import peft.tuners.lora
+        import peft.utils
     except ImportError:  # peft is optional
         return ()
-    table = {"PeftModel": peft.PeftModel, "LoraModel": peft.LoraModel, "LoraLayer": PeftLoraLayer,
-             "ModulesToSaveWrapper": PeftModulesToSave}
-    return tuple(table[n] for n in names)
+    table = {"PeftModel": getattr(peft, "PeftModel", None), "LoraModel": getattr(peft, "LoraModel", None),
+             "LoraLayer": getattr(peft.tuners.lora, "LoraLayer", None),
+             "ModulesToSaveWrapper": getattr(peft.utils, "ModulesToSaveWrapper", None)}
+    return tuple(c for c in (table[n] for n in names) if c is not None)
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -317,9 +340,10 @@ class _ServingForward(nn.Module):
     """The exported forward: model inputs, slot inputs and stacks in, flat output tensors out."""
 
     def __init__(self, model: nn.Module, names: Optional[list[str]], inputs: SlotInputs, num_layers: int,
-                 lora_bias: bool) -> None:
+                 lora_bias: bool, constants: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
+        self.constants = constants
         self.names = names
         self.slot_inputs = inputs
         self.num_layers = num_layers
@@ -336,9 +360,9 @@ class _ServingForward(nn.Module):
         self.slot_inputs.set(sample_slots, request_scale, layers)
         try:
             if self.names is None:
-                out = self.model(*model_inputs)
+                out = self.model(*model_inputs, **self.constants)
             else:
-                out = self.model(**dict(zip(self.names, model_inputs)))
+                out = self.model(**dict(zip(self.names, model_inputs)), **self.constants)
         finally:
             self.slot_inputs.clear()
         return tuple(_flat_tensors(out))
@@ -355,7 +379,7 @@ def _flat_tensors(out: Any) -> list[Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _flat_tensors(v)]
     raise TypeError(f"the model returns a {type(out).__name__}, which is not a tensor; served models return "
-                    "tensors (for transformers models pass use_cache=False)")
+                    "tensors (for transformers models pass model_kwargs={'use_cache': False})")
 
 
 def _example_slot_inputs(layers: list[tuple[str, SlotLayer]], batch: int, max_loras: int, max_lora_rank: int,

@@ -138,7 +138,10 @@ class AdapterServer:
         return groups
 
     def _run(self, inputs: Inputs, requests: list[tuple[str, float]]) -> list[Tensor]:
-        with self._forward_lock, self.pool.acquire(requests) as lease, self._bound(lease), torch.inference_mode():
+        if self.model.training:
+            raise ValueError("the model is in training mode (its dropout would change the outputs); call "
+                             "model.eval() before serving")
+        with self._forward_lock, self.pool.acquire(requests) as lease, self._bound(lease), torch.no_grad():
             out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
             out = self._output(out)
             if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != len(requests):
@@ -249,15 +252,12 @@ class _Request:
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """(module path in the base model, layer) of every torchlora LoRA layer."""
-    root = model
-    for _ in range(3):  # PeftModel -> LoraModel -> the base model: PEFT's key paths
-        get_base_model = getattr(root, "get_base_model", None)
-        from .peft_model import PeftModel
-        from .tuners import LoraModel
+    from .peft_model import PeftModel  # peft_model imports this module lazily too
+    from .tuners import LoraModel
 
-        if not isinstance(root, (PeftModel, LoraModel)):
-            break
-        root = get_base_model() if callable(get_base_model) else root.model
+    root = model
+    while isinstance(root, (PeftModel, LoraModel)):  # down to the base model: PEFT's key paths
+        root = root.get_base_model() if isinstance(root, PeftModel) else root.model
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError("the model has no torchlora LoRA layers to serve adapters through; make it with "
