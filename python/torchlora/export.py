@@ -6,7 +6,7 @@ Every LoRA layer becomes its base layer plus a multi-adapter operator that reads
 given as graph inputs, so one forward serves rows of different adapters and swapping an adapter
 only rewrites those tensors (nothing recompiles). The exported forward takes, in this order:
 
-    the model's inputs (batch first),
+    the model's inputs (batch first, in example_inputs' order),
     sample_slots [B] int64 (-1: no adapter), request_scale [S] float32,
     then for every layer in the metadata's order: lora_A, lora_B, [lora_bias,] scale [S] float32
 
@@ -78,8 +78,9 @@ def export_for_serving(
     entry per input (a dict ``{dim: torch.export.Dim}`` or None), keyed like ``example_inputs``;
     by default dim 0 of every input is a shared batch dim and dim 1 of integer inputs with two
     or more dims a dynamic token dim (examples need at least 2 along each). ``inductor_configs``
-    are passed on to AOTInductor. The model is left as it was. Raises ValueError / TypeError
-    naming what is wrong.
+    are passed on to AOTInductor. The model is left as it was (its LoRA layers are swapped for
+    the time of the export only: do not run it meanwhile). Raises ValueError / TypeError naming
+    what is wrong.
     """
     path = _check_package_path(package_path)
     start = time.perf_counter()
