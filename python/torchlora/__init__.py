@@ -21,6 +21,8 @@ from .peft_model import (
 )
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .tuners import LoraModel, ModulesToSaveWrapper
+from .export import export_for_serving
+from .serving import AdapterServer
 
 __version__ = build_info()["version"]
 
@@ -49,4 +51,6 @@ __all__ = [
     "LoraLinear",
     "LoraEmbedding",
     "LoraConv2d",
+    "export_for_serving",
+    "AdapterServer",
 ]
