@@ -129,7 +129,18 @@ std::vector<at::Tensor> stack_adapters_op(at::TensorList lora_A, at::TensorList 
   return out;
 }
 
-at::Tensor row_slots_op(const at::Tensor& sample_slots, int64_t rows) { return row_slots(sample_slots, rows); }
+// SymInt rows, so that torch.export keeps the batch and token dims dynamic: the same rule as
+// row_slots, with the divisibility check deferred to a runtime assert instead of a guard.
+at::Tensor row_slots_op(const at::Tensor& sample_slots, c10::SymInt rows) {
+  if (auto concrete = rows.maybe_as_int(); concrete && !sample_slots.sym_size(0).is_symbolic()) {
+    return row_slots(sample_slots, *concrete);
+  }
+  const c10::SymInt samples = sample_slots.sym_size(0);
+  TORCH_SYM_CHECK(samples.sym_gt(0), "torchlora: rows cannot be split into 0 samples");
+  TORCH_SYM_CHECK((rows % samples).sym_eq(0), "torchlora: ", rows, " rows cannot be split into ", samples,
+                  " samples");
+  return sample_slots.unsqueeze(1).expand_symint({samples, rows / samples}).flatten();
+}
 
 at::Tensor per_row_dropout_op(const at::Tensor& x, const at::Tensor& slots, at::ArrayRef<double> dropout,
                               bool training) {
@@ -143,7 +154,7 @@ TORCH_LIBRARY_FRAGMENT(torchlora, m) {
   m.def(
       "stack_adapters(Tensor[] lora_A, Tensor[] lora_B, Tensor?[] lora_bias, int a_rank_dim, int b_rank_dim, "
       "int groups=1) -> Tensor[]");
-  m.def("multi_lora_row_slots(Tensor sample_slots, int rows) -> Tensor");
+  m.def("multi_lora_row_slots(Tensor sample_slots, SymInt rows) -> Tensor");
   m.def("multi_lora_row_dropout(Tensor x, Tensor slots, float[] dropout, bool training) -> Tensor",
         {at::Tag::nondeterministic_seeded});
 }
