@@ -45,6 +45,8 @@ c10::IValue ScriptBackend::forward(ForwardRequest request) {
     // unloaded between the check and the forward
     if (!is_base(name) && !has_adapter(name)) throw HttpError(404, message(e));
     throw HttpError(400, "the model rejected the input: " + message(e));
+  } catch (const std::runtime_error& e) {  // errors raised inside the TorchScript interpreter
+    throw HttpError(400, std::string("the model rejected the input: ") + e.what());
   }
 }
 
