@@ -81,7 +81,6 @@ class Served:
     script_model: Path
     corrupted: Path
     package: Path | None = None
-    export_info: dict = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +138,11 @@ def package(served: Served, server_binary: Path) -> Path:
     export = pytest.importorskip("torchlora.export")
     model = peft.PeftModel.from_pretrained(copy.deepcopy(served.base), str(served.folders[ADAPTERS[-1]])).eval()
     path = served.root / "model.pt2"
-    result = export.export_for_serving(model, (served.inputs[0],), str(path), max_loras=MAX_LORAS,
-                                       max_lora_rank=MAX_RANK)
-    served.export_info = {k: getattr(result, k) for k in ("export_seconds", "compile_seconds") if hasattr(result, k)}
-    print(f"\nexport: {served.export_info}")
+    # Requests of one row: the batch dim's lower bound (2, from the export) is not checked at run time.
+    result = export.export_for_serving(model, (served.inputs[-1],), str(path), max_loras=MAX_LORAS,
+                                       max_lora_rank=MAX_RANK,
+                                       inductor_configs={"aot_inductor.check_lowerbound": False})
+    print(f"\nexport {result.export_seconds:.1f} s, AOTInductor compile {result.compile_seconds:.1f} s")
     assert path.exists()
     served.package = path
     return path
