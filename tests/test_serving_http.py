@@ -120,6 +120,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 @pytest.fixture(scope="module")
 def server_binary() -> Path:
+    if os.environ.get("LORA_SERVER_BINARY"):  # a prebuilt server
+        return Path(os.environ["LORA_SERVER_BINARY"])
     env = dict(os.environ, PYTHON=sys.executable, JOBS=os.environ.get("JOBS", "2"))
     out = subprocess.run([str(ROOT / "scripts" / "build-cpp-example.sh")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1800)

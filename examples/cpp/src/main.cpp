@@ -9,6 +9,7 @@
 #include <iostream>
 #include <memory>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <thread>
 
 #include "backend.h"
@@ -52,12 +53,20 @@ int serve_http(const Options& o, Backend& backend, Metrics& metrics, const sigse
   server.set_keep_alive_max_count(1000);
   server.set_keep_alive_timeout(1);  // idle connections let go soon after a shutdown starts
   add_routes(server, backend, metrics, o.input, static_cast<size_t>(o.max_body_bytes));
+  // httplib listens with a backlog of 5: a burst of new connections would overflow it and some
+  // clients see their connection reset. Remember the socket to listen again with a larger one.
+  socket_t listening = INVALID_SOCKET;
+  server.set_socket_options([&listening](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listening = sock;
+  });
 
   const int port = o.port == 0 ? server.bind_to_any_port(o.host) : (server.bind_to_port(o.host, o.port) ? o.port : -1);
   if (port < 0) {
     std::cerr << "lora_server: cannot listen on " << o.host << ":" << o.port << "\n";
     return 1;
   }
+  if (listening != INVALID_SOCKET) ::listen(listening, SOMAXCONN);
   // SIGTERM / SIGINT: stop accepting, let the workers finish what they accepted.
   std::thread on_signal([&server, signals] {
     int sig = 0;
