@@ -1,7 +1,7 @@
 """The HTTP example server (examples/cpp, lora_server) against the real ``peft``: a tiny Llama
-exported with torchlora.export (AOTInductor) serves 8 PEFT adapters of different ranks through an
-adapter pool with fewer device slots than adapters, batching requests for different adapters into
-one forward. Every response is compared with what PEFT computes running that adapter alone, under
+exported with torchlora.export (AOTInductor) serves 8 PEFT adapters of different ranks (and 4
+more, past the pool's device slots and host tier, for evictions) through an adapter pool,
+batching requests for different adapters into one forward. Every response is compared with what PEFT computes running that adapter alone, under
 load from 32 clients, with faults injected while the load runs, and against the TorchScript
 merge-swap backend as the baseline. Every server runs on loopback with timeouts and is killed in
 ``finally``."""
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -34,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 64, 16
 RANKS = [1, 2, 3, 4, 5, 6, 7, 8]
 ADAPTERS = [f"a{r}" for r in RANKS]
-MAX_LORAS, MAX_RANK, MAX_CPU_LORAS = 4, 8, 6
+# 8 device slots hold the 8 adapters of the load; 4 more adapters (copies of the first 4 under
+# other names) make 12 in use during the eviction phases, more than the slots and the host tier.
+MAX_LORAS, MAX_RANK, MAX_CPU_LORAS = 8, 8, 10
+EXTRA = {f"x{k}": ADAPTERS[k] for k in range(4)}  # extra name -> the adapter whose folder it loads
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 ATOL = RTOL = 1e-4
 REQUEST_TIMEOUT = 60.0
@@ -227,12 +231,24 @@ def output_error(response: dict | str, expected: torch.Tensor) -> str | None:
     """None when `response` holds `expected`, else what differs."""
     if not isinstance(response, dict) or "output" not in response:
         return f"no output: {response}"
-    got = torch.tensor(response["output"], dtype=torch.float32)
-    if list(got.shape) != list(expected.shape) or response.get("shape") != list(expected.shape):
-        return f"shape {list(got.shape)} / {response.get('shape')}, expected {list(expected.shape)}"
-    if not torch.allclose(got, expected, atol=ATOL, rtol=RTOL):
-        return f"max difference {(got - expected).abs().max().item():.3g}"
+    got, want = np.asarray(response["output"], dtype=np.float32), expected.numpy()  # numpy: cheap in 32 threads
+    if list(got.shape) != list(want.shape) or response.get("shape") != list(want.shape):
+        return f"shape {list(got.shape)} / {response.get('shape')}, expected {list(want.shape)}"
+    if not np.allclose(got, want, atol=ATOL, rtol=RTOL):
+        return f"max difference {np.abs(got - want).max():.3g}"
     return None
+
+
+def expected(served: Served, name: str | None, i: int) -> torch.Tensor:
+    """PEFT's output for adapter `name` (an extra adapter: the one it copies) on input `i`."""
+    name = EXTRA.get(name, name) if name else "__base__"
+    return served.refs[(name, i)]
+
+
+def load_extra(served: Served, server: "Server") -> None:
+    for name, source in EXTRA.items():
+        assert server.request("POST", "/v1/adapters", {"name": name, "path": str(served.folders[source])}) == (
+            200, {"loaded": name})
 
 
 def metric(text: str, name: str) -> float:
@@ -262,7 +278,7 @@ def run_load(served: Served, port: int, seconds: float, clients: int = 32, adapt
              during=None) -> LoadResult:
     """`clients` threads send forwards for random adapters (and the base model) for `seconds`,
     checking every answer; `during()` runs meanwhile (faults)."""
-    names = (adapters or ADAPTERS) + [None]
+    names = list(adapters or ADAPTERS) + [None]
     result = LoadResult()
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -286,7 +302,7 @@ def run_load(served: Served, port: int, seconds: float, clients: int = 32, adapt
                     continue
                 elapsed = time.monotonic() - start
                 problem = f"status {status}: {response}" if status != 200 else output_error(
-                    response, served.refs[(name or "__base__", i)])
+                    response, expected(served, name, i))
                 with lock:
                     result.requests += 1
                     result.latencies.append(elapsed)
@@ -327,7 +343,17 @@ class Faults:
         time.sleep(1.0)
         self.corrupted_adapter()
         self.bad_requests()
+        self.evictions()
         self.unload_in_flight()
+
+    def evictions(self) -> None:
+        """12 adapters in use for 3 s (8 slots, a host tier of 10): adapters leave their slot and
+        the host tier and come back, and every output stays PEFT's."""
+        load_extra(self.served, self.server)
+        result = run_load(self.served, self.server.port, 3.0, clients=4, adapters=list(EXTRA))
+        self.problems += [f"evictions: {f}" for f in result.failures[:5]]
+        for name in EXTRA:
+            self.expect(f"unload {name}", 200, self.server.request("DELETE", f"/v1/adapters/{name}"))
 
     def corrupted_adapter(self) -> None:
         got = self.server.request("POST", "/v1/adapters", {"name": "broken", "path": str(self.served.corrupted)})
@@ -422,7 +448,8 @@ def test_mixed_batches_match_peft(served: Served, server_binary: Path, package: 
     """Concurrent requests for all 8 adapters (and none) batch together; each answer is PEFT's."""
     with Server(server_binary, package, served.folders, "--max-wait-ms", "50", "--max-batch", "16",
                 "--max-cpu-loras", str(MAX_CPU_LORAS)) as server:
-        cases = [(name, i) for name in ADAPTERS + [None] for i in range(len(served.inputs))]
+        load_extra(served, server)  # 12 adapters: more than the slots and the host tier
+        cases = [(name, i) for name in ADAPTERS + list(EXTRA) + [None] for i in range(len(served.inputs))]
         answers: dict[int, tuple[int, dict | str]] = {}
 
         def send(k: int, name: str | None, i: int) -> None:
@@ -438,7 +465,7 @@ def test_mixed_batches_match_peft(served: Served, server_binary: Path, package: 
                 status, response = answers[k]
                 assert status == 200, response
                 assert response["adapter"] == (name or "__base__")
-                problem = output_error(response, served.refs[(name or "__base__", i)])
+                problem = output_error(response, expected(served, name, i))
                 assert problem is None, f"{name} input {i}: {problem}"
         status, response = server.request("POST", "/v1/forward", forward_body(served, ADAPTERS[2], 0, scale=0.5))
         assert status == 200 and output_error(response, served.scaled_ref) is None, response
@@ -446,10 +473,11 @@ def test_mixed_batches_match_peft(served: Served, server_binary: Path, package: 
         _, text = server.request("GET", "/metrics")
         batches, requests = metric(text, "lora_server_batch_requests_count"), metric(text, "lora_server_batch_requests_sum")
         assert requests == 2 * len(cases) + 1 and batches < requests, "requests did not batch"
-        assert metric(text, "lora_server_pool_slot_evictions_total") > 0  # 8 adapters, 4 slots
+        assert metric(text, "lora_server_pool_slot_evictions_total") > 0  # 12 adapters, 8 slots
+        assert metric(text, "lora_server_pool_host_reloads_total") > 0    # a host tier of 10
         assert metric(text, 'lora_server_requests_total{route="/v1/forward",code="200"}') == requests
         _, listing = server.request("GET", "/v1/adapters")
-        assert sorted(a["name"] for a in listing["adapters"]) == sorted(ADAPTERS)
+        assert sorted(a["name"] for a in listing["adapters"]) == sorted(ADAPTERS + list(EXTRA))
         assert sum(a["slot"] >= 0 for a in listing["adapters"]) <= MAX_LORAS
         assert server.request("GET", "/health") == (200, {"status": "ok", "backend": "exported"})
         assert server.terminate() == 0
@@ -470,7 +498,8 @@ def test_load_with_faults_and_the_merge_swap_baseline(served: Served, server_bin
     print(f"  mean batch: {metric(text, 'lora_server_batch_requests_sum') / metric(text, 'lora_server_batch_requests_count'):.1f} requests")
     assert not exported.failures, f"{len(exported.failures)} failed: {exported.failures[:5]}"
     assert not faults.problems, faults.problems
-    assert metric(text, "lora_server_pool_host_reloads_total") > 0  # evicted to disk and back, outputs checked
+    assert metric(text, "lora_server_pool_slot_evictions_total") > 0  # evicted and back, outputs checked
+    assert metric(text, "lora_server_pool_host_reloads_total") > 0
 
     with Server(server_binary, served.script_model, served.folders) as server:
         merge_swap = run_load(served, server.port, 9.0)

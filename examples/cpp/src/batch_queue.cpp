@@ -175,8 +175,10 @@ void BatchQueue::execute(Batch batch) {
     for (auto& p : batch) {
       p->result.set_exception(http_error(400, std::string("the model rejected the input: ") + e.what_without_backtrace()));
     }
-  } catch (const std::exception& e) {
-    for (auto& p : batch) p->result.set_exception(http_error(500, std::string("forward failed: ") + e.what()));
+  } catch (const std::exception& e) {  // AOTInductor's input checks (dtype, shape) throw these
+    for (auto& p : batch) {
+      p->result.set_exception(http_error(400, std::string("the model rejected the input: ") + e.what()));
+    }
   }
 }
 

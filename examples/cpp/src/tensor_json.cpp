@@ -2,7 +2,9 @@
 
 #include <ATen/ops/from_blob.h>
 
+#include <charconv>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "http_error.h"
@@ -41,9 +43,24 @@ at::Tensor build(const Json& value, const std::vector<int64_t>& shape, int64_t n
   return at::from_blob(flat.data(), shape, at::TensorOptions().dtype(kind)).to(dtype, false, true);
 }
 
+// The double whose shortest decimal form is the float's shortest one, so that JSON carries
+// "0.1" for 0.1f rather than the 17 digits of (double)0.1f (the value reads back to the same float).
+double shortest(float v) {
+  char buf[64];
+  const auto end = std::to_chars(buf, buf + sizeof(buf) - 1, v).ptr;
+  *end = '\0';
+  return std::strtod(buf, nullptr);
+}
+
 template <typename T>
 Json encode(const T* data, const std::vector<int64_t>& shape, size_t depth, int64_t& offset) {
-  if (depth == shape.size()) return data[offset++];
+  if (depth == shape.size()) {
+    if constexpr (std::is_same_v<T, float>) {
+      return std::isfinite(data[offset]) ? Json(shortest(data[offset++])) : Json(data[offset++]);
+    } else {
+      return data[offset++];
+    }
+  }
   Json out = Json::array();
   for (int64_t i = 0; i < shape[depth]; ++i) out.push_back(encode(data, shape, depth + 1, offset));
   return out;
@@ -80,12 +97,16 @@ at::Tensor tensor_from_json(const Json& value, at::ScalarType dtype, const Input
 }
 
 Json tensor_to_json(const at::Tensor& tensor) {
-  const auto integral = at::isIntegralType(tensor.scalar_type(), /*includeBool=*/true);
-  const auto t = tensor.detach().to(at::kCPU, integral ? at::kLong : at::kDouble).contiguous();
+  const auto type = tensor.scalar_type();
+  const auto integral = at::isIntegralType(type, /*includeBool=*/true);
+  // float32 and narrower floats are written with float precision, float64 with double's
+  const auto as = integral ? at::kLong : (type == at::kDouble ? at::kDouble : at::kFloat);
+  const auto t = tensor.detach().to(at::kCPU, as).contiguous();
   const auto shape = t.sizes().vec();
   int64_t offset = 0;
-  return integral ? encode(t.const_data_ptr<int64_t>(), shape, 0, offset)
-                  : encode(t.const_data_ptr<double>(), shape, 0, offset);
+  if (integral) return encode(t.const_data_ptr<int64_t>(), shape, 0, offset);
+  if (as == at::kDouble) return encode(t.const_data_ptr<double>(), shape, 0, offset);
+  return encode(t.const_data_ptr<float>(), shape, 0, offset);
 }
 
 Json output_to_json(const c10::IValue& value, Json& shape) {
