@@ -36,7 +36,7 @@ def save_peft_adapters(build, specs: list[AdapterSpec], root: str) -> dict[str, 
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(build(), config)
         folder = os.path.join(root, spec.name)
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, save_embedding_layers=False)  # adapters over one shared base
         folders[spec.name] = folder
     return folders
 

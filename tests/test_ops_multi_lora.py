@@ -286,6 +286,27 @@ def test_compile_embedding_and_conv2d():
                                ref.multi_lora_conv2d(x, base_c, Ac, Bc, None, scale, s, [1, 1], [1, 1], [1, 1], 1))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_compile_conv2d_with_a_dynamic_batch(groups):
+    """A symbolic batch takes the im2col shrink (a batch-sized group count would be fixed in the
+    compiled code): every batch size runs the one graph and matches the reference."""
+    torch._dynamo.reset()
+    S, C, O, r = 3, 4, 6, 4
+    A, B = torch.randn(S, r, C, 3, 2), torch.randn(S, O, r // groups, 1, 1)
+    b, scale = torch.randn(S, O), torch.rand(S)
+    geometry = ([2, 1], [1, 0], [1, 2], groups)
+    conv = torch.compile(lambda *a: ops.multi_lora_conv2d(*a, *geometry), fullgraph=True, dynamic=True)
+    for step, N in enumerate((2, 5, 3)):
+        x = torch.randn(N, C, 7, 6)
+        h = torch.nn.functional.conv2d(x, A[0], None, *geometry[:3])
+        base = torch.randn(N, O, *h.shape[2:])
+        slots = torch.randint(-1, S, (N,))
+        with torch._dynamo.config.patch(error_on_recompile=step > 1):
+            out = conv(x, base, A, B, b, scale, slots)
+        torch.testing.assert_close(out, ref.multi_lora_conv2d(x, base, A, B, b, scale, slots, *geometry),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_is_named():
     x, base, A, B, b, scale, slots = _operands(10, 8, 6, 3, 2, torch.float32)
     bad = slots.clone()

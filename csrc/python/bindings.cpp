@@ -6,6 +6,7 @@
 
 #include "cpp_api_bindings.h"
 #include "peft_bindings.h"
+#include "serve_bindings.h"
 
 namespace py = pybind11;
 
@@ -29,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
         "capped by TORCHLORA_CPU_ISA).");
   torchlora_python::bind_cpp_api(m);
   torchlora_python::bind_peft(m);
+  torchlora_python::bind_serve(m);
 }

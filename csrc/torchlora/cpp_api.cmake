@@ -30,6 +30,11 @@ set(TORCHLORA_CPP_API_SOURCES
   io/weight_conversion.cpp
   apply/adapter_registry.cpp
   apply/script_model.cpp
+  serve/adapter_checks.cpp
+  serve/slot_tensors.cpp
+  serve/adapter_pool.cpp
+  serve/module_slots.cpp
+  serve/exported_model.cpp
 )
 
 add_library(torchlora_cpp_api OBJECT ${TORCHLORA_CPP_API_SOURCES})

@@ -74,7 +74,7 @@ def export_for_serving(
     models should be given ``use_cache=False`` (caches are not tensors). ``dynamic_shapes``: one
     entry per input (a dict ``{dim: torch.export.Dim}`` or None), keyed like ``example_inputs``;
     by default dim 0 of every input is a shared batch dim and dim 1 of integer inputs with two
-    or more dims a shared token dim (examples need at least 2 along each). ``inductor_configs``
+    or more dims a dynamic token dim (examples need at least 2 along each). ``inductor_configs``
     are passed on to AOTInductor. The model is left as it was. Raises ValueError / TypeError
     naming what is wrong.
     """
@@ -379,7 +379,9 @@ def _dynamic_specs(names: Optional[list[str]], tensors: list[Tensor], dynamic_sh
     """dynamic_shapes of the whole flat input list: the caller's (or the default) for the model's
     inputs, the batch dim for sample_slots, static slot stacks."""
     if dynamic_shapes is None:
-        batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+        # a named batch dim, shared with sample_slots; the token dim may be bounded by the model
+        # (position embeddings), which Dim.DYNAMIC accepts
+        batch, tokens = torch.export.Dim("batch"), torch.export.Dim.DYNAMIC
         specs = []
         for tensor in tensors:
             spec = {0: batch}

@@ -7,7 +7,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import Tensor, nn
 
@@ -18,6 +18,9 @@ from .state_dict import get_peft_model_state_dict, load_adapter_tensors
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
 from .tuners.weight_conversion import check_loadable, prepare_for_saving
+
+if TYPE_CHECKING:
+    from .serving import AdapterServer
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 _QA_NAMES = ("qa_outputs",)
@@ -137,6 +140,15 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+
+    def serve_adapters(self, **kwargs: Any) -> "AdapterServer":
+        """An :class:`torchlora.serving.AdapterServer` over this model: adapters loaded from PEFT
+        folders into a pool of slots, served through this model's LoRA layers, one forward per
+        batch whatever its adapters. ``kwargs``: the server's (``max_loras``, ``max_lora_rank``,
+        ``max_cpu_loras``, ``max_batch_size``, ``max_wait_ms``, ...)."""
+        from .serving import AdapterServer
+
+        return AdapterServer(self, **kwargs)
 
     # ------------------------------------------------------------------ adapters
     @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _native  # noqa: F401  (registers the operators)
-from .nn.conv2d import _explicit_padding
+from .nn.conv2d import lora_A_geometry
 
 KIND_LINEAR, KIND_EMBEDDING, KIND_CONV2D = "linear", "embedding", "conv2d"
 
@@ -156,10 +156,10 @@ class SlotConv2d(SlotLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         slots = self.slot_inputs.layer(self.index)
-        base = self.base_layer
+        stride, padding, dilation = lora_A_geometry(self.base_layer)
         return torch.ops.torchlora.multi_lora_conv2d(
-            x, base(x), slots.lora_A, slots.lora_B, slots.lora_bias, self.slot_inputs.effective_scale(slots),
-            self.slot_inputs.sample_slots, list(base.stride), list(_explicit_padding(base)), [1, 1], self.groups)
+            x, self.base_layer(x), slots.lora_A, slots.lora_B, slots.lora_bias, self.slot_inputs.effective_scale(slots),
+            self.slot_inputs.sample_slots, list(stride), list(padding), list(dilation), self.groups)
 
 
 def slot_layer_for(base_layer: nn.Module, inputs: SlotInputs, index: int, name: str) -> SlotLayer:
@@ -176,7 +176,7 @@ def slot_layer_for(base_layer: nn.Module, inputs: SlotInputs, index: int, name: 
                              "and cannot be served")
         return SlotEmbedding(base_layer, inputs, index)
     if isinstance(base_layer, nn.Conv2d):
-        _explicit_padding(base_layer)  # raises for asymmetric 'same' padding
+        lora_A_geometry(base_layer)  # raises for asymmetric 'same' padding
         return SlotConv2d(base_layer, inputs, index)
     raise TypeError(f"module {name!r} is a {type(base_layer).__name__}; served LoRA layers wrap nn.Linear, "
                     "transformers Conv1D, nn.Embedding or nn.Conv2d")

@@ -1,9 +1,12 @@
 // multi_lora_conv2d: lora_conv2d with one adapter slot per sample. The shrink is one grouped
-// convolution (the batch as groups, each sample against its slot's lora_A) and the expand one
+// convolution (the batch as groups, each sample against its slot's lora_A; im2col + bmm when the
+// batch is symbolic) and the expand one
 // batched matmul against the samples' lora_B, so the cost does not grow with the number of
 // adapters. CompositeImplicitAutograd: gradients come from ATen's convolution and matmul.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/conv2d.h>
+#include <ATen/ops/im2col.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/matmul.h>
 #include <c10/util/Exception.h>
@@ -13,6 +16,19 @@
 
 namespace torchlora::composite {
 namespace {
+
+// The shrink for a symbolic batch (torch.export, torch.compile with dynamic shapes): a
+// convolution with the batch as groups would fix the batch size in compiled code, so the same
+// product is taken as im2col + one batched matmul. x [N, in, H, W], A [N, r, in, kh, kw] -> [N, r, H', W'].
+at::Tensor shrink_unfolded(const at::Tensor& x, const at::Tensor& A, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation) {
+  const c10::SymInt N = x.sym_size(0), r = A.sym_size(1), in = A.sym_size(2);
+  const int64_t kh = A.sym_size(3).guard_int(__FILE__, __LINE__), kw = A.sym_size(4).guard_int(__FILE__, __LINE__);
+  const c10::SymInt Ho = (x.sym_size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const c10::SymInt Wo = (x.sym_size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const at::Tensor cols = at::im2col(x, {kh, kw}, dilation, padding, stride);  // [N, in * kh * kw, H'W']
+  return at::bmm(A.reshape_symint({N, r, in * kh * kw}), cols).reshape_symint({N, r, Ho, Wo});
+}
 
 at::Tensor multi_lora_conv2d_composite(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
                                        const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
@@ -65,10 +81,13 @@ at::Tensor multi_lora_conv2d_composite(const at::Tensor& x, const at::Tensor& ba
   const at::Tensor used = slot_index.ge(0);
   const at::Tensor rows = slot_index.clamp(0, S - 1);
   const at::Tensor A = lora_A.index_select(0, rows);  // [N, r, in, kh, kw]
-  const at::Tensor h = at::conv2d_symint(x.reshape_symint({1, N * in, x.sym_size(2), x.sym_size(3)}),
-                                         A.reshape_symint({N * r, in, lora_A.sym_size(3), lora_A.sym_size(4)}),
-                                         std::nullopt, c10::fromIntArrayRefSlow(stride),
-                                         c10::fromIntArrayRefSlow(padding), c10::fromIntArrayRefSlow(dilation), N);
+  const at::Tensor h = N.is_symbolic() ? shrink_unfolded(x, A, stride, padding, dilation)
+                                       : at::conv2d_symint(x.reshape_symint({1, N * in, x.sym_size(2), x.sym_size(3)}),
+                                                           A.reshape_symint({N * r, in, lora_A.sym_size(3),
+                                                                             lora_A.sym_size(4)}),
+                                                           std::nullopt, c10::fromIntArrayRefSlow(stride),
+                                                           c10::fromIntArrayRefSlow(padding),
+                                                           c10::fromIntArrayRefSlow(dilation), N);
   const c10::SymInt Ho = h.sym_size(2), Wo = h.sym_size(3);
   TORCH_CHECK(base_out.sym_size(2) == Ho && base_out.sym_size(3) == Wo, op, ": base_out is ", base_out.sym_sizes(),
               " but the adapter's convolution gives [", N, ", ", out, ", ", Ho, ", ", Wo, "]");

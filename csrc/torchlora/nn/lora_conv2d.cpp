@@ -108,13 +108,16 @@ at::Tensor LoraConv2dImpl::multi_lora_update(const AdapterStack& stack, const at
   if (x.dim() == 3) {  // unbatched [C, H, W]
     return multi_lora_update(stack, sample_slots, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0);
   }
-  const auto& a = lora_A->at<torch::nn::Conv2dImpl>(stack.names.front());  // one geometry for every adapter
-  const std::vector<int64_t> stride(a.options.stride()->begin(), a.options.stride()->end());
-  const std::vector<int64_t> dilation(a.options.dilation()->begin(), a.options.dilation()->end());
+  // Every lora_A has the geometry update_layer gives it: the base layer's kernel, stride and
+  // padding, dilation 1 (also for slots bound from outside, which have no lora_A module here).
+  auto a_options = base_layer->options;
+  a_options.dilation(1);
+  const std::vector<int64_t> stride(a_options.stride()->begin(), a_options.stride()->end());
+  const std::vector<int64_t> dilation(a_options.dilation()->begin(), a_options.dilation()->end());
   const auto xs = per_row_dropout(x.to(stack.lora_A.scalar_type()), sample_slots, stack.dropout, is_training());
   const auto bias = stack.lora_bias.defined() ? std::optional<at::Tensor>(stack.lora_bias) : std::nullopt;
   return torchlora::multi_lora_conv2d(xs, result, stack.lora_A, stack.lora_B, bias, stack.scale, sample_slots, stride,
-                                      explicit_padding(a.options), dilation, stack_groups());
+                                      explicit_padding(a_options), dilation, stack_groups());
 }
 
 at::Tensor LoraConv2dImpl::lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) {

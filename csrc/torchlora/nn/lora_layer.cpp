@@ -171,7 +171,32 @@ void LoraLayer::unmerge() {
   }
 }
 
+void LoraLayer::bind_slots(AdapterStack stack, at::Tensor sample_slots) {
+  TORCH_CHECK_VALUE(!merged(), "torchlora: slots cannot be bound to a layer whose adapters are merged (its base "
+                    "weight holds them); unmerge first");
+  TORCH_CHECK(stacks_adapters(), "torchlora: this layer cannot serve slots with its base layer options");
+  TORCH_CHECK_TYPE(sample_slots.defined() && sample_slots.dim() == 1 &&
+                       (sample_slots.scalar_type() == at::kInt || sample_slots.scalar_type() == at::kLong),
+                   "torchlora: bound sample slots must be a 1-D int32 or int64 tensor");
+  TORCH_CHECK_VALUE(stack.lora_A.defined() && stack.lora_B.defined() && stack.scale.defined() &&
+                        stack.scale.size(0) == stack.lora_A.size(0),
+                    "torchlora: bound slots need lora_A, lora_B and one scale per slot");
+  if (stack.dropout.empty()) stack.dropout.assign(static_cast<size_t>(stack.scale.size(0)), 0.0);
+  bound_ = BoundSlots{std::move(stack), std::move(sample_slots)};
+}
+
+at::Tensor LoraLayer::forward_bound(const at::Tensor& x) {
+  const auto& slots = bound_->sample_slots;
+  TORCH_CHECK_VALUE(x.dim() > 0 && x.size(0) == slots.size(0), "torchlora: the bound batch has ", slots.size(0),
+                    " samples but the layer's input has ", x.dim() > 0 ? x.size(0) : 0, " (input ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(!merged(), "torchlora: this layer's adapters were merged while slots are bound");
+  return forward_with_slots(bound_->stack, slots.to(x.device()), x);
+}
+
 at::Tensor LoraLayer::forward(const at::Tensor& x) {
+  if (bound_) {
+    return forward_bound(x);
+  }
   if (disabled_) {
     if (merged()) unmerge();
     return base_forward(x);

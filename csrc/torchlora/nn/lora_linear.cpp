@@ -117,6 +117,7 @@ at::Tensor LoraLinearImpl::multi_lora_update(const AdapterStack& stack, const at
 }
 
 at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
+  if (slots_bound()) return LoraLayer::forward(x);
   std::vector<std::string> names;
   for (const auto& name : active_adapters()) {
     if (has_adapter(name)) names.push_back(name);

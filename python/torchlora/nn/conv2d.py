@@ -15,19 +15,30 @@ from .layer import InitLoraWeights, LoraLayer, reject_unknown_kwargs
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """Padding as two ints; 'valid' is 0 and 'same' works where it is symmetric."""
-    if not isinstance(conv.padding, str):
-        return int(conv.padding[0]), int(conv.padding[1])
-    if conv.padding == "valid":
+    return _padding_ints(conv.padding, conv.kernel_size, conv.dilation)
+
+
+def _padding_ints(padding, kernel_size, dilation) -> tuple[int, int]:
+    if not isinstance(padding, str):
+        return int(padding[0]), int(padding[1])
+    if padding == "valid":
         return 0, 0
     pads = []
-    for k, d in zip(conv.kernel_size, conv.dilation):
+    for k, d in zip(kernel_size, dilation):
         total = d * (k - 1)
         if total % 2:
             raise NotImplementedError(
-                f"padding='same' with kernel {conv.kernel_size} needs asymmetric padding, which torchlora does not support"
+                f"padding='same' with kernel {tuple(kernel_size)} needs asymmetric padding, which torchlora does not support"
             )
         pads.append(total // 2)
     return pads[0], pads[1]
+
+
+def lora_A_geometry(base: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(stride, padding, dilation) of the ``lora_A`` conv PEFT builds for ``base``: the base
+    layer's kernel, stride and padding, dilation 1."""
+    stride = (int(base.stride[0]), int(base.stride[1]))
+    return stride, _padding_ints(base.padding, base.kernel_size, (1, 1)), (1, 1)
 
 
 class LoraConv2d(LoraLayer):
@@ -98,10 +109,10 @@ class LoraConv2d(LoraLayer):
     def _multi_lora_update(self, stack: AdapterStack, sample_slots: Tensor, x: Tensor, result: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W]
             return self._multi_lora_update(stack, sample_slots, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0)
-        lora_A = self.lora_A[stack.names[0]]  # every adapter's lora_A has the same geometry
+        stride, padding, dilation = lora_A_geometry(self.get_base_layer())  # slots may hold no adapter of this layer
         x = per_row_dropout(x.to(stack.lora_A.dtype), sample_slots, stack.dropout, self.training)
         return ops.multi_lora_conv2d(x, result, stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, sample_slots,
-                                     lora_A.stride, _explicit_padding(lora_A), lora_A.dilation, self._stack_groups())
+                                     stride, padding, dilation, self._stack_groups())
 
     def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts

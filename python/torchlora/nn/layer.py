@@ -105,6 +105,7 @@ class LoraLayer(nn.Module):
         self._active_adapter: str | list[str] = "default"
         self._stack_cache: tuple | None = None
         self._stack_changes = 0
+        self._bound_slots: tuple[AdapterStack, Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_adapter_stack())
 
     # ------------------------------------------------------------------ adapters
@@ -365,6 +366,8 @@ class LoraLayer(nn.Module):
         """
         adapter_names = kwargs.pop("adapter_names", None)
         adapter_slots = kwargs.pop("adapter_slots", None)
+        if self._bound_slots is not None:
+            return self._forward_with_slots(*self._bound_slots, x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -381,6 +384,20 @@ class LoraLayer(nn.Module):
             if self._holds(name):
                 result = self._lora_update(name, x, result)
         return result.to(result_dtype)
+
+    def bind_slots(self, stack: AdapterStack, sample_slots: Tensor) -> None:
+        """Until :meth:`unbind_slots`, ``forward`` computes the base layer plus sample i's slot
+        ``sample_slots[i]`` of ``stack`` (-1: none), whatever adapters the layer holds: an
+        adapter pool's slots served through this layer (``torchlora.serving``)."""
+        if self.merged:
+            raise ValueError("slots cannot be bound to a layer with merged adapters; unmerge them first")
+        if not self._stacks_adapters():
+            raise NotImplementedError(f"{type(self).__name__} with this base layer cannot serve slots")
+        self._bound_slots = (stack, sample_slots)
+
+    def unbind_slots(self) -> None:
+        """Back to the layer's own adapters."""
+        self._bound_slots = None
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
         """Sample i through ``adapter_names[i]``: the base layer, then one multi-adapter operator

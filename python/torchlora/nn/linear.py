@@ -202,7 +202,8 @@ class LoraLinear(LoraLayer):
         Everything else (hooks, other base layers, merged or disabled adapters, mixed batches)
         takes the general path of :class:`LoraLayer`.
         """
-        if args or kwargs or self.disable_adapters or self.merged or not self._base_is_plain_linear():
+        if (args or kwargs or self._bound_slots is not None or self.disable_adapters or self.merged
+                or not self._base_is_plain_linear()):
             return super().forward(x, *args, **kwargs)
         names = [name for name in self.active_adapters if self._holds(name)]
         if not names or x.dim() == 0:

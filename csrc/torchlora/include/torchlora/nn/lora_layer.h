@@ -8,6 +8,7 @@
 
 #include <array>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,12 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   // Drops the cached stack (after replacing a parameter's data by other means).
   void refresh_adapter_stack() { ++stack_changes_; }
 
+  // Slots from outside the layer (serve::PoolBinding): while bound, forward(x) is the base layer
+  // plus sample i's slot sample_slots[i] of `stack` (-1: none), whatever the layer's own adapters.
+  void bind_slots(AdapterStack stack, at::Tensor sample_slots);
+  void unbind_slots() { bound_.reset(); }
+  bool slots_bound() const { return bound_.has_value(); }
+
  protected:
   explicit LoraLayer(std::string name) : torch::nn::Module(std::move(name)) {}
 
@@ -133,6 +140,12 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
     std::vector<at::Tensor> sources;
     AdapterStack stack;
   } stack_cache_;
+  struct BoundSlots {
+    AdapterStack stack;
+    at::Tensor sample_slots;
+  };
+  std::optional<BoundSlots> bound_;
+  at::Tensor forward_bound(const at::Tensor& x);
   // The per-adapter loop (PEFT's way) for the layers that do not stack their adapters.
   at::Tensor mixed_batch_loop(const at::Tensor& x, const std::vector<std::string>& adapter_names);
 };

@@ -117,7 +117,7 @@ class TORCHLORA_API BatchLease {
   const at::Tensor& sample_slots() const { return sample_slots_; }  // [n] int64 on the pool's device
   const at::Tensor& slot_scale() const { return slot_scale_; }      // [S] float32 on the pool's device
   const std::vector<int64_t>& slots() const { return slots_; }       // the same slots on the host
-  void release();  // gives the slots back now (idempotent)
+  void release();  // gives the slots back now (idempotent); sample_slots / slot_scale become undefined
 
  private:
   friend class AdapterPool;
