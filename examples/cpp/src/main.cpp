@@ -128,6 +128,10 @@ int main(int argc, char** argv) {
     std::cerr << "lora_server: " << e.what() << "\n";
     return 1;
   }
+  if (backend->kind() == "torchscript") {
+    std::cerr << "lora_server: note: TorchScript is deprecated upstream (torch 2.10+); a model exported with "
+                 "torchlora.export (.pt2) serves adapters in shared batches\n";
+  }
   if (options.jsonl) {
     std::cerr << "lora_server: " << backend->kind() << " backend, ready (JSON lines on stdin)\n";
     serve_jsonl(*backend, options.input, std::cin, std::cout);
