@@ -3,15 +3,17 @@
 # nvcc is present), the C++ tests (ctest) and the Python tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# GoogleTest for the C++ tests is the one system package (nlohmann_json comes from PyPI,
-# requirements/build.txt).
-if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
-  else
-    echo "note: install libgtest-dev (Debian) for the C++ tests" >&2
+# GoogleTest for the C++ tests and cpp-httplib for the example server are the system packages
+# (nlohmann_json comes from PyPI, requirements/build.txt).
+for pkg in libgtest-dev libcpp-httplib-dev; do
+  if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+    else
+      echo "note: install $pkg (Debian) for the C++ tests and the example server" >&2
+    fi
   fi
-fi
+done
 export TORCHLORA_BUILD_TESTS=ON
 scripts/setup-env.sh
 PY=${TORCHLORA_VENV:-.venv}/bin/python

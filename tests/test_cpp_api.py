@@ -66,7 +66,7 @@ def server_binary() -> Path:
 
 
 def run_server(binary: Path, model_path: Path, adapters: dict[str, Path], requests: list[dict]) -> list[dict]:
-    args = [str(binary), str(model_path)] + [f"{name}={path}" for name, path in adapters.items()]
+    args = [str(binary), "--jsonl", str(model_path)] + [f"{name}={path}" for name, path in adapters.items()]
     text = "".join(json.dumps(r) + "\n" for r in requests)
     out = subprocess.run(args, input=text, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"lora_server failed: {out.stderr}"
