@@ -12,21 +12,25 @@ import copy
 import http.client
 import json
 import os
-import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from torchscript_files import save_torchscript
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import serving_load  # noqa: E402  (the server process and the load, shared with the benchmark)
+from serving_load import REQUEST_TIMEOUT, LoadResult, Server, http_request  # noqa: E402
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -41,29 +45,11 @@ MAX_LORAS, MAX_RANK, MAX_CPU_LORAS = 8, 8, 10
 EXTRA = {f"x{k}": ADAPTERS[k] for k in range(4)}  # extra name -> the adapter whose folder it loads
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 ATOL = RTOL = 1e-4
-REQUEST_TIMEOUT = 60.0
 
 
 # ----------------------------------------------------------------------------- model and references
-class Logits(nn.Module):
-    """A causal LM that returns its logits tensor (what the server sends back)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids).logits
-
-
 def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, use_cache=False)
-    return Logits(LlamaForCausalLM(config)).eval()
+    return serving_load.tiny_llama(VOCAB, hidden=256, layers=2)
 
 
 def scale_adapter(model: nn.Module, factor: float) -> None:
@@ -117,8 +103,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     weights = corrupted / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with torch.no_grad():
-        script = torch.jit.trace(copy.deepcopy(base), inputs[-1], check_trace=False)  # batch 2: not specialised to 1
-    script.save(str(root / "model.pt"))
+        save_torchscript(copy.deepcopy(base), root / "model.pt", inputs[-1])  # batch 2: not specialised to 1
     return Served(root, base, folders, inputs, refs, scaled_ref, root / "model.pt", corrupted)
 
 
@@ -144,82 +129,15 @@ def package(served: Served, server_binary: Path) -> Path:
     export = pytest.importorskip("torchlora.export")
     model = peft.PeftModel.from_pretrained(copy.deepcopy(served.base), str(served.folders[ADAPTERS[-1]])).eval()
     path = served.root / "model.pt2"
-    # Requests of one row: the batch dim's lower bound (2, from the export) is not checked at run
-    # time. One thread per kernel: compiled kernels fork a fixed team of OpenMP threads, which
+    # One thread per kernel: compiled kernels fork a fixed team of OpenMP threads, which
     # stall at every barrier when the clients and other processes hold the machine's few cores.
     result = export.export_for_serving(model, (served.inputs[-1],), str(path), max_loras=MAX_LORAS,
                                        max_lora_rank=MAX_RANK,
-                                       inductor_configs={"aot_inductor.check_lowerbound": False, "cpp.threads": 1})
+                                       inductor_configs={"cpp.threads": 1})
     print(f"\nexport {result.export_seconds:.1f} s, AOTInductor compile {result.compile_seconds:.1f} s")
     assert path.exists()
     served.package = path
     return path
-
-
-# ----------------------------------------------------------------------------- server process
-class Server:
-    """lora_server on loopback; `port` is read from its "listening on" line."""
-
-    def __init__(self, binary: Path, model: Path, adapters: dict[str, Path], *flags: str) -> None:
-        args = [str(binary), "--port", "0", *flags, str(model)] + [f"{n}={p}" for n, p in adapters.items()]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        ready = threading.Event()
-        self.port = 0
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        self.reader = threading.Thread(target=read, daemon=True)
-        self.reader.start()
-        if not ready.wait(120) or not self.port:
-            self.kill()
-            raise AssertionError("lora_server did not start:\n" + "".join(self.log))
-
-    def request(self, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict | str]:
-        return http_request(self.port, method, path, body)
-
-    def terminate(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
-
-
-def http_request(port: int, method: str, path: str, body: dict | bytes | None = None,
-                 conn: http.client.HTTPConnection | None = None) -> tuple[int, dict | str]:
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        text = response.read().decode()
-        try:
-            return response.status, json.loads(text)
-        except json.JSONDecodeError:
-            return response.status, text
-    finally:
-        if own:
-            conn.close()
 
 
 def forward_body(served: Served, adapter: str | None, i: int, **extra) -> dict:
@@ -260,84 +178,17 @@ def metric(text: str, name: str) -> float:
 
 
 # ----------------------------------------------------------------------------- load
-@dataclass
-class LoadResult:
-    requests: int = 0
-    failures: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.seconds
-
-    def percentile(self, q: float) -> float:
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000
-
-
-def post_raw(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    return response.status, response.read()
-
-
 def run_load(served: Served, port: int, seconds: float, clients: int = 32, adapters: list[str] | None = None,
              during=None) -> LoadResult:
-    """`clients` threads send forwards for random adapters (and the base model) for `seconds`,
-    checking every answer; `during()` runs meanwhile (faults). An answer is compared with PEFT's
-    output number by number, or found byte for byte equal to an answer that was (so that the
-    Python clients spend little time per request and the server, not the clients, is measured)."""
+    """`clients` threads send forwards for random adapters (and the base model) on random inputs
+    for `seconds`, every answer checked against PEFT's output; `during()` runs meanwhile (faults)."""
     names = list(adapters or ADAPTERS) + [None]
-    result = LoadResult()
-    lock = threading.Lock()
-    verified: set[tuple[str | None, int, bytes]] = set()
-    deadline = time.monotonic() + seconds
+    bodies = {(n, i): json.dumps(forward_body(served, n, i)).encode() for n in names for i in range(len(served.inputs))}
 
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
-        bodies = {(n, i): json.dumps(forward_body(served, n, i)).encode()
-                  for n in names for i in range(len(served.inputs))}
-        try:
-            while time.monotonic() < deadline:
-                name, i = rng.choice(names), rng.randrange(len(served.inputs))
-                start = time.monotonic()
-                try:
-                    status, raw = post_raw(conn, "/v1/forward", bodies[(name, i)])
-                except (OSError, http.client.HTTPException) as e:
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
-                    with lock:
-                        result.failures.append(f"{name}: {type(e).__name__} {e}")
-                    continue
-                elapsed = time.monotonic() - start
-                problem = None
-                if status != 200:
-                    problem = f"status {status}: {raw[:500]!r}"
-                elif (name, i, raw) not in verified:
-                    problem = output_error(json.loads(raw), expected(served, name, i))
-                    if problem is None:
-                        verified.add((name, i, raw))
-                with lock:
-                    result.requests += 1
-                    result.latencies.append(elapsed)
-                    if problem:
-                        result.failures.append(f"{name} input {i}: {problem}")
-        finally:
-            conn.close()
+    def check(key: tuple[str | None, int], raw: bytes) -> str | None:
+        return output_error(json.loads(raw), expected(served, *key))
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    if during is not None:
-        during()
-    for t in threads:
-        t.join(seconds + 2 * REQUEST_TIMEOUT)
-        assert not t.is_alive(), "a load client hangs"
-    result.seconds = time.monotonic() - start
-    return result
+    return serving_load.run_load(port, seconds, bodies, check, clients=clients, during=during)
 
 
 class Faults:
@@ -455,8 +306,7 @@ class Faults:
 
 
 def report(name: str, result: LoadResult) -> None:
-    print(f"{name}: {result.requests} requests in {result.seconds:.1f} s = {result.throughput:.1f} req/s, "
-          f"p50 {result.percentile(0.5):.1f} ms, p99 {result.percentile(0.99):.1f} ms")
+    print(result.summary(name))
 
 
 # ----------------------------------------------------------------------------- tests

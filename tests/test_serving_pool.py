@@ -243,3 +243,33 @@ def test_cpp_modules_served_from_the_pool_match_peft(llama_adapters) -> None:
     ids = torch.randint(0, tm.VOCAB, (2, 5))
     with reference.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_cuda_pool_serves_what_the_cpu_pool_serves(llama_adapters) -> None:
+    """Slots on the GPU (host tier pinned on the CPU, copies on the current stream) give the rows
+    the CPU pool gives, through evictions and reloads."""
+    root, names, _ = llama_adapters
+    outputs = {}
+    ids = torch.randint(0, tm.VOCAB, (6, 5))
+    batches = [[(names[k % 8], 1.0 + 0.25 * (k % 2)) if k % 3 else ("", 1.0) for k in range(j, j + 6)] for j in range(4)]
+    for device in ("cpu", "cuda"):
+        model, tree, _ = _cpp_llama(tm.llama().to(device))
+        pool = serve.AdapterPool(serve.target_layers(tree), max_loras=3, max_lora_rank=8, max_cpu_loras=4, device=device)
+        for name in names:
+            pool.load(name, str(root / name))
+        for j, batch in enumerate(batches):
+            # one adapter per request, at most 3 distinct: split each batch where the pool says so
+            start = 0
+            while start < len(batch):
+                end = start + 1
+                while end < len(batch) and pool.fits(batch[start:end], batch[end]):
+                    end += 1
+                with pool.acquire(batch[start:end]) as lease, serve.PoolBinding(tree, pool, lease):
+                    outputs[(device, j, start)] = model(input_ids=ids[start:end].to(device)).logits.cpu()
+                start = end
+        assert pool.stats()["slot_evictions"] > 0
+    for key in [k for k in outputs if k[0] == "cpu"]:
+        torch.testing.assert_close(outputs[("cuda", *key[1:])], outputs[key], rtol=1e-4, atol=1e-4)

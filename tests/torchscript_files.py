@@ -20,6 +20,7 @@ def save_torchscript(module: nn.Module, path: Path, example: Optional[torch.Tens
     """Scripts ``module`` (or traces it with ``example``) and saves it to ``path``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATED, category=FutureWarning)
-        scripted = torch.jit.trace(module, example) if example is not None else torch.jit.script(module)
+        scripted = (torch.jit.trace(module, example, check_trace=False) if example is not None
+                    else torch.jit.script(module))
         scripted.save(str(path))
     return path

@@ -77,8 +77,8 @@ def export_for_serving(
     arguments of every forward, fixed in the package. ``dynamic_shapes``: one
     entry per input (a dict ``{dim: torch.export.Dim}`` or None), keyed like ``example_inputs``;
     by default dim 0 of every input is a shared batch dim and dim 1 of integer inputs with two
-    or more dims a dynamic token dim (examples need at least 2 along each). ``inductor_configs``
-    are passed on to AOTInductor. The model is left as it was (its LoRA layers are swapped for
+    or more dims a dynamic token dim (examples need at least 2 along each; the package then
+    accepts any size, 1 included). ``inductor_configs`` are passed on to AOTInductor. The model is left as it was (its LoRA layers are swapped for
     the time of the export only: do not run it meanwhile). Raises ValueError / TypeError naming
     what is wrong.
     """
@@ -90,6 +90,9 @@ def export_for_serving(
     export_seconds = time.perf_counter() - start
     configs = dict(inductor_configs or {})
     configs["always_keep_tensor_constants"] = True  # small constants would be inlined otherwise
+    # torch.export gives dynamic dims a lower bound of 2 (sizes 0 and 1 specialise); the kernels
+    # are generic in the size, so one-row requests must pass the run-time input checks.
+    configs.setdefault("aot_inductor.check_lowerbound", False)
     aoti_metadata = dict(configs.get("aot_inductor.metadata", {}))
     aoti_metadata[METADATA_KEY] = json.dumps(metadata)
     configs["aot_inductor.metadata"] = aoti_metadata

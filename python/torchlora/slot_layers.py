@@ -162,9 +162,22 @@ class SlotConv2d(SlotLayer):
             self.slot_inputs.sample_slots, list(stride), list(padding), list(dilation), self.groups)
 
 
+def _check_plain_weight(base_layer: nn.Module, name: str) -> None:
+    """Slot layers compute with the base weight itself: a quantized or wrapped weight (bitsandbytes
+    Params4bit / Int8Params, torchao tensor subclasses) would be read as if it were plain."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is None:
+        return
+    if type(weight) not in (nn.Parameter, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"module {name!r} ({type(base_layer).__name__}) holds a {type(weight).__name__} weight of "
+                        f"dtype {weight.dtype}; served models need plain floating-point base weights "
+                        "(dequantize the base model before exporting)")
+
+
 def slot_layer_for(base_layer: nn.Module, inputs: SlotInputs, index: int, name: str) -> SlotLayer:
     """The slot layer for a base ``nn.Linear``, transformers ``Conv1D``, ``nn.Embedding`` or
     ``nn.Conv2d`` (TypeError naming the module otherwise)."""
+    _check_plain_weight(base_layer, name)
     if isinstance(base_layer, nn.Linear):
         return SlotLinear(base_layer, inputs, index)
     if type(base_layer).__name__ == "Conv1D" and getattr(base_layer, "weight", None) is not None \
