@@ -330,3 +330,17 @@ def test_merged_layers_are_rejected(tmp_path, small_peft):
 def test_not_a_module(tmp_path):
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         _export(lambda x: x, tmp_path)
+
+
+class _PackedWeight(nn.Parameter):
+    """Stands for a quantized parameter class (bitsandbytes Params4bit / Int8Params subclass Parameter)."""
+
+
+def test_quantized_base_weights_are_rejected(tmp_path):
+    model = tm.plain_mlp()
+    model.lin0.weight = _PackedWeight(model.lin0.weight.detach().clone())
+    with pytest.raises(TypeError, match="'lin0' .* holds a _PackedWeight weight.*plain floating-point"):
+        _export(model, tmp_path, target_modules=["lin0"])
+    model.lin0.weight = nn.Parameter(torch.zeros_like(model.lin0.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="dtype torch.int8"):
+        _export(model, tmp_path, target_modules=["lin0"])
