@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tensor_expect.h"
+
 #include <unistd.h>
 
 #include <atomic>
@@ -31,10 +33,6 @@ namespace tnn = torchlora::nn;
 namespace serve = torchlora::serve;
 namespace fs = std::filesystem;
 
-void expect_close(const at::Tensor& a, const at::Tensor& b, double rtol = 1e-5, double atol = 1e-6) {
-  ASSERT_EQ(a.sizes(), b.sizes());
-  EXPECT_TRUE(at::allclose(a, b, rtol, atol)) << "max abs diff " << (a - b).abs().max().item<double>();
-}
 
 template <class E = c10::Error>
 std::string error_of(const std::function<void()>& f) {

@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tensor_expect.h"
+
 #include <unistd.h>
 
 #include <atomic>
@@ -36,10 +38,6 @@ namespace apply = torchlora::apply;
 namespace tnn = torchlora::nn;
 namespace peft = torchlora::peft;
 
-void expect_close(const at::Tensor& a, const at::Tensor& b, double rtol = 1e-5, double atol = 1e-6) {
-  ASSERT_EQ(a.sizes(), b.sizes());
-  EXPECT_TRUE(at::allclose(a, b, rtol, atol)) << "max abs diff " << (a - b).abs().max().item<double>();
-}
 
 std::string error_of(const std::function<void()>& f) {
   try {
