@@ -13,8 +13,8 @@ namespace torchlora::io {
 namespace {
 
 // Positions in peft::kLoraTensorNames.
-enum Role { kA = 0, kB = 1, kBias = 2, kEmbA = 3, kEmbB = 4 };
-static_assert(peft::kLoraTensorNames.size() == 5);
+enum Role { kA = 0, kB = 1, kBias = 2, kEmbA = 3, kEmbB = 4, kMagnitude = 5 };
+static_assert(peft::kLoraTensorNames.size() == 6);
 
 struct Parts {
   at::Tensor A, B, bias;
@@ -108,6 +108,8 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
       adapter.other_tensors.emplace(rel, tensor);
       continue;
     }
+    TORCH_CHECK_VALUE(role != kMagnitude, "torchlora: ", source, ": '", key,
+                      "' is a DoRA magnitude vector (use_dora=true), which the C++ loader does not read yet");
     auto& p = parts[path];
     const bool is_embedding_key = role == kEmbA || role == kEmbB;
     if (p.A.defined() || p.B.defined() || p.bias.defined()) {

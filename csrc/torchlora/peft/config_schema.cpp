@@ -80,7 +80,7 @@ constexpr Spec kSpecs[] = {
     {"eva_config", "null", Kind::Unsupported, false, true},
     {"corda_config", "null", Kind::Unsupported, false, true},
     {"lora_ga_config", "null", Kind::Unsupported, false, true},
-    {"use_dora", "false", Kind::Unsupported, true, true},
+    {"use_dora", "false", Kind::Bool, true, true},
     {"velora_config", "null", Kind::Unsupported, false, true},
     {"alora_invocation_tokens", "null", Kind::Unsupported, false, true},
     {"use_qalora", "false", Kind::Unsupported, false, true},

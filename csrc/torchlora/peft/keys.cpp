@@ -3,8 +3,10 @@
 namespace torchlora::peft {
 namespace {
 
-// "lora_A.weight" with adapter "x" -> "lora_A.x.weight"; "lora_embedding_A" -> "lora_embedding_A.x"
+// "lora_A.weight" with adapter "x" -> "lora_A.x.weight"; "lora_embedding_A" -> "lora_embedding_A.x";
+// "lora_magnitude_vector" -> "lora_magnitude_vector.x.weight" (PEFT keeps DoRA's magnitude in a module)
 std::string with_adapter(const std::string& local, const std::string& adapter_name) {
+  if (local == "lora_magnitude_vector") return local + "." + adapter_name + ".weight";
   const auto dot = local.find('.');
   if (dot == std::string::npos) return local + "." + adapter_name;
   return local.substr(0, dot) + "." + adapter_name + local.substr(dot);

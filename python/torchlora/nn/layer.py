@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._native import _C
 from ..config import validate_config_dict
+from . import quantized_weight
 from .adapter_stack import AdapterStack, build_stack
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
@@ -319,23 +320,32 @@ class LoraLayer(nn.Module):
         base = self.get_base_layer()
         for name in self._adapters_to_merge(adapter_names):
             self._check_mergeable(name)
-            delta_w = self.get_delta_weight(name)
             delta_b = self._delta_bias(name)
             if delta_b is not None and getattr(base, "bias", None) is None:
                 raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-            if safe_merge:
-                new_w = base.weight.data + delta_w.to(base.weight.dtype)
-                new_b = None if delta_b is None else base.bias.data + delta_b.to(base.bias.dtype)
-                if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                base.weight.data.copy_(new_w)
-                if new_b is not None:
-                    base.bias.data.copy_(new_b)
-            else:
-                base.weight.data += delta_w.to(base.weight.dtype)
-                if delta_b is not None:
-                    base.bias.data += delta_b.to(base.bias.dtype)
+            new_w = self._merged_weight(name, quantized_weight.dequantized_weight(base))
+            new_b = None if delta_b is None else base.bias.data + delta_b.to(base.bias.dtype)
+            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            self._write_base_weight(new_w)
+            if new_b is not None:
+                base.bias.data.copy_(new_b)
             self.merged_adapters.append(name)
+
+    def _merged_weight(self, adapter: str, weight: Tensor) -> Tensor:
+        """The base weight with ``adapter`` merged into it (``weight`` is the current, dequantized one)."""
+        return weight + self.get_delta_weight(adapter).to(weight.dtype)
+
+    def _unmerged_weight(self, adapter: str, weight: Tensor) -> Tensor:
+        """The inverse of :meth:`_merged_weight`."""
+        return weight - self.get_delta_weight(adapter).to(weight.dtype)
+
+    def _write_base_weight(self, value: Tensor) -> None:
+        base = self.get_base_layer()
+        if quantized_weight.is_quantized(base):
+            warnings.warn(f"Merge lora module to {quantized_weight.describe(base)} linear may get different "
+                          "generations due to rounding errors.")
+        quantized_weight.write_weight(base, value)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's delta again, newest first."""
@@ -345,7 +355,7 @@ class LoraLayer(nn.Module):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+            self._write_base_weight(self._unmerged_weight(name, quantized_weight.dequantized_weight(base)))
             delta_b = self._delta_bias(name)
             if delta_b is not None:
                 base.bias.data -= delta_b.to(base.bias.dtype)

@@ -82,6 +82,39 @@ TORCHLORA_API at::Tensor lora_delta_weight(
 // A fresh seed tensor for the ops above, drawn from the default generator of `device`.
 TORCHLORA_API at::Tensor make_seed(c10::Device device);
 
+// ---- DoRA (weight-decomposed LoRA) -------------------------------------------------------------
+// The one definition of DoRA's weight norm: the L2 norm of every output row of W + scaling * B @ A,
+// computed without forming that matrix, from
+//   ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T.
+//   weight        [out, in] (fan_in_fan_out: stored [in, out], as transformers Conv1D and, for
+//                 DoRA, nn.Embedding's [num_emb, dim] whose "rows" are its dim columns), or a conv
+//                 kernel [out, in, kh, kw] (read as [out, in * kh * kw]); any float dtype
+//   lora_A        [r, in] or [r, in, kh, kw]      lora_B [out, r] or [out, r, 1, 1]
+//   weight_sq_norm  optional cached ||W_i||^2 [out] float32 (float64 for float64 factors), from
+//                 dora_weight_sq_norm; computed when absent
+// Returns [out] in lora_A's dtype, accumulated in float32 (float64 for float64). A quantized base
+// passes its dequantized weight a block of rows at a time (with the matching rows of lora_B and
+// weight_sq_norm): rows are independent. Differentiable in lora_A, lora_B and weight (the
+// gradient of the norm of W + s B A); DoRA itself detaches it.
+TORCHLORA_API at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                          double scaling, bool fan_in_fan_out = false,
+                                          const std::optional<at::Tensor>& weight_sq_norm = std::nullopt);
+
+// ||W_i||^2 per output row, [out] float32 (float64 for float64): the part of dora_weight_norm that
+// is fixed while the base weight is frozen, cached by the layers. Layouts as dora_weight_norm.
+TORCHLORA_API at::Tensor dora_weight_sq_norm(const at::Tensor& weight, bool fan_in_fan_out = false);
+
+// DoRA's output from the adapted layer's output without DoRA:
+//   out = (magnitude / weight_norm) * (z - bias) + bias
+// along dimension `dim` of z (size out; -1 for linear and embedding outputs [..., out], 1 for conv
+// outputs [N, out, H, W]). z = base_out + scaling * lora_out (what lora_linear / linear_with_lora /
+// lora_embedding / lora_conv2d return), bias the base layer's bias (absent: zero). This is PEFT's
+// base + (m / n - 1) * (base - bias) + (m / n) * scaling * lora. magnitude and weight_norm have
+// `out` elements (any shape: PEFT's conv magnitude is [1, out, 1, 1]). Computed in float32 (float64
+// for float64); the result has z's dtype. Differentiable in z, magnitude, weight_norm and bias.
+TORCHLORA_API at::Tensor dora_scale(const at::Tensor& z, const at::Tensor& magnitude, const at::Tensor& weight_norm,
+                                    const std::optional<at::Tensor>& bias = std::nullopt, int64_t dim = -1);
+
 // ---- Many adapters in one batch ------------------------------------------------------------
 // S adapters stacked in slots, zero-padded to one rank r (padding adds nothing to the result):
 //   lora_A [S, r, in]   lora_B [S, out, r]   lora_bias [S, out] (optional)   scale [S] (float)

@@ -13,9 +13,10 @@ inline constexpr const char* kPeftKeyPrefix = "base_model.model.";
 
 // The tensors of one LoRA layer under PEFT's local names. In a model each container (lora_A,
 // ...) holds one entry per adapter ("lora_A.<adapter>.weight"); in a file the adapter name is
-// left out ("lora_A.weight").
-inline constexpr std::array<const char*, 5> kLoraTensorNames = {
-    "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B"};
+// left out ("lora_A.weight"). DoRA's magnitude is "lora_magnitude_vector.<adapter>.weight" in a
+// model and "lora_magnitude_vector" in a file.
+inline constexpr std::array<const char*, 6> kLoraTensorNames = {
+    "lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"};
 
 // A model state-dict key -> its key in a PEFT file: "<path>.lora_A.<adapter>.weight" ->
 // "base_model.model.<path>.lora_A.weight"; keys that are not LoRA tensors (modules_to_save
