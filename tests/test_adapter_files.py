@@ -281,7 +281,7 @@ def test_missing_folder_config_and_weights(tmp_path, saved):
         ('{"peft_type": "IA3"}', "only implements LoRA"),
         ('{"peft_type": "LORA", "r": "four"}', "r must be an int"),
         ('{"peft_type": "LORA", "target_modules": ["query"], "made_up_key": 1}', "made_up_key"),
-        ('{"peft_type": "LORA", "target_modules": ["query"], "use_dora": true}', "use_dora"),
+        ('{"peft_type": "LORA", "target_modules": ["query"], "use_qalora": true}', "use_qalora"),
         ('{"peft_type": "LORA", "target_modules": ["query"], "bias": "some"}', "bias"),
     ],
 )
@@ -291,7 +291,7 @@ def test_malformed_config_is_an_error_naming_the_file(saved, text, match):
         f.write(text)
     model = tm.bert_seq_cls()
     # a value of the wrong type is a TypeError and an option torchlora lacks NotImplementedError,
-    # as in LoraConfig(r="four") and LoraConfig(use_dora=True)
+    # as in LoraConfig(r="four") and LoraConfig(use_qalora=True)
     with pytest.raises((ValueError, TypeError, NotImplementedError), match=match) as info:
         torchlora.PeftModel.from_pretrained(model, folder)
     assert "adapter_config.json" in str(info.value)

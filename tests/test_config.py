@@ -15,7 +15,7 @@ from torchlora.config import UNSUPPORTED_FIELD_DEFAULTS
 SUPPORTED = ["r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
              "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
              "rank_pattern", "alpha_pattern", "lora_bias", "task_type", "inference_mode",
-             "base_model_name_or_path", "revision"]
+             "base_model_name_or_path", "revision", "use_dora"]
 
 
 def test_defaults_equal_peft():
@@ -115,7 +115,7 @@ def test_what_peft_rejects_we_reject(kwargs):
 
 
 NON_DEFAULTS = {
-    "use_dora": True, "megatron_config": {"x": 1}, "megatron_core": "other", "trainable_token_indices": [1, 2],
+    "megatron_config": {"x": 1}, "megatron_core": "other", "trainable_token_indices": [1, 2],
     "loftq_config": {"loftq_bits": 4}, "eva_config": {"rho": 2.0}, "corda_config": {}, "lora_ga_config": {},
     "velora_config": {}, "alora_invocation_tokens": [1], "use_qalora": True, "qalora_group_size": 32,
     "monteclora_config": {}, "layer_replication": [[0, 1]], "runtime_config": {"ephemeral_gpu_offload": True},
@@ -194,8 +194,15 @@ def test_from_dict_rejects_other_peft_types():
 
 
 def test_from_dict_rejects_unsupported_non_defaults():
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(NotImplementedError, match="use_qalora"):
+        LoraConfig.from_dict({"peft_type": "LORA", "use_qalora": True})
+
+
+def test_use_dora_is_a_bool_option():
+    assert LoraConfig(use_dora=True).use_dora is True
+    assert LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True}).to_dict()["use_dora"] is True
+    with pytest.raises(TypeError, match="use_dora"):
+        LoraConfig(use_dora="yes")
 
 
 def test_from_pretrained_missing_file(tmp_path):

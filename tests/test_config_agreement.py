@@ -153,7 +153,7 @@ CASES = [
     # ---- unknown keys and options torchlora lacks
     Case("unknown_key", _base(my_option=1), expect="my_option"),
     Case("unknown_keys", _base(zeta=1, alpha_option=2), expect="['alpha_option', 'zeta']"),
-    Case("use_dora", _base(use_dora=True), expect="use_dora"),
+    Case("use_dora_without_magnitudes", _base(use_dora=True), expect="lora_magnitude_vector"),
     Case("trainable_token_indices", _base(trainable_token_indices=[1, 2]), expect="trainable_token_indices"),
     Case("target_parameters", _base(target_parameters=["w"]), expect="target_parameters"),
     Case("layer_replication", _base(layer_replication=[[0, 1]]), expect="layer_replication"),

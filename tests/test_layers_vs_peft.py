@@ -269,7 +269,7 @@ def test_init_false_is_not_a_no_op_and_unknown_init_raises():
 
 @pytest.mark.parametrize("bad,error", [
     (dict(r=0), ValueError), (dict(r=-2), ValueError), (dict(r=2.5), TypeError), (dict(lora_alpha="8"), TypeError),
-    (dict(lora_dropout=1.0), ValueError), (dict(lora_dropout=-0.1), ValueError), (dict(use_dora=True), NotImplementedError),
+    (dict(lora_dropout=1.0), ValueError), (dict(lora_dropout=-0.1), ValueError), (dict(use_dora=1), TypeError),
     (dict(unknown_option=1), TypeError),
 ])
 def test_layer_argument_errors(bad, error):

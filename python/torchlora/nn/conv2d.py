@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -60,6 +61,7 @@ class LoraConv2d(LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         low_cpu_mem_usage: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -72,7 +74,7 @@ class LoraConv2d(LoraLayer):
         self.in_features, self.out_features = base.in_channels, base.out_channels
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
-                          low_cpu_mem_usage=low_cpu_mem_usage)
+                          low_cpu_mem_usage=low_cpu_mem_usage, use_dora=use_dora)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
@@ -114,13 +116,42 @@ class LoraConv2d(LoraLayer):
         return ops.multi_lora_conv2d(x, result, stack.lora_A, stack.lora_B, stack.lora_bias, stack.scale, sample_slots,
                                      stride, padding, dilation, self._stack_groups())
 
+    def _check_dora_supported(self) -> None:
+        if self.get_base_layer().groups > 1:
+            raise ValueError("DoRA on a conv with groups > 1 is not supported (use_dora=True)")
+
+    def _dora_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.out_features, 1, 1)
+
+    def _dora_factor_view(self) -> tuple[int, ...]:
+        return (-1, 1, 1, 1)
+
     def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
             return self._lora_update(name, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0)
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x = x.to(lora_A.weight.dtype)
         p, seed = self._seed_for(name, x.device)
-        return ops.lora_conv2d(
-            x, result, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride, _explicit_padding(lora_A),
-            lora_A.dilation, lora_B.groups, self.scaling[name], p, seed,
-        )
+
+        def conv_lora(inputs: Tensor, base_out: Tensor, dropout_p: float) -> Tensor:
+            return ops.lora_conv2d(
+                inputs, base_out, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride, _explicit_padding(lora_A),
+                lora_A.dilation, lora_B.groups, self.scaling[name], dropout_p, seed,
+            )
+
+        if not self._uses_dora(name):
+            return conv_lora(x, result, p)
+        # DoRA (PEFT): result + (g - 1) * (base - bias) + g * s * lora, g per output channel
+        magnitude = self.lora_magnitude_vector[name].weight
+        norm = self.dora_weight_norm(name)
+        base = self.get_base_layer()
+        if p == 0.0:
+            return ops.dora_scale(conv_lora(x, result, 0.0), magnitude, norm, base.bias, 1)
+        dropped = ops.dropout_apply(x, p, seed)
+        base_dropped = F.conv2d(dropped.to(base.weight.dtype), base.weight, None, base.stride, base.padding,
+                                base.dilation, base.groups)
+        z = conv_lora(dropped, base_dropped, 0.0)
+        return result + ops.dora_scale(z, magnitude, norm, None, 1) - base_dropped

@@ -32,6 +32,7 @@ class LoraEmbedding(LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         low_cpu_mem_usage: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -42,7 +43,7 @@ class LoraEmbedding(LoraLayer):
         self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
-                          low_cpu_mem_usage=low_cpu_mem_usage)
+                          low_cpu_mem_usage=low_cpu_mem_usage, use_dora=use_dora)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         if lora_bias:
@@ -89,7 +90,20 @@ class LoraEmbedding(LoraLayer):
         return ops.multi_lora_embedding(ids, result, stack.lora_A, stack.lora_B, stack.scale, slots,
                                         -1 if padding_idx is None else padding_idx)
 
+    def _dora_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _dora_fan_in_fan_out(self) -> bool:
+        return True  # the table is [num_embeddings, dim]: DoRA's norm runs over each dim's column
+
     def _lora_update(self, name: str, ids: Tensor, result: Tensor) -> Tensor:
+        out = self._lora_embedding_update(name, ids, result)
+        if self._uses_dora(name):
+            # PEFT: g * result + g * s * lora (no bias)
+            return ops.dora_scale(out, self.lora_magnitude_vector[name].weight, self.dora_weight_norm(name))
+        return out
+
+    def _lora_embedding_update(self, name: str, ids: Tensor, result: Tensor) -> Tensor:
         base = self.get_base_layer()
         lora_A = self.lora_embedding_A[name]
         if base.max_norm is not None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .. import ops
 from .._native import _C
 from ..config import validate_config_dict
-from . import quantized_weight
+from . import dora, quantized_weight
 from .adapter_stack import AdapterStack, build_stack
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
@@ -69,12 +69,8 @@ def check_adapter_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_wei
 
 
 def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
-    """Layers take PEFT's options; DoRA is not supported and anything else is a typo."""
-    for key, value in kwargs.items():
-        if key == "use_dora" and not value:
-            continue
-        if key == "use_dora":
-            raise NotImplementedError("use_dora=True (DoRA) is not supported by torchlora")
+    """Layers take PEFT's options; anything else is a typo."""
+    for key in kwargs:
         raise TypeError(f"unexpected argument {key!r}")
 
 
@@ -85,7 +81,8 @@ class LoraLayer(nn.Module):
     ``get_delta_weight`` and ``forward``.
     """
 
-    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names: tuple[str, ...] = (
+        "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -101,6 +98,11 @@ class LoraLayer(nn.Module):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_bias: dict[str, bool] = {}
         self.use_rslora: dict[str, bool] = {}
+        # DoRA: the magnitude of each DoRA adapter, the cached ||W||^2 and the norms merging used
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_dora: dict[str, bool] = {}
+        self._dora_sq_norm = dora.WeightSqNormCache()
+        self._dora_merge_norms: dict[str, Tensor] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter: str | list[str] = "default"
@@ -188,8 +190,12 @@ class LoraLayer(nn.Module):
         use_rslora: bool = False,
         lora_bias: bool = False,
         low_cpu_mem_usage: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add (or replace) the adapter ``adapter_name`` and keep the active set trainable.
+
+        With ``use_dora`` the adapter is DoRA: its magnitude starts at the row norms of the
+        adapted weight, so the layer's output is unchanged at initialisation.
 
         With ``low_cpu_mem_usage`` the adapter's parameters are created on the meta device and
         not initialised: they take their values when a saved adapter is loaded into them
@@ -197,21 +203,75 @@ class LoraLayer(nn.Module):
         they also rewrite the base weight, which the loaded factors need.
         """
         check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         self._check_new_adapter(r, lora_bias)
+        if use_dora:
+            self._check_dora_supported()
         self._register_common(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self.use_dora[adapter_name] = use_dora
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if low_cpu_mem_usage:
             with torch.device("meta"):
                 self._create_adapter(adapter_name, r, lora_bias)
             self._init_from_base_weight(adapter_name, init_lora_weights)
+            if use_dora:
+                with torch.device("meta"):
+                    self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(
+                        torch.empty(self._dora_magnitude_shape()))
         else:
             self._create_adapter(adapter_name, r, lora_bias)
             self.reset_lora_parameters(adapter_name, init_lora_weights)
+            if use_dora:
+                self._init_dora_magnitude(adapter_name)
         self._move_adapter_to_base(adapter_name)
         self.refresh_adapter_stack()
         self.set_adapter(self.active_adapters)
 
     def _check_new_adapter(self, r: int, lora_bias: bool) -> None:
         """Raise when this layer cannot hold an adapter of rank ``r`` (with ``lora_bias``)."""
+
+    # ------------------------------------------------------------------ DoRA
+    def _check_dora_supported(self) -> None:
+        """Raise when this layer cannot hold a DoRA adapter."""
+
+    def _dora_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        """(lora_A, lora_B) in the layout of :func:`torchlora.ops.dora_weight_norm`."""
+        raise NotImplementedError
+
+    def _dora_fan_in_fan_out(self) -> bool:
+        """Whether the base weight is stored [in, out] (its DoRA norm runs over its columns)."""
+        return False
+
+    def _dora_magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's shape of the magnitude parameter."""
+        return (self.out_features,)
+
+    def _dora_factor_view(self) -> tuple[int, ...]:
+        """The shape that lines the per-feature factor up with the base weight for merging."""
+        return (1, -1) if self._dora_fan_in_fan_out() else (-1, 1)
+
+    def _init_dora_magnitude(self, adapter_name: str) -> None:
+        norm = self.dora_weight_norm(adapter_name)
+        self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(norm.reshape(self._dora_magnitude_shape()))
+
+    def _uses_dora(self, adapter_name: str) -> bool:
+        return self.use_dora.get(adapter_name, False)
+
+    def dora_weight_norm(self, adapter_name: str) -> Tensor:
+        """``||W + scaling * B @ A||`` per output feature for ``adapter_name``, detached (DoRA's
+        denominator); ``||W||^2`` comes from a cache while the base weight is unchanged."""
+        lora_A, lora_B = self._dora_factors(adapter_name)
+        base = self.get_base_layer()
+        fan_in_fan_out = self._dora_fan_in_fan_out()
+        sq_norm = self._dora_sq_norm.get(base, fan_in_fan_out)
+        return dora.weight_norm(base, lora_A, lora_B, self.scaling[adapter_name], fan_in_fan_out, sq_norm)
+
+    def _dora_gain(self, adapter_name: str, norm: Tensor) -> Tensor:
+        """``magnitude / norm`` shaped to multiply the base weight."""
+        magnitude = self.lora_magnitude_vector[adapter_name].weight.detach()
+        return (magnitude.reshape(-1) / norm).reshape(self._dora_factor_view())
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         """Create the adapter's parameters under PEFT's names."""
@@ -274,7 +334,7 @@ class LoraLayer(nn.Module):
         """Remove an adapter; if it was active, the first remaining one becomes active."""
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter '{adapter_name}' is merged; unmerge it before deleting it")
-        for attr in self.adapter_layer_names + self.other_param_names + ("lora_bias", "use_rslora"):
+        for attr in self.adapter_layer_names + self.other_param_names + ("lora_bias", "use_rslora", "use_dora"):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
@@ -333,12 +393,32 @@ class LoraLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def _merged_weight(self, adapter: str, weight: Tensor) -> Tensor:
-        """The base weight with ``adapter`` merged into it (``weight`` is the current, dequantized one)."""
-        return weight + self.get_delta_weight(adapter).to(weight.dtype)
+        """The base weight with ``adapter`` merged into it (``weight`` is the current, dequantized
+        one). DoRA (PEFT's rule): ``m / ||W0 + delta|| * (weight + delta)`` with ``W0`` the weight
+        without the adapters merged before, the norm kept for unmerging."""
+        delta = self.get_delta_weight(adapter)
+        if not self._uses_dora(adapter):
+            return weight + delta.to(weight.dtype)
+        lora_A, lora_B = self._dora_factors(adapter)
+        unmerged = self._weight_without_merged_adapters(weight)
+        norm = dora.norm_of(unmerged, lora_A, lora_B, self.scaling[adapter], self._dora_fan_in_fan_out())
+        self._dora_merge_norms[adapter] = norm
+        gain = self._dora_gain(adapter, norm)
+        return (gain * (weight + delta)).to(weight.dtype)
 
-    def _unmerged_weight(self, adapter: str, weight: Tensor) -> Tensor:
+    def _unmerged_weight(self, adapter: str, weight: Tensor, forget: bool = True) -> Tensor:
         """The inverse of :meth:`_merged_weight`."""
-        return weight - self.get_delta_weight(adapter).to(weight.dtype)
+        delta = self.get_delta_weight(adapter)
+        if not self._uses_dora(adapter):
+            return weight - delta.to(weight.dtype)
+        norms = self._dora_merge_norms
+        norm = norms.pop(adapter) if forget else norms[adapter]
+        return (weight / self._dora_gain(adapter, norm) - delta).to(weight.dtype)
+
+    def _weight_without_merged_adapters(self, weight: Tensor) -> Tensor:
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerged_weight(name, weight, forget=False)
+        return weight
 
     def _write_base_weight(self, value: Tensor) -> None:
         base = self.get_base_layer()
@@ -413,7 +493,7 @@ class LoraLayer(nn.Module):
         """Sample i through ``adapter_names[i]``: the base layer, then one multi-adapter operator
         for every adapter in the batch (``_multi_lora_update``)."""
         self._check_mixed_batch(adapter_names, x)
-        if not self._stacks_adapters():
+        if not self._stacks_adapters() or any(self.use_dora.values()):
             return self._mixed_batch_loop(x, *args, adapter_names=adapter_names, **kwargs)
         stack = self.adapter_stack()
         slots = self._sample_slots(stack, adapter_names, x.device)
@@ -438,6 +518,8 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter_slots must have shape [{x.shape[0]}] (one per sample), got {tuple(adapter_slots.shape)}")
         if not self._stacks_adapters():
             raise NotImplementedError(f"adapter_slots is not supported by {type(self).__name__} with this base layer")
+        if any(self.use_dora.values()):
+            raise NotImplementedError("adapter_slots is not supported with DoRA adapters; pass adapter_names instead")
         return self._forward_with_slots(self.adapter_stack(), adapter_slots.to(x.device), x, *args, **kwargs)
 
     def _sample_slots(self, stack: AdapterStack, adapter_names: list[str], device: torch.device) -> Tensor | None:

@@ -48,6 +48,7 @@ class LoraLinear(LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         low_cpu_mem_usage: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer)
@@ -61,7 +62,7 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, lora_bias,
-                          low_cpu_mem_usage=low_cpu_mem_usage)
+                          low_cpu_mem_usage=low_cpu_mem_usage, use_dora=use_dora)
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -138,7 +139,43 @@ class LoraLinear(LoraLayer):
             return None
         return self.lora_B[adapter].bias * self.scaling[adapter]
 
+    def _dora_factors(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _dora_fan_in_fan_out(self) -> bool:
+        return self.fan_in_fan_out
+
+    def _base_without_bias(self, x: Tensor) -> Tensor:
+        """``W x`` of the base layer (no bias), for DoRA's dropout path."""
+        base = self.get_base_layer()
+        if type(base) is nn.Linear:
+            return F.linear(x.to(base.weight.dtype), base.weight)
+        out = base(x.to(base.weight.dtype) if base.weight.dtype.is_floating_point else x)
+        return out if base.bias is None else out - base.bias
+
+    def _dora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        """PEFT's DoRA on top of ``result``: ``result + (g - 1) * (base - bias) + g * s * lora``
+        with ``g = m / ||W + s B A||``; with dropout in training, ``base`` is ``W dropout(x)``
+        (computed again, as PEFT does)."""
+        lora_A = self.lora_A[name].weight
+        lora_B = self.lora_B[name]
+        magnitude = self.lora_magnitude_vector[name].weight
+        norm = self.dora_weight_norm(name)
+        bias = self.get_base_layer().bias
+        x = x.to(lora_A.dtype)
+        p, seed = self._seed_for(name, x.device)
+        scaling = self.scaling[name]
+        if p == 0.0:
+            z = ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, scaling)
+            return ops.dora_scale(z, magnitude, norm, bias)
+        dropped = ops.dropout_apply(x, p, seed)
+        base_dropped = self._base_without_bias(dropped)
+        z = ops.lora_linear(dropped, base_dropped, lora_A, lora_B.weight, lora_B.bias, scaling)
+        return result + ops.dora_scale(z, magnitude, norm) - base_dropped
+
     def _lora_update(self, name: str, x: Tensor, result: Tensor, in_place: bool = False) -> Tensor:
+        if self._uses_dora(name):
+            return self._dora_update(name, x, result)
         lora_A = self.lora_A[name].weight
         lora_B = self.lora_B[name]
         x = x.to(lora_A.dtype)
@@ -211,7 +248,9 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         x2 = x.reshape(-1, x.shape[-1])
         first, rest = names[0], names[1:]
-        if x2.dtype == base.weight.dtype == self.lora_A[first].weight.dtype:
+        dora_first = self._uses_dora(first)
+        if x2.dtype == base.weight.dtype == self.lora_A[first].weight.dtype and not (
+                dora_first and self.dropout_p(first)):
             # The base layer and the first adapter in one op: they share their passes over memory.
             lora_B = self.lora_B[first]
             p, seed = self._seed_for(first, x.device)
@@ -219,6 +258,9 @@ class LoraLinear(LoraLayer):
                 x2, base.weight, base.bias, self.lora_A[first].weight, lora_B.weight, lora_B.bias,
                 self.scaling[first], p, seed,
             )
+            if dora_first:
+                magnitude = self.lora_magnitude_vector[first].weight
+                result = ops.dora_scale(result, magnitude, self.dora_weight_norm(first), base.bias)
         else:
             result, rest = F.linear(x2, base.weight, base.bias), names
         result_dtype = result.dtype

@@ -20,7 +20,7 @@ def create_lora_module(config: LoraConfig, adapter_name: str, target: nn.Module,
     With ``low_cpu_mem_usage`` the adapter's weights are left empty on the meta device."""
     common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                  lora_bias=config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage)
+                  lora_bias=config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage, use_dora=config.use_dora)
     if config.lora_bias and getattr(target, "bias", None) is None:
         warnings.warn(
             f"`lora_bias=True` was passed but the targeted layer of type {type(target).__name__} has no bias. "

@@ -198,7 +198,8 @@ class LoraModel(nn.Module):
         if isinstance(target, LoraLayer):
             try:
                 target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                    config.use_rslora, config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage)
+                                    config.use_rslora, config.lora_bias, low_cpu_mem_usage=low_cpu_mem_usage,
+                                    use_dora=config.use_dora)
             except Exception:
                 self._drop_partial_adapter(target, adapter_name)
                 restore_weight()
