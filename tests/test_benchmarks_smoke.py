@@ -67,3 +67,20 @@ def test_quick_mixed_batch_benchmark_writes_table_and_json(tmp_path):
     assert "| model | Llama h=64 2 layers, r=4 on q/k/v/o | prefill | 4 | 4 | 32 |" in table
     assert "| layer | Linear d=64, r=4 | decode | 1 | 4 | 4 |" in table
     assert "PEFT / torchlora" in proc.stdout  # the table is printed too
+
+
+def test_dora_step_benchmark_runs_and_reports_ratios(tmp_path):
+    pytest.importorskip("peft")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "dora.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dora_step.py"), "--tokens", "64", "--dim", "32", "--r", "4",
+         "--rounds", "2", "--batch", "2", "--seq", "8", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {row["workload"].split(" ")[0] for row in rows} >= {"linear"}
+    for row in rows:
+        assert row["torchlora_dora_ms"] > 0 and row["peft_dora_ms"] > 0 and row["dora_over_lora"] > 0
+        assert row["torchlora_dora_saved_extra_mb"] > 0
