@@ -1,7 +1,7 @@
 // CPU kernels of dora_scale: out = g (z - bias) + bias with g = magnitude / weight_norm per
-// channel, over z seen as [outer, C, inner] rows of `inner` contiguous elements, in parallel over
-// rows. Backward: dz = g grad elementwise, and the per-channel sums R = sum grad (z - bias) and
-// S = sum grad, each chunk of rows summing into its own partial vector (deterministic).
+// channel, in parallel over rows. Backward: dz = g grad and the per-channel sums
+// R = sum grad (z - bias) and S = sum grad in one pass, each chunk of rows summing into its own
+// partial vector (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../detail/dora_checks.h"
 #include "../detail/dora_math.h"
@@ -20,35 +21,62 @@
 namespace torchlora::cpu {
 namespace {
 
+// z seen as [outer, C, inner]. Linear and embedding outputs have inner == 1: their rows are
+// whole [C] channel vectors, walked with contiguous (vectorisable) loops over c; conv outputs
+// [N, C, H*W] have one channel per row of `inner` elements.
+struct Rows {
+  int64_t count, length;  // rows of `length` contiguous elements
+  bool channel_rows;      // a row holds all C channels (inner == 1)
+};
+
+Rows rows_of(const detail::DoraScaleShape& shape) {
+  if (shape.inner == 1) return {shape.outer, shape.channels, true};
+  return {shape.outer * shape.channels, shape.inner, false};
+}
+
 // Rows per parallel task: about 32k elements.
-int64_t row_grain(int64_t inner) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, inner));
+int64_t row_grain(int64_t length) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, length));
+}
+
+// The per-channel gain g = m / n and bias (zeros when absent) in the accumulation dtype.
+std::pair<at::Tensor, at::Tensor> gain_and_bias(const at::Tensor& magnitude, const at::Tensor& weight_norm,
+                                                const std::optional<at::Tensor>& bias, at::ScalarType ct) {
+  at::Tensor g = detail::dora_channel_vector(magnitude, ct) / detail::dora_channel_vector(weight_norm, ct);
+  at::Tensor b = bias.has_value() && bias->defined() ? detail::dora_channel_vector(*bias, ct)
+                                                     : at::zeros({g.numel()}, g.options());
+  return {g.contiguous(), b.contiguous()};
 }
 
 at::Tensor dora_scale_cpu(const at::Tensor& z, const at::Tensor& magnitude, const at::Tensor& weight_norm,
                           const std::optional<at::Tensor>& bias, int64_t dim) {
   const int64_t d = detail::check_dora_scale(z, magnitude, weight_norm, bias, dim, "torchlora.dora_scale");
   const auto shape = detail::dora_scale_shape(z, d);
-  const auto ct = detail::dora_accumulate_dtype(z.scalar_type());
-  const at::Tensor g = detail::dora_channel_vector(magnitude, ct) / detail::dora_channel_vector(weight_norm, ct);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? detail::dora_channel_vector(*bias, ct) : at::Tensor();
+  const auto [g, b] = gain_and_bias(magnitude, weight_norm, bias, detail::dora_accumulate_dtype(z.scalar_type()));
   const at::Tensor zc = z.contiguous();
   at::Tensor out = at::empty(z.sizes(), zc.options());
-  const int64_t rows = shape.outer * shape.channels, C = shape.channels, inner = shape.inner;
+  const Rows rows = rows_of(shape);
+  const int64_t C = shape.channels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "torchlora_dora_scale_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* gp = g.const_data_ptr<acc_t>();
-    const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, rows, row_grain(inner), [&](int64_t begin, int64_t end) {
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    at::parallel_for(0, rows.count, row_grain(rows.length), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t c = row % C;
-        const acc_t gc = gp[c], bc = bp ? bp[c] : acc_t(0);
-        const scalar_t* zr = zp + row * inner;
-        scalar_t* orow = op + row * inner;
-        for (int64_t i = 0; i < inner; ++i) orow[i] = static_cast<scalar_t>(gc * (static_cast<acc_t>(zr[i]) - bc) + bc);
+        const scalar_t* zr = zp + row * rows.length;
+        scalar_t* orow = op + row * rows.length;
+        if (rows.channel_rows) {
+          for (int64_t c = 0; c < C; ++c) {
+            orow[c] = static_cast<scalar_t>(gp[c] * (static_cast<acc_t>(zr[c]) - bp[c]) + bp[c]);
+          }
+        } else {
+          const acc_t gc = gp[row % C], bc = bp[row % C];
+          for (int64_t i = 0; i < rows.length; ++i) {
+            orow[i] = static_cast<scalar_t>(gc * (static_cast<acc_t>(zr[i]) - bc) + bc);
+          }
+        }
       }
     });
   });
@@ -62,19 +90,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_scale_backward_c
   const int64_t d = detail::check_dora_scale(z, magnitude, weight_norm, bias, dim, op);
   TORCH_CHECK_VALUE(grad_out.sizes() == z.sizes(), op, ": grad_out ", grad_out.sizes(), " must match z ", z.sizes());
   const auto shape = detail::dora_scale_shape(z, d);
-  const auto ct = detail::dora_accumulate_dtype(z.scalar_type());
-  const at::Tensor g = detail::dora_channel_vector(magnitude, ct) / detail::dora_channel_vector(weight_norm, ct);
+  const auto [g, b] = gain_and_bias(magnitude, weight_norm, bias, detail::dora_accumulate_dtype(z.scalar_type()));
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? detail::dora_channel_vector(*bias, ct) : at::Tensor();
   const at::Tensor gc = grad_out.to(z.scalar_type()).contiguous();
   const at::Tensor zc = z.contiguous();
-  const int64_t rows = shape.outer * shape.channels, C = shape.channels, inner = shape.inner;
+  const Rows rows = rows_of(shape);
+  const int64_t C = shape.channels;
+  const bool need_dz = output_mask[0];
   const bool need_r = output_mask[1] || output_mask[2];
   const bool need_s = output_mask[3] && has_bias;
 
-  at::Tensor grad_z = output_mask[0] ? at::empty(z.sizes(), zc.options()) : at::empty({0}, z.options());
-  // Per-chunk partial sums [chunks, C]: a fixed split, so the result does not depend on threads.
-  const int64_t chunks = (need_r || need_s) ? std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads())) : 0;
+  at::Tensor grad_z = need_dz ? at::empty(z.sizes(), zc.options()) : at::empty({0}, z.options());
+  // dz and the per-channel sums in one pass over grad and z, in a fixed split into chunks whose
+  // partial sums [chunks, C] are added afterwards: the result does not depend on the threads.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows.count, 4 * at::get_num_threads()));
   at::Tensor partial_r = need_r ? at::zeros({chunks, C}, g.options()) : at::Tensor();
   at::Tensor partial_s = need_s ? at::zeros({chunks, C}, g.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "torchlora_dora_scale_backward_cpu", [&] {
@@ -82,47 +111,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_scale_backward_c
     const scalar_t* gp_out = gc.const_data_ptr<scalar_t>();
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     const acc_t* gp = g.const_data_ptr<acc_t>();
-    const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
-    if (output_mask[0]) {
-      scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, row_grain(inner), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const acc_t gch = gp[row % C];
-          const scalar_t* gr = gp_out + row * inner;
-          scalar_t* dr = dz + row * inner;
-          for (int64_t i = 0; i < inner; ++i) dr[i] = static_cast<scalar_t>(gch * static_cast<acc_t>(gr[i]));
-        }
-      });
-    }
-    if (chunks == 0) return;
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    scalar_t* dz = need_dz ? grad_z.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* pr = need_r ? partial_r.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* ps = need_s ? partial_s.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        const int64_t r0 = rows * chunk / chunks, r1 = rows * (chunk + 1) / chunks;
+        const int64_t r0 = rows.count * chunk / chunks, r1 = rows.count * (chunk + 1) / chunks;
+        acc_t* rsum = pr ? pr + chunk * C : nullptr;
+        acc_t* ssum = ps ? ps + chunk * C : nullptr;
         for (int64_t row = r0; row < r1; ++row) {
-          const int64_t c = row % C;
-          const acc_t bc = bp ? bp[c] : acc_t(0);
-          const scalar_t* gr = gp_out + row * inner;
-          const scalar_t* zr = zp + row * inner;
-          acc_t r_sum = 0, s_sum = 0;
-          for (int64_t i = 0; i < inner; ++i) {
-            const acc_t gv = static_cast<acc_t>(gr[i]);
-            r_sum += gv * (static_cast<acc_t>(zr[i]) - bc);
-            s_sum += gv;
+          const scalar_t* gr = gp_out + row * rows.length;
+          const scalar_t* zr = zp + row * rows.length;
+          scalar_t* dr = dz ? dz + row * rows.length : nullptr;
+          if (rows.channel_rows) {
+            if (dr) {
+              for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>(gp[c] * static_cast<acc_t>(gr[c]));
+            }
+            if (rsum) {
+              for (int64_t c = 0; c < C; ++c) rsum[c] += static_cast<acc_t>(gr[c]) * (static_cast<acc_t>(zr[c]) - bp[c]);
+            }
+            if (ssum) {
+              for (int64_t c = 0; c < C; ++c) ssum[c] += static_cast<acc_t>(gr[c]);
+            }
+            continue;
           }
-          if (pr) pr[chunk * C + c] += r_sum;
-          if (ps) ps[chunk * C + c] += s_sum;
+          const int64_t c = row % C;
+          const acc_t gch = gp[c], bc = bp[c];
+          acc_t r_acc = 0, s_acc = 0;
+          for (int64_t i = 0; i < rows.length; ++i) {
+            const acc_t gv = static_cast<acc_t>(gr[i]);
+            if (dr) dr[i] = static_cast<scalar_t>(gch * gv);
+            r_acc += gv * (static_cast<acc_t>(zr[i]) - bc);
+            s_acc += gv;
+          }
+          if (rsum) rsum[c] += r_acc;
+          if (ssum) ssum[c] += s_acc;
         }
       }
     });
   });
-  const at::Tensor R = need_r ? partial_r.sum(0) : at::Tensor();
-  const at::Tensor S = need_s ? partial_s.sum(0) : at::Tensor();
   if (!need_r && !need_s) {
     auto none = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
     return {grad_z, none(magnitude), none(weight_norm), has_bias ? none(*bias) : none(magnitude)};
   }
+  const at::Tensor R = need_r ? partial_r.sum(0) : at::Tensor();
+  const at::Tensor S = need_s ? partial_s.sum(0) : at::Tensor();
   auto [grad_m, grad_n, grad_b] = detail::dora_scale_vector_grads(R, S, magnitude, weight_norm, bias, output_mask);
   return {grad_z, grad_m, grad_n, grad_b};
 }
