@@ -35,13 +35,13 @@ __global__ void dora_channel_affine_kernel(const scalar_t* __restrict__ in, scal
 }
 
 void launch_affine(const at::Tensor& in, at::Tensor& out, const at::Tensor& g, const at::Tensor& b,
-                   const detail::DoraScaleShape& shape, const char* op) {
+                   const detail::DoraScaleShape& shape) {
   const int64_t n = in.numel();
   if (n == 0) return;
   constexpr int threads = 256;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 65535));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(in.device().index()).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "torchlora_dora_scale_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dora_channel_affine_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
         in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<acc_t>(),
@@ -60,7 +60,7 @@ at::Tensor dora_scale_cuda(const at::Tensor& z, const at::Tensor& magnitude, con
   const at::Tensor b = bias.has_value() && bias->defined() ? detail::dora_channel_vector(*bias, ct) : at::Tensor();
   const at::Tensor zc = z.contiguous();
   at::Tensor out = at::empty(z.sizes(), zc.options());
-  launch_affine(zc, out, g, b, shape, "torchlora_dora_scale_cuda");
+  launch_affine(zc, out, g, b, shape);
   return out;
 }
 
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_scale_backward_c
   at::Tensor grad_z = none(z);
   if (output_mask[0]) {
     grad_z = at::empty(z.sizes(), gc.options());
-    launch_affine(gc, grad_z, g, at::Tensor(), shape, "torchlora_dora_scale_backward_cuda");
+    launch_affine(gc, grad_z, g, at::Tensor(), shape);
   }
   const bool need_r = output_mask[1] || output_mask[2];
   const bool need_s = output_mask[3] && has_bias;

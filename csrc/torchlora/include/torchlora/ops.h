@@ -95,7 +95,10 @@ TORCHLORA_API at::Tensor make_seed(c10::Device device);
 // Returns [out] in lora_A's dtype, accumulated in float32 (float64 for float64). A quantized base
 // passes its dequantized weight a block of rows at a time (with the matching rows of lora_B and
 // weight_sq_norm): rows are independent. Differentiable in lora_A, lora_B and weight (the
-// gradient of the norm of W + s B A); DoRA itself detaches it.
+// gradient of the norm of W + s B A); DoRA itself detaches it. Given weight_sq_norm, the norm
+// reads weight only in the cross term, so weight's own 2 W part of the gradient flows through
+// weight_sq_norm (d n / d weight_sq_norm = 1 / (2 n)) and dora_weight_sq_norm. Half/bfloat16
+// weights are upcast a block of rows at a time; a conv with groups > 1 raises NotImplementedError.
 TORCHLORA_API at::Tensor dora_weight_norm(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                           double scaling, bool fan_in_fan_out = false,
                                           const std::optional<at::Tensor>& weight_sq_norm = std::nullopt);
