@@ -37,10 +37,10 @@ PEFT_ROUNDING = "Merge lora module to {} linear may get different generations du
 PEFT_UNMERGE_ROUNDING = "Un" + PEFT_ROUNDING[0].lower() + PEFT_ROUNDING[1:]
 
 
-def quantized(model_name: str, quant: str, seed: int = 0):
+def quantized(model_name: str, quant: str, seed: int = 0, cpu_inference_layout: bool = False):
     model = MODELS[model_name](seed)
     bits, options = QUANT[quant]
-    quantize_linear_layers(model, bits, skip_modules=["lm_head"], **options)
+    quantize_linear_layers(model, bits, skip_modules=["lm_head"], cpu_inference_layout=cpu_inference_layout, **options)
     return model
 
 
@@ -51,12 +51,13 @@ def lora_config(lib, **overrides):
     return lib.LoraConfig(**options)
 
 
-def pair(model_name: str, quant: str, **config):
+def pair(model_name: str, quant: str, cpu_inference_layout: bool = False, **config):
     """(PEFT model, torchlora model) on identically quantized bases, ours given PEFT's adapter."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = peft.get_peft_model(quantized(model_name, quant), lora_config(peft, **config))
-        ours = torchlora.get_peft_model(quantized(model_name, quant), lora_config(torchlora, **config))
+        ref = peft.get_peft_model(quantized(model_name, quant, 0, cpu_inference_layout), lora_config(peft, **config))
+        ours = torchlora.get_peft_model(quantized(model_name, quant, 0, cpu_inference_layout),
+                                        lora_config(torchlora, **config))
     copy_adapter(ref, ours)
     return ref, ours
 
@@ -75,7 +76,7 @@ def _float_and_quantized(bits: int, options: dict, rows: int = 96, cols: int = 1
     torch.manual_seed(0)
     holder = torch.nn.Sequential(torch.nn.Linear(cols, rows))
     weight = holder[0].weight.detach().clone()
-    quantize_linear_layers(holder, bits, **options)
+    quantize_linear_layers(holder, bits, cpu_inference_layout=True, **options)
     return weight, holder[0]
 
 
@@ -140,6 +141,20 @@ def test_row_blocks_never_dequantize_the_whole_4bit_weight(monkeypatch):
     assert total == 128 * 256 and len(sizes) == 4 and max(sizes) == 32 * 256
     with pytest.raises(ValueError, match="rows_per_block"):
         list(quantized_weight.weight_row_blocks(layer, rows_per_block=0))
+
+
+def test_training_after_evaluation_keeps_the_training_layout():
+    _, ours = pair("llama", "nf4-dq-bf16")
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        before = logits(ours.eval()(ids))
+    layers = _quantized_layers(ours).values()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    ours.train()
+    logits(ours(ids)).sum().backward()
+    assert lora_grads(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours.eval()(ids)), before)
 
 
 def test_no_dequantized_weight_is_kept_on_the_layer():
@@ -220,7 +235,8 @@ def test_merge_and_unload_and_unmerge_on_the_cpu(quant):
     peft_text = open(os.path.join(os.path.dirname(peft.tuners.lora.__file__), "bnb.py"), encoding="utf-8").read()
     described = "4-bit" if bits == 4 else "8-bit"
     assert PEFT_ROUNDING.format(described) in peft_text and PEFT_UNMERGE_ROUNDING.format(described) in peft_text
-    _, ours = pair("llama", quant)
+    # bitsandbytes' CPU inference layout, which the first eval forward below switches 4-bit layers to
+    _, ours = pair("llama", quant, cpu_inference_layout=True)
     with torch.no_grad():  # a delta about as large as the base weights
         for name, param in ours.named_parameters():
             if "lora_B" in name:
@@ -236,6 +252,8 @@ def test_merge_and_unload_and_unmerge_on_the_cpu(quant):
             base_out = logits(ours(ids))
     change = (with_adapter - base_out).norm()
     assert change > 0.1 * base_out.norm()
+    if bits == 4:
+        assert all(m.weight.quant_state.packing_format_for_cpu for m in _quantized_layers(ours).values())
 
     with pytest.warns(UserWarning) as record:
         ours.merge_adapter()

@@ -23,12 +23,18 @@ def quantize_linear_layers(
     blocksize: int | None = None,
     threshold: float = 6.0,
     skip_modules: Iterable[str] = (),
+    cpu_inference_layout: bool = False,
 ) -> list[str]:
     """Replace every ``torch.nn.Linear`` of ``model`` (exactly that class) whose name is not in
     ``skip_modules`` (or below one of them) by ``bitsandbytes.nn.Linear4bit`` (``bits=4``:
     ``quant_type``, ``compute_dtype``, ``double_quant``, ``quant_storage``, ``blocksize``) or
     ``Linear8bitLt`` (``bits=8``: int8 weights, outlier ``threshold``), quantized from the
-    layer's weight on its device. Returns the names of the replaced layers."""
+    layer's weight on its device. Returns the names of the replaced layers.
+
+    bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode
+    forward without gradients (rounding absmax to bfloat16); with bitsandbytes 0.50 a layer so
+    repacked fails in training afterwards. ``cpu_inference_layout=False`` (the default) keeps
+    the training layout; True lets bitsandbytes repack."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
@@ -46,8 +52,11 @@ def quantize_linear_layers(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         float_layer = getattr(parent, child)
-        setattr(parent, child, _quantized(bnb, float_layer, bits, quant_type, compute_dtype, double_quant,
-                                          quant_storage, blocksize, threshold))
+        new = _quantized(bnb, float_layer, bits, quant_type, compute_dtype, double_quant, quant_storage, blocksize,
+                         threshold)
+        if bits == 4 and not cpu_inference_layout:
+            new.support_avx512bf16_for_cpu = False
+        setattr(parent, child, new)
     return names
 
 
