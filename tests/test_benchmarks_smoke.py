@@ -84,3 +84,23 @@ def test_dora_step_benchmark_runs_and_reports_ratios(tmp_path):
     for row in rows:
         assert row["torchlora_dora_ms"] > 0 and row["peft_dora_ms"] > 0 and row["dora_over_lora"] > 0
         assert row["torchlora_dora_saved_extra_mb"] > 0
+
+
+def test_quick_qlora_step_benchmark_writes_table_and_json(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_qlora_step.py"), "--quick", "--threads", "1",
+         "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "qlora_step.json").read_text())
+    assert result["loss_rel_diff"] <= 1e-5  # the same adapter on the same nf4 base: PEFT's loss
+    assert result["peft_s"] > 0 and result["torchlora_s"] > 0 and result["peft_over_torchlora"] > 0
+    for variant in ("peft", "torchlora"):
+        memory = result["memory"][variant]
+        assert memory["measure"].startswith("peak RSS") and memory["peak_rss_mb"] >= memory["rss_before_steps_mb"] > 0
+    assert "| step time (ms, median) |" in (tmp_path / "qlora_step.md").read_text()
+    assert "PEFT / torchlora" in proc.stdout

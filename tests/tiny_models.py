@@ -91,6 +91,28 @@ def llama_seq_cls(seed: int = 0, num_labels: int = 2):
     return LlamaForSequenceClassification(config).eval()
 
 
+def llama_for_quantization(seed: int = 0):
+    """A tiny Llama whose Linear sizes suit bitsandbytes' CPU kernels (out features a multiple
+    of 32, in features a multiple of the 64-value quantization block)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seeded(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def opt(seed: int = 0):
+    """A tiny OPT with sizes that suit bitsandbytes (see llama_for_quantization)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    _seeded(seed)
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)
+    return OPTForCausalLM(config).eval()
+
+
 def resnet(seed: int = 0):
     from transformers import ResNetConfig, ResNetForImageClassification
 

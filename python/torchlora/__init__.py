@@ -23,6 +23,7 @@ from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .export import export_for_serving
 from .serving import AdapterServer
+from .utils import prepare_model_for_kbit_training
 
 __version__ = build_info()["version"]
 
@@ -53,4 +54,5 @@ __all__ = [
     "LoraConv2d",
     "export_for_serving",
     "AdapterServer",
+    "prepare_model_for_kbit_training",
 ]

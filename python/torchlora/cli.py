@@ -74,6 +74,7 @@ def offline_quiet_transformers() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------- finetune
+MIN_QUANTIZED_MERGE_AGREEMENT = 0.9
 def _add_finetune_parser(subparsers: Any) -> None:
     from .finetune import FinetuneConfig
 
@@ -110,6 +111,14 @@ def _add_finetune_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the loss plot")
     p.add_argument("--no-peft-check", action="store_true", help="skip reloading the adapter with PEFT")
+    quantized = p.add_mutually_exclusive_group()
+    quantized.add_argument("--load-in-4bit", action="store_true",
+                           help="QLoRA: quantize the encoder's Linear layers to bitsandbytes 4-bit nf4 (runs on the "
+                                "CPU too; needs bitsandbytes); the merged model is then not saved, and must keep at "
+                                f"least {round(100 * MIN_QUANTIZED_MERGE_AGREEMENT)}%% of the held-out predictions")
+    quantized.add_argument("--load-in-8bit", action="store_true",
+                           help="quantize the encoder's Linear layers to bitsandbytes int8 (needs bitsandbytes; the merged "
+                                "model is handled as with --load-in-4bit)")
     p.set_defaults(handler=_run_finetune)
 
 
@@ -137,6 +146,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         plot=not args.no_plot,
         check_peft=not args.no_peft_check,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
     )
     with offline_quiet_transformers():
         with user_input():
@@ -147,7 +158,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
         for name, ok in (
             ("reload by torchlora", result.torchlora_reload_same_predictions),
             ("reload by PEFT", result.peft_reload_same_predictions),
-            ("merged model", result.merged_same_predictions),
+            # a quantized base rounds the merged weights again: most predictions must survive it
+            ("merged model", result.merged_same_predictions if result.quantization is None
+             else result.merged_prediction_agreement >= MIN_QUANTIZED_MERGE_AGREEMENT),
         )
         if ok is False
     ]

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,13 @@ class FinetuneConfig:
     progress: bool = True
     plot: bool = True
     check_peft: bool = True
+    load_in_4bit: bool = False  # QLoRA: the encoder's Linear layers in bitsandbytes 4-bit nf4
+    load_in_8bit: bool = False  # the encoder's Linear layers in bitsandbytes int8
+
+    @property
+    def quantization(self) -> str | None:
+        """"nf4", "int8" or None (float base)."""
+        return "nf4" if self.load_in_4bit else "int8" if self.load_in_8bit else None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -86,6 +94,8 @@ class FinetuneConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit cannot both be set")
 
 
 @dataclass
@@ -108,6 +118,8 @@ class FinetuneResult:
     peft_reload_same_predictions: bool | None  # None: PEFT not installed or not checked
     merged_same_predictions: bool
     max_logit_difference: float
+    quantization: str | None = None  # "nf4" / "int8": the base's encoder was quantized
+    merged_prediction_agreement: float = 1.0  # share of held-out predictions the merged model keeps
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -175,9 +187,10 @@ def stratified_split(
 
 
 # ----------------------------------------------------------------------------------- model
-def load_classifier(model_path: str, labels: list[str], seed: int) -> nn.Module:
+def load_classifier(model_path: str, labels: list[str], seed: int, quantization: str | None = None) -> nn.Module:
     """A sequence classifier from ``model_path``; the new head is initialized from ``seed``
-    so every load in this job starts from the same weights."""
+    so every load in this job starts from the same weights. With ``quantization`` ("nf4" or
+    "int8") the encoder's Linear layers are quantized with bitsandbytes (the head stays float)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -186,8 +199,13 @@ def load_classifier(model_path: str, labels: list[str], seed: int) -> nn.Module:
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
-    )
-    return model.float()
+    ).float()
+    if quantization is not None:
+        from .utils.bnb_quantize import quantize_linear_layers
+
+        encoder = getattr(model.base_model, "encoder", model.base_model)
+        quantize_linear_layers(encoder, 4 if quantization == "nf4" else 8, quant_type="nf4")
+    return model
 
 
 class Encoded:
@@ -298,7 +316,7 @@ def build_lora_model(inputs: JobInputs, config: FinetuneConfig) -> nn.Module:
     from .config import LoraConfig, TaskType
     from .mapping import get_peft_model
 
-    base = load_classifier(inputs.model_path, inputs.labels, config.seed)
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed, config.quantization)
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=config.r,
@@ -365,7 +383,7 @@ def reload_with_torchlora(inputs: JobInputs, config: FinetuneConfig, adapter_dir
     """The adapter from its files alone, on a freshly loaded base model."""
     from .peft_model import PeftModel
 
-    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 1)
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 1, config.quantization)
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
@@ -375,7 +393,7 @@ def reload_with_peft(inputs: JobInputs, config: FinetuneConfig, adapter_dir: Pat
         import peft
     except ImportError:
         return None
-    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 2)
+    base = load_classifier(inputs.model_path, inputs.labels, config.seed + 2, config.quantization)
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)), peft.__version__
 
 
@@ -398,7 +416,8 @@ def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | N
     output_dir.mkdir(parents=True, exist_ok=True)
     log(f"data: {inputs.data_path} ({len(inputs.train_rows)} train / {len(inputs.eval_rows)} held out, "
         f"labels {inputs.labels})")
-    log(f"model: {inputs.model_path}")
+    log(f"model: {inputs.model_path}" + (f" (encoder Linear layers in bitsandbytes {config.quantization})"
+                                          if config.quantization else ""))
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_path)
     label2id = {label: i for i, label in enumerate(inputs.labels)}
@@ -438,13 +457,24 @@ def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | N
             log(f"reloaded by PEFT {peft_version}: same predictions = {by_peft.same_predictions} "
                 f"(max logit difference {by_peft.max_logit_difference:.2e})")
 
-    merged = reloaded.merge_and_unload()
-    by_merged = compare(predict_logits(merged, eval_data), logits_after)
-    differences.append(by_merged.max_logit_difference)
-    merged_dir = output_dir / "merged"
-    save_merged(merged, tokenizer, merged_dir)
-    log(f"merged into the base model: same predictions = {by_merged.same_predictions} "
-        f"(max logit difference {by_merged.max_logit_difference:.2e}); saved {merged_dir}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*may get different generations due to rounding errors")
+        merged = reloaded.merge_and_unload()
+    merged_logits = predict_logits(merged, eval_data)
+    by_merged = compare(merged_logits, logits_after)
+    agreement = float((merged_logits.argmax(-1) == logits_after.argmax(-1)).float().mean())
+    merged_dir: Path | None = output_dir / "merged"
+    if config.quantization is None:
+        differences.append(by_merged.max_logit_difference)
+        save_merged(merged, tokenizer, merged_dir)
+        log(f"merged into the base model: same predictions = {by_merged.same_predictions} "
+            f"(max logit difference {by_merged.max_logit_difference:.2e}); saved {merged_dir}")
+    else:
+        # re-quantizing the merged weights rounds them again: borderline predictions may change
+        merged_dir = None
+        log(f"merged into the {config.quantization} base (re-quantized): {100 * agreement:.1f}% of the held-out "
+            f"predictions unchanged (max logit difference {by_merged.max_logit_difference:.2e}); not saved "
+            "(merge the adapter into the float base with `torchlora merge`)")
 
     plot_path: str | None = None
     if config.plot:
@@ -464,12 +494,14 @@ def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | N
         total_seconds=time.perf_counter() - started,
         losses=run.losses,
         adapter_dir=str(adapter_dir),
-        merged_dir=str(merged_dir),
+        merged_dir=None if merged_dir is None else str(merged_dir),
         plot_path=plot_path,
         torchlora_reload_same_predictions=by_torchlora.same_predictions,
         peft_reload_same_predictions=None if by_peft is None else by_peft.same_predictions,
         merged_same_predictions=by_merged.same_predictions,
         max_logit_difference=max(differences),
+        quantization=config.quantization,
+        merged_prediction_agreement=agreement,
     )
     write_metrics(result, output_dir / "metrics.json")
     log(f"done in {result.total_seconds:.1f} s")

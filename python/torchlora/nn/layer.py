@@ -420,10 +420,10 @@ class LoraLayer(nn.Module):
             weight = self._unmerged_weight(name, weight, forget=False)
         return weight
 
-    def _write_base_weight(self, value: Tensor) -> None:
+    def _write_base_weight(self, value: Tensor, action: str = "Merge") -> None:
         base = self.get_base_layer()
         if quantized_weight.is_quantized(base):
-            warnings.warn(f"Merge lora module to {quantized_weight.describe(base)} linear may get different "
+            warnings.warn(f"{action} lora module to {quantized_weight.describe(base)} linear may get different "
                           "generations due to rounding errors.")
         quantized_weight.write_weight(base, value)
 
@@ -435,7 +435,7 @@ class LoraLayer(nn.Module):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_base_weight(self._unmerged_weight(name, quantized_weight.dequantized_weight(base)))
+            self._write_base_weight(self._unmerged_weight(name, quantized_weight.dequantized_weight(base)), "Unmerge")
             delta_b = self._delta_bias(name)
             if delta_b is not None:
                 base.bias.data -= delta_b.to(base.bias.dtype)

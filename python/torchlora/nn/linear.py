@@ -218,8 +218,8 @@ class LoraLinear(LoraLayer):
         ``F.linear`` ourselves is the same as calling it, and its output is a fresh tensor that
         nothing else holds (a Linear saves its input and weight for backward, not its output)."""
         base = self.base_layer
-        if type(base) is not nn.Linear:
-            return False
+        if type(base) is not nn.Linear or type(base.weight) not in (nn.Parameter, Tensor):
+            return False  # a tensor-subclass weight (torchao) computes through its own F.linear
         own_hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
         global_hooks = (
             _module_hooks._global_forward_hooks,

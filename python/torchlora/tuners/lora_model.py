@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..nn import LoraLayer
+from ..nn import LoraLayer, quantized_weight
 from ..target_defaults import default_target_modules
 from .dispatch import cast_adapter_dtype, create_lora_module
 from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
@@ -337,6 +337,8 @@ class LoraModel(nn.Module):
     def _check_merge_allowed(self) -> None:
         for layer in self._lora_layers():
             base = layer.get_base_layer()
+            if quantized_weight.is_quantized(base):
+                continue  # dequantized, merged and quantized again with the layer's settings
             if getattr(base, "weight", None) is not None and base.weight.dtype not in (
                     torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise ValueError(f"Cannot merge LoRA into a base weight of dtype {base.weight.dtype}")
