@@ -17,6 +17,7 @@ __all__ = [
     "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed",
     "lora_delta_weight", "multi_lora_shrink", "multi_lora_expand", "multi_lora_expand_", "multi_lora_linear",
     "multi_lora_linear_", "linear_with_multi_lora", "multi_lora_embedding", "multi_lora_conv2d",
+    "multi_dora_scale",
 ]
 
 _SEED_HIGH = 2**62
@@ -231,3 +232,10 @@ def multi_lora_conv2d(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tenso
     ``lora_B [S, out, r / groups, 1, 1]``, ``lora_bias [S, out]``, ``slot_index [N]``."""
     return torch.ops.torchlora.multi_lora_conv2d(x, base_out, lora_A, lora_B, lora_bias, scale, slot_index,
                                                  list(stride), list(padding), list(dilation), groups)
+
+
+def multi_dora_scale(z: Tensor, factor: Tensor, bias: Tensor | None, slot_index: Tensor, dim: int = -1) -> Tensor:
+    """DoRA's scale in a mixed batch: ``factor[slot_index[t]] * (z[t] - bias) + bias`` along
+    ``dim`` of ``z`` (``factor [S, out]``: a served DoRA adapter's magnitude / weight norm, 1 for
+    other slots); rows with slot -1 keep ``z``. Computed in float32 (float64 for float64)."""
+    return torch.ops.torchlora.multi_dora_scale(z, factor, bias, slot_index, dim)
