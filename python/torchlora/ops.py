@@ -18,6 +18,7 @@ __all__ = [
     "lora_delta_weight", "multi_lora_shrink", "multi_lora_expand", "multi_lora_expand_", "multi_lora_linear",
     "multi_lora_linear_", "linear_with_multi_lora", "multi_lora_embedding", "multi_lora_conv2d",
     "multi_dora_scale",
+    "dora_weight_norm", "dora_weight_sq_norm", "dora_scale",
 ]
 
 _SEED_HIGH = 2**62
@@ -232,6 +233,56 @@ def multi_lora_conv2d(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tenso
     ``lora_B [S, out, r / groups, 1, 1]``, ``lora_bias [S, out]``, ``slot_index [N]``."""
     return torch.ops.torchlora.multi_lora_conv2d(x, base_out, lora_A, lora_B, lora_bias, scale, slot_index,
                                                  list(stride), list(padding), list(dilation), groups)
+
+
+def dora_weight_norm(
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    weight_sq_norm: Tensor | None = None,
+) -> Tensor:
+    """DoRA's weight norm: the L2 norm of every output row of ``weight + scaling * lora_B @ lora_A``,
+    computed from ``||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T`` without forming that matrix.
+
+    - ``weight [out, in]`` with ``lora_A [r, in]``, ``lora_B [out, r]``; with ``fan_in_fan_out`` the
+      weight is stored ``[in, out]`` (transformers ``Conv1D``; ``nn.Embedding``'s ``[V, D]`` with
+      ``lora_A [r, V]``, ``lora_B [D, r]``).
+    - A conv kernel ``[out, in, kh, kw]`` with ``lora_A [r, in, kh, kw]``, ``lora_B [out, r, 1, 1]``
+      (read as ``[out, in * kh * kw]``). Adapters of a conv with ``groups > 1`` raise ``NotImplementedError``.
+
+    ``weight`` may have another float dtype than the factors (a bfloat16 base under a float32 adapter).
+    ``weight_sq_norm`` is an optional cached ``||W_i||^2`` from :func:`dora_weight_sq_norm`. Accumulated in
+    float32 (float64 for float64 factors); returns ``[out]`` in ``lora_A``'s dtype. Differentiable in
+    ``weight``, ``lora_A``, ``lora_B`` and ``weight_sq_norm``.
+    """
+    return torch.ops.torchlora.dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq_norm)
+
+
+def dora_weight_sq_norm(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """``||W_i||^2`` per output row of ``weight`` (layouts as :func:`dora_weight_norm`): the part of
+    DoRA's weight norm that is fixed while the base weight is frozen. ``[out]`` float32 (float64 for a
+    float64 weight)."""
+    return torch.ops.torchlora.dora_weight_sq_norm(weight, fan_in_fan_out)
+
+
+def dora_scale(
+    z: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None = None,
+    dim: int = -1,
+) -> Tensor:
+    """DoRA's output from the adapted layer's output ``z`` (base output plus the scaled LoRA term):
+    ``(magnitude / weight_norm) * (z - bias) + bias`` along dimension ``dim`` of ``z``.
+
+    ``dim`` is ``-1`` for linear and embedding outputs ``[..., out]`` and ``1`` for conv outputs
+    ``[N, out, H, W]``; ``magnitude``, ``weight_norm`` and ``bias`` (the base layer's bias, absent: zero)
+    have ``out`` elements in any shape. Computed in float32 (float64 for float64); the result has ``z``'s
+    dtype. Differentiable in all tensor inputs.
+    """
+    return torch.ops.torchlora.dora_scale(z, magnitude, weight_norm, bias, dim)
 
 
 def multi_dora_scale(z: Tensor, factor: Tensor, bias: Tensor | None, slot_index: Tensor, dim: int = -1) -> Tensor:

@@ -267,3 +267,55 @@ TEST(BuildInfo, ReportsTorchVersion) {
 }
 
 }  // namespace
+
+namespace {
+
+// ||W + s B A|| per output row with the matrix formed (PEFT's statement), rows of W^T for fan_in_fan_out.
+at::Tensor formed_dora_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s,
+                            bool fan_in_fan_out) {
+  const auto rows = W.dim() == 2 ? (fan_in_fan_out ? W.t() : W) : W.flatten(1);
+  return (rows + s * at::mm(B.flatten(1), A.flatten(1))).norm(2, {1});
+}
+
+}  // namespace
+
+TEST(DoraWeightNorm, MatchesTheFormedMatrixWithGradients) {
+  at::manual_seed(6);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  struct Case {
+    std::vector<int64_t> w, a, b;
+    bool fan_in_fan_out;
+  };
+  const std::vector<Case> cases = {
+      {{9, 7}, {3, 7}, {9, 3}, false},                 // Linear [out, in]
+      {{7, 9}, {3, 7}, {9, 3}, true},                  // Conv1D / Embedding [in, out]
+      {{5, 4, 3, 3}, {2, 4, 3, 3}, {5, 2, 1, 1}, false},  // conv 3x3
+  };
+  for (const auto& c : cases) {
+    auto W = leaf(at::randn(c.w, opts)), A = leaf(at::randn(c.a, opts)), B = leaf(at::randn(c.b, opts));
+    auto n = torchlora::dora_weight_norm(W, A, B, 0.75, c.fan_in_fan_out);
+    EXPECT_EQ(n.scalar_type(), at::kDouble);
+    auto go = at::randn_like(n);
+    n.backward(go);
+    auto Wr = leaf(W), Ar = leaf(A), Br = leaf(B);
+    auto ref = formed_dora_norm(Wr, Ar, Br, 0.75, c.fan_in_fan_out);
+    ref.backward(go);
+    expect_close(n, ref, 1e-10, 1e-10);
+    expect_close(W.grad(), Wr.grad(), 1e-10, 1e-10);
+    expect_close(A.grad(), Ar.grad(), 1e-10, 1e-10);
+    expect_close(B.grad(), Br.grad(), 1e-10, 1e-10);
+    // The cached ||W||^2 gives the same norm.
+    const auto sq = torchlora::dora_weight_sq_norm(W.detach(), c.fan_in_fan_out);
+    expect_close(torchlora::dora_weight_norm(W.detach(), A.detach(), B.detach(), 0.75, c.fan_in_fan_out, sq),
+                 ref.detach(), 1e-10, 1e-10);
+  }
+}
+
+TEST(DoraScale, MatchesTheFormula) {
+  at::manual_seed(7);
+  const auto z = at::randn({2, 5, 3, 4}), m = at::rand({5}) + 0.5, n = at::rand({5}) + 0.5, b = at::randn({5});
+  const auto out = torchlora::dora_scale(z, m, n, b, 1);
+  const auto g = (m / n).view({1, 5, 1, 1});
+  expect_close(out, g * (z - b.view({1, 5, 1, 1})) + b.view({1, 5, 1, 1}));
+  EXPECT_THROW(torchlora::dora_scale(z, m, n, b, -1), c10::Error);  // z's last dim is 4, not 5
+}
