@@ -187,6 +187,9 @@ void bind_io(py::module_& m) {
           return py::make_tuple(modules, other);
         },
         py::arg("dir"), "(modules, other_tensors) of a PEFT adapter folder, mapped by the C++ loader.");
+  m.def("copy_peft_adapter",
+        [](const std::string& src, const std::string& dst) { io::save_peft_adapter(dst, io::load_peft_adapter(src)); },
+        py::arg("src"), py::arg("dst"), "Reads a PEFT folder and writes it again with the C++ loader and writer.");
 }
 
 }  // namespace
