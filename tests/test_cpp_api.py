@@ -289,7 +289,7 @@ def test_every_malformed_file_gives_its_error(server_binary: Path, token_model_f
     )
     cases["config_dora"] = (
         _adapter_dir(tmp_path, "config_dora", _good_weights(), {"peft_type": "LORA", "r": 2, "use_dora": True, "target_modules": ["fc1"]}),
-        "use_dora=true is not supported",
+        "use_dora=true needs for every module",
     )
     cases["config_bad_bias"] = (
         _adapter_dir(tmp_path, "config_bad_bias", _good_weights(), {"peft_type": "LORA", "r": 2, "bias": "some", "target_modules": ["fc1"]}),

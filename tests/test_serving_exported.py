@@ -136,6 +136,18 @@ def test_exported_model_checks_its_inputs(exported, tmp_path: Path) -> None:
         serve.ExportedModel(str(junk))
 
 
+def test_exported_model_pools_reject_dora_adapters(exported, tmp_path: Path) -> None:
+    """An exported model's slots have no DoRA factors: its pool refuses DoRA adapters by name."""
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], init_lora_weights=False, use_dora=True)
+    peft.get_peft_model(_base(), config).save_pretrained(str(tmp_path))
+    pool = serve.ExportedModel(exported["path"]).make_pool()
+    with pytest.raises(serve.AdapterRejectedError, match="'dora'.*DoRA.*ExportedModel.*do not") as e:
+        pool.load("dora", str(tmp_path))
+    assert "module 'fc1'" in str(e.value)
+    assert not pool.has_adapter("dora")
+
+
 @torch.no_grad()
 def test_package_without_torchlora_metadata_is_refused(tmp_path: Path) -> None:
     program = torch.export.export(nn.Linear(2, 2), (torch.randn(2, 2),))

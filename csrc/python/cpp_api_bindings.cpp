@@ -26,9 +26,9 @@ tnn::LoraInit parse_init(const py::object& init) {
 }
 
 tnn::AdapterOptions make_options(int64_t r, double lora_alpha, double lora_dropout, bool use_rslora, bool lora_bias,
-                                 const py::object& init) {
+                                 const py::object& init, bool use_dora) {
   return tnn::AdapterOptions().r(r).lora_alpha(lora_alpha).lora_dropout(lora_dropout).use_rslora(use_rslora)
-      .lora_bias(lora_bias).init(parse_init(init));
+      .lora_bias(lora_bias).init(parse_init(init)).use_dora(use_dora);
 }
 
 py::dict named_parameters(const torch::nn::Module& m) {
@@ -48,11 +48,18 @@ void bind_modules(py::module_& m) {
       "Shared bookkeeping of the C++ LoRA modules (torchlora::nn::LoraLayer).")
       .def("update_layer",
            [](tnn::LoraLayer& l, const std::string& name, int64_t r, double lora_alpha, double lora_dropout,
-              bool use_rslora, bool lora_bias, const py::object& init_lora_weights) {
-             l.update_layer(name, make_options(r, lora_alpha, lora_dropout, use_rslora, lora_bias, init_lora_weights));
+              bool use_rslora, bool lora_bias, const py::object& init_lora_weights, bool use_dora) {
+             l.update_layer(name, make_options(r, lora_alpha, lora_dropout, use_rslora, lora_bias, init_lora_weights,
+                                               use_dora));
            },
            py::arg("adapter_name"), py::arg("r") = 8, py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0,
-           py::arg("use_rslora") = false, py::arg("lora_bias") = false, py::arg("init_lora_weights") = true)
+           py::arg("use_rslora") = false, py::arg("lora_bias") = false, py::arg("init_lora_weights") = true,
+           py::arg("use_dora") = false)
+      .def("uses_dora", &tnn::LoraLayer::uses_dora, py::arg("adapter_name"))
+      .def("magnitude", &tnn::LoraLayer::magnitude, py::arg("adapter_name"),
+           "DoRA's magnitude parameter of the adapter (shares memory with the module).")
+      .def("dora_weight_norm", &tnn::LoraLayer::dora_weight_norm, py::arg("adapter_name"),
+           "||W + scaling * B A|| per output feature (detached).")
       .def("set_adapter",
            [](tnn::LoraLayer& l, const py::object& names, bool inference_mode) {
              if (py::isinstance<py::str>(names)) {
@@ -170,6 +177,7 @@ void bind_io(py::module_& m) {
             d["lora_A"] = w.lora_A;
             d["lora_B"] = w.lora_B;
             d["lora_bias"] = w.lora_bias.defined() ? py::cast(w.lora_bias) : py::none();
+            d["magnitude"] = w.magnitude.defined() ? py::cast(w.magnitude) : py::none();
             d["scaling"] = w.scaling;
             d["delta_weight"] = io::delta_weight(w, adapter.config.fan_in_fan_out);
             modules[py::str(path)] = d;
@@ -179,6 +187,9 @@ void bind_io(py::module_& m) {
           return py::make_tuple(modules, other);
         },
         py::arg("dir"), "(modules, other_tensors) of a PEFT adapter folder, mapped by the C++ loader.");
+  m.def("copy_peft_adapter",
+        [](const std::string& src, const std::string& dst) { io::save_peft_adapter(dst, io::load_peft_adapter(src)); },
+        py::arg("src"), py::arg("dst"), "Reads a PEFT folder and writes it again with the C++ loader and writer.");
 }
 
 }  // namespace

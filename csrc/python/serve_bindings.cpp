@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include <torchlora/apply/inject.h>
+#include <torchlora/io/peft_adapter.h>
 #include <torchlora/nn/lora_layer.h>
 #include <torchlora/serve/adapter_pool.h>
 #include <torchlora/serve/exported_model.h>
@@ -89,10 +91,16 @@ std::shared_ptr<torch::nn::Module> cpp_module(const py::object& root) {
 
 void bind_pool(py::module_& m) {
   py::class_<serve::TargetLayer>(m, "TargetLayer", "One LoRA layer of the served model, as the pool stacks it.")
-      .def(py::init([](std::string name, const std::string& kind, std::vector<int64_t> weight_shape, int64_t groups) {
-             return serve::TargetLayer{std::move(name), parse_kind(kind), std::move(weight_shape), groups};
+      .def(py::init([](std::string name, const std::string& kind, std::vector<int64_t> weight_shape, int64_t groups,
+                       const std::optional<at::Tensor>& base_weight) {
+             return serve::TargetLayer{std::move(name), parse_kind(kind), std::move(weight_shape), groups,
+                                       base_weight.value_or(at::Tensor())};
            }),
-           py::arg("name"), py::arg("kind"), py::arg("weight_shape"), py::arg("groups") = 1)
+           py::arg("name"), py::arg("kind"), py::arg("weight_shape"), py::arg("groups") = 1,
+           py::arg("base_weight") = py::none())
+      .def_property_readonly("base_weight", [](const serve::TargetLayer& t) {
+        return t.base_weight.defined() ? py::cast(t.base_weight) : py::none();
+      }, "The base weight DoRA adapters need (None: the layer serves plain LoRA only).")
       .def_readonly("name", &serve::TargetLayer::name)
       .def_property_readonly("kind", [](const serve::TargetLayer& t) { return kind_name(t.kind); })
       .def_readonly("weight_shape", &serve::TargetLayer::weight_shape)
@@ -109,6 +117,7 @@ void bind_pool(py::module_& m) {
       .def_property_readonly("sample_slots", &serve::BatchLease::sample_slots, "[n] int64: row i's slot (-1: none)")
       .def_property_readonly("slot_scale", &serve::BatchLease::slot_scale, "[S] float32: each slot's request scale")
       .def_property_readonly("slots", &serve::BatchLease::slots, "sample_slots on the host")
+      .def_property_readonly("uses_dora", &serve::BatchLease::uses_dora, "whether a slot of the batch holds a DoRA adapter")
       .def("release", &serve::BatchLease::release, release_gil(), "Gives the slots back now (idempotent).")
       .def("__enter__", [](std::shared_ptr<serve::BatchLease> self) { return self; })
       .def("__exit__", [](serve::BatchLease& self, const py::args&) { self.release(); }, release_gil());
@@ -176,6 +185,8 @@ void bind_pool(py::module_& m) {
       .def_property_readonly("layers", &serve::AdapterPool::layers)
       .def("stacks", [](const serve::AdapterPool& p, const std::string& layer) { return stacks_tuple(p.stacks(layer)); },
            py::arg("layer_name"), "(lora_A, lora_B, lora_bias or None, scale) of one layer (they share the pool's memory).")
+      .def("dora_factors", [](const serve::AdapterPool& p, const std::string& layer) { return p.stacks(layer).dora_factor; },
+           py::arg("layer_name"), "[S, out] DoRA factors of one layer (1 for plain-LoRA and empty slots).")
       .def("all_stacks",
            [](const serve::AdapterPool& p) {
              py::list out;
@@ -264,6 +275,24 @@ void bind_serve(py::module_& parent) {
         for (const auto& item : t.named_modules()) names.push_back(item.key());
         return names;
       }, "The module paths of the tree.");
+  cpp.def("load_adapter",
+          [](const py::object& root, const std::string& folder, const std::string& adapter_name) {
+            torchlora::apply::load_adapter(*cpp_module(root), torchlora::io::load_peft_adapter(folder), adapter_name);
+          },
+          py::arg("root"), py::arg("folder"), py::arg("adapter_name") = "default",
+          "Loads a PEFT folder into the C++ LoRA layers of `root` (apply::load_adapter; not activated).");
+  cpp.def("set_adapter",
+          [](const py::object& root, const std::vector<std::string>& names) {
+            torchlora::apply::set_adapter(*cpp_module(root), names);
+          },
+          py::arg("root"), py::arg("adapter_names"));
+  cpp.def("merge_adapter",
+          [](const py::object& root, const std::vector<std::string>& names) {
+            torchlora::apply::merge_adapter(*cpp_module(root), names);
+          },
+          py::arg("root"), py::arg("adapter_names") = std::vector<std::string>{});
+  cpp.def("unmerge_adapter", [](const py::object& root) { torchlora::apply::unmerge_adapter(*cpp_module(root)); },
+          py::arg("root"));
   bind_pool(m);
   bind_exported_model(m);
 }

@@ -15,6 +15,7 @@ set(TORCHLORA_CPP_API_SOURCES
   peft/mutated_init.cpp
   nn/adapter_stack.cpp
   nn/lora_layer.cpp
+  nn/lora_layer_dora.cpp
   nn/lora_pair.cpp
   nn/lora_linear.cpp
   nn/lora_embedding.cpp

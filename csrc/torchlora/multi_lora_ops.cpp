@@ -54,6 +54,8 @@ TORCH_LIBRARY_FRAGMENT(torchlora, m) {
   m.def(
       "multi_lora_conv2d(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor? lora_bias, "
       "Tensor scale, Tensor slot_index, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // DoRA's per-row output scale for served adapters (composite/multi_dora_scale.cpp).
+  m.def("multi_dora_scale(Tensor z, Tensor factor, Tensor? bias, Tensor slot_index, int dim=-1) -> Tensor");
 }
 
 at::Tensor multi_lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& slot_index) {
@@ -103,6 +105,11 @@ at::Tensor multi_lora_conv2d(const at::Tensor& x, const at::Tensor& base_out, co
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return detail::multi_lora_conv2d_op().call(x, base_out, lora_A, lora_B, lora_bias, scale, slot_index, stride,
                                              padding, dilation, groups);
+}
+
+at::Tensor multi_dora_scale(const at::Tensor& z, const at::Tensor& factor, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& slot_index, int64_t dim) {
+  return detail::multi_dora_scale_op().call(z, factor, bias, slot_index, dim);
 }
 
 }  // namespace torchlora

@@ -17,6 +17,7 @@ __all__ = [
     "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed",
     "lora_delta_weight", "multi_lora_shrink", "multi_lora_expand", "multi_lora_expand_", "multi_lora_linear",
     "multi_lora_linear_", "linear_with_multi_lora", "multi_lora_embedding", "multi_lora_conv2d",
+    "multi_dora_scale",
     "dora_weight_norm", "dora_weight_sq_norm", "dora_scale",
 ]
 
@@ -282,3 +283,10 @@ def dora_scale(
     dtype. Differentiable in all tensor inputs.
     """
     return torch.ops.torchlora.dora_scale(z, magnitude, weight_norm, bias, dim)
+
+
+def multi_dora_scale(z: Tensor, factor: Tensor, bias: Tensor | None, slot_index: Tensor, dim: int = -1) -> Tensor:
+    """DoRA's scale in a mixed batch: ``factor[slot_index[t]] * (z[t] - bias) + bias`` along
+    ``dim`` of ``z`` (``factor [S, out]``: a served DoRA adapter's magnitude / weight norm, 1 for
+    other slots); rows with slot -1 keep ``z``. Computed in float32 (float64 for float64)."""
+    return torch.ops.torchlora.multi_dora_scale(z, factor, bias, slot_index, dim)

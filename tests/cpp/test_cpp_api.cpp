@@ -30,6 +30,8 @@
 #include <torchlora/peft/names.h>
 #include <torchlora/peft/mutated_init.h>
 #include <torchlora/peft/scaling.h>
+#include <torchlora/serve/adapter_pool.h>
+#include <torchlora/serve/module_slots.h>
 
 namespace {
 
@@ -144,7 +146,7 @@ TEST(AdapterConfig, RejectsWhatPythonRejects) {
   EXPECT_THROW(io::parse_adapter_config(R"({"r": 4, "my_option": 1})"), c10::ValueError);
   EXPECT_NE(error_of([] { io::parse_adapter_config(R"({"zeta": 1, "beta": 2})"); }).find("['beta', 'zeta']"),
             std::string::npos);
-  EXPECT_THROW(io::parse_adapter_config(R"({"use_dora": true})"), c10::NotImplementedError);
+  EXPECT_TRUE(io::parse_adapter_config(R"({"use_dora": true})").use_dora);  // DoRA is read (see the Dora tests)
   EXPECT_THROW(io::parse_adapter_config(R"({"arrow_config": {"top_k": 2}})"), c10::NotImplementedError);
   EXPECT_THROW(io::parse_adapter_config(R"({"alora_invocation_tokens": [1]})"), c10::NotImplementedError);
   EXPECT_THROW(io::parse_adapter_config(R"({"lora_alpha": 0})"), c10::ValueError);
@@ -713,4 +715,91 @@ TEST(WeightConversion, RandomisedPissaIsRejectedEverywhere) {
   std::filesystem::remove_all(dir);
 }
 
+// ------------------------------------------------------------------------- DoRA
+// PEFT's DoRA for a Linear, written out with plain ATen: out = m / ||W + s B A||_row * (z - b) + b.
+at::Tensor dora_linear_reference(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& m, double s) {
+  const auto norm = (W + s * torch::matmul(B, A)).norm(2, {1});
+  const auto z = torch::nn::functional::linear(x, W, b) + s * torch::matmul(torch::matmul(x, A.t()), B.t());
+  return (m / norm) * (z - b) + b;
+}
+
+struct DoraNetImpl : torch::nn::Module {
+  explicit DoraNetImpl(torch::nn::Linear base) { fc = register_module("fc", tnn::LoraLinear(base)); }
+  tnn::LoraLinear fc{nullptr};
+};
+TORCH_MODULE(DoraNet);
+
+TEST(Dora, LinearForwardMergeFilesAndPool) {
+  torch::manual_seed(5);
+  torch::nn::Linear base(torch::nn::LinearOptions(6, 4));
+  base->to(torch::kDouble);
+  io::LoraConfig config;
+  config.r = 2;
+  config.lora_alpha = 3;
+  config.use_dora = true;
+  config.target_modules = io::ModuleSelector::from_names({"fc"});
+  const auto A = torch::randn({2, 6}, torch::kDouble), B = torch::randn({4, 2}, torch::kDouble);
+  const auto m = torch::rand({4}, torch::kDouble) + 0.5;
+  std::map<std::string, at::Tensor> state{{"base_model.model.fc.lora_A.weight", A},
+                                          {"base_model.model.fc.lora_B.weight", B},
+                                          {"base_model.model.fc.lora_magnitude_vector", m}};
+  const auto adapter = io::adapter_from_state_dict(config, state, "memory");
+  ASSERT_TRUE(adapter.modules.at("fc").magnitude.defined());
+  // the writer gives the magnitude back under PEFT's key
+  const auto written = io::adapter_state_dict(adapter);
+  ASSERT_TRUE(written.count("base_model.model.fc.lora_magnitude_vector"));
+  expect_close(written.at("base_model.model.fc.lora_magnitude_vector"), m, 0, 0);
+  // every module needs its magnitude with use_dora, and none without
+  auto missing = state;
+  missing.erase("base_model.model.fc.lora_magnitude_vector");
+  EXPECT_NE(error_of([&] { io::adapter_from_state_dict(config, missing, "memory"); }).find("use_dora=true needs"),
+            std::string::npos);
+  auto plain = config;
+  plain.use_dora = false;
+  EXPECT_NE(error_of([&] { io::adapter_from_state_dict(plain, state, "memory"); }).find("use_dora=false"),
+            std::string::npos);
+
+  DoraNet tree(base);
+  apply::load_adapter(*tree, adapter, "a");
+  apply::set_adapter(*tree, {"a"});
+  auto layer = std::dynamic_pointer_cast<tnn::LoraLinearImpl>(apply::lora_layers(*tree).front().second);
+  ASSERT_TRUE(layer);
+  layer->eval();
+  EXPECT_TRUE(layer->named_parameters().contains("lora_magnitude_vector.a.weight"));
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({3, 6}, torch::kDouble);
+  const double s = 1.5;
+  const auto want = dora_linear_reference(x, base->weight, base->bias, A, B, m, s);
+  expect_close(layer->forward(x), want, 1e-10, 1e-12);
+  const auto w0 = base->weight.clone();
+  layer->merge(/*safe_merge=*/true);
+  expect_close(layer->forward(x), want, 1e-10, 1e-12);
+  layer->unmerge();
+  expect_close(base->weight, w0, 1e-12, 1e-12);
+  // mixed batch of the layer's own adapter and the base layer
+  const auto mixed = layer->forward_mixed(x, {"a", "__base__", "a"});
+  expect_close(mixed[1], base->forward(x)[1], 1e-12, 1e-12);
+  expect_close(mixed[2], want[2], 1e-10, 1e-12);
+
+  // the pool: a DoRA slot next to an empty one
+  torchlora::serve::PoolOptions options;
+  options.max_loras = 2;
+  options.max_lora_rank = 2;
+  options.dtype = torch::kDouble;
+  torchlora::serve::AdapterPool pool(torchlora::serve::target_layers(*tree), options);
+  pool.add("d", adapter);
+  EXPECT_THROW(pool.acquire({{"d", 0.5}}), torchlora::serve::AdapterRejected);
+  auto lease = pool.acquire({{"d", 1.0}, {"", 1.0}, {"d", 1.0}});
+  EXPECT_TRUE(lease.uses_dora());
+  {
+    torchlora::serve::PoolBinding binding(*tree, pool, lease);
+    const auto served = layer->forward(x);
+    expect_close(served[0], want[0], 1e-10, 1e-12);
+    expect_close(served[1], base->forward(x)[1], 1e-12, 1e-12);
+    expect_close(served[2], want[2], 1e-10, 1e-12);
+  }
+}
+
 }  // namespace
+

@@ -33,6 +33,7 @@ nn::AdapterOptions options_for(const io::LoraConfig& config, const std::string& 
       .lora_dropout(config.lora_dropout)
       .use_rslora(config.use_rslora)
       .lora_bias(config.lora_bias)
+      .use_dora(config.use_dora)
       .init(init);
 }
 
@@ -183,6 +184,10 @@ std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftA
       if (w.lora_bias.defined()) copy_into(b.bias, w.lora_bias, where + " lora_B.bias");
     } else {
       TORCH_CHECK(false, "torchlora: ", where, " is not a torchlora LoRA layer");
+    }
+    if (w.magnitude.defined()) {
+      auto m = layer->magnitude(adapter_name);
+      copy_into(m, w.magnitude, where + " lora_magnitude_vector");
     }
     // Like PEFT's load_adapter: loaded, not activated. A freshly wrapped layer made it active.
     auto active = layer->active_adapters();

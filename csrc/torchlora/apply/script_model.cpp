@@ -36,6 +36,8 @@ at::Tensor ScriptModuleMerger::parameter(const std::string& name) const {
 }
 
 void ScriptModuleMerger::check_compatible(const io::PeftAdapter& adapter) const {
+  TORCH_CHECK_NOT_IMPLEMENTED(!adapter.config.use_dora, "torchlora: DoRA adapters (use_dora=true) cannot be merged "
+                              "into TorchScript models; load them into torchlora's C++ modules (apply::load_adapter)");
   for (const auto& [path, w] : adapter.modules) {
     const auto weight = parameter(path + ".weight");
     TORCH_CHECK(weight.defined(), "torchlora: the adapter targets module '", path,

@@ -44,6 +44,8 @@ TORCHLORA_MULTI_OP_HANDLE(linear_with_multi_lora_op, "linear_with_multi_lora", L
 TORCHLORA_MULTI_OP_HANDLE(linear_with_multi_lora_forward_op, "_linear_with_multi_lora_forward", LinearWithMultiFn)
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_embedding_op, "multi_lora_embedding", MultiEmbeddingFn)
 TORCHLORA_MULTI_OP_HANDLE(multi_lora_conv2d_op, "multi_lora_conv2d", MultiConv2dFn)
+using MultiDoraScaleFn = at::Tensor(TensorRef, TensorRef, const MultiOpt&, TensorRef, int64_t);
+TORCHLORA_MULTI_OP_HANDLE(multi_dora_scale_op, "multi_dora_scale", MultiDoraScaleFn)
 
 #undef TORCHLORA_MULTI_OP_HANDLE
 

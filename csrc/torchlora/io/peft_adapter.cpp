@@ -17,10 +17,10 @@ enum Role { kA = 0, kB = 1, kBias = 2, kEmbA = 3, kEmbB = 4, kMagnitude = 5 };
 static_assert(peft::kLoraTensorNames.size() == 6);
 
 struct Parts {
-  at::Tensor A, B, bias;
+  at::Tensor A, B, bias, magnitude;
   bool embedding = false;
   bool other_kind = false;
-  std::string a_key, b_key;
+  std::string a_key, b_key, magnitude_key;
 };
 
 std::string shape_str(const at::Tensor& t) {
@@ -33,8 +33,33 @@ void check_float(const at::Tensor& t, const std::string& source, const std::stri
   check_adapter_tensor(t, key, source);
 }
 
+// DoRA's magnitude: one value per output feature, in PEFT's shape for the module's kind.
+void check_magnitude(const LoraConfig& config, const std::string& path, const Parts& p, LoraModuleWeights& w,
+                     const std::string& source) {
+  const std::string key = kPeftKeyPrefix + path + "." + peft::kLoraTensorNames[kMagnitude];
+  if (!config.use_dora) {
+    TORCH_CHECK_VALUE(!p.magnitude.defined(), "torchlora: ", source, ": '", key,
+                      "' is a DoRA magnitude vector but adapter_config.json has use_dora=false");
+    return;
+  }
+  TORCH_CHECK_VALUE(p.magnitude.defined(), "torchlora: ", source, ": module '", path, "' has no '", key,
+                    "', which adapter_config.json's use_dora=true needs for every module");
+  check_float(p.magnitude, source, key);
+  const int64_t out = p.B.size(0);
+  const bool conv = w.kind == LoraKind::Conv2d;
+  const bool shape_ok = conv ? (p.magnitude.dim() == 4 && p.magnitude.size(0) == 1 && p.magnitude.size(1) == out &&
+                                p.magnitude.size(2) == 1 && p.magnitude.size(3) == 1)
+                             : (p.magnitude.dim() == 1 && p.magnitude.size(0) == out);
+  TORCH_CHECK_VALUE(shape_ok, "torchlora: ", source, ": '", key, "' must have shape ",
+                    conv ? "[1, " + std::to_string(out) + ", 1, 1]" : "[" + std::to_string(out) + "]",
+                    " (one value per output feature of module '", path, "'), got ", shape_str(p.magnitude));
+  w.magnitude = p.magnitude;
+}
+
 LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
                                const std::string& source) {
+  TORCH_CHECK_VALUE(p.A.defined() || p.B.defined(), "torchlora: ", source, ": module '", path,
+                    "' has a lora_magnitude_vector but no LoRA factors");
   TORCH_CHECK_VALUE(!p.other_kind, "torchlora: ", source, ": module '", path,
               "' mixes lora_A/lora_B with lora_embedding_A/lora_embedding_B keys");
   const char* a_name = p.embedding ? "lora_embedding_A" : "lora_A.weight";
@@ -80,6 +105,7 @@ LoraModuleWeights check_module(const LoraConfig& config, const std::string& path
                 "': lora_B.bias must be [", p.B.size(0), "], got ", shape_str(p.bias));
     w.lora_bias = p.bias;
   }
+  check_magnitude(config, path, p, w, source);
   w.scaling = config.scaling_for(path);
   return w;
 }
@@ -108,9 +134,12 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
       adapter.other_tensors.emplace(rel, tensor);
       continue;
     }
-    TORCH_CHECK_VALUE(role != kMagnitude, "torchlora: ", source, ": '", key,
-                      "' is a DoRA magnitude vector (use_dora=true), which the C++ loader does not read yet");
     auto& p = parts[path];
+    if (role == kMagnitude) {
+      p.magnitude = tensor;
+      p.magnitude_key = key;
+      continue;
+    }
     const bool is_embedding_key = role == kEmbA || role == kEmbB;
     if (p.A.defined() || p.B.defined() || p.bias.defined()) {
       p.other_kind = p.other_kind || (is_embedding_key != p.embedding);
@@ -141,6 +170,9 @@ std::map<std::string, at::Tensor> adapter_state_dict(const PeftAdapter& adapter)
     out[key(emb ? kEmbB : kB)] = w.lora_B;
     if (w.lora_bias.defined()) {
       out[key(kBias)] = w.lora_bias;
+    }
+    if (w.magnitude.defined()) {
+      out[key(kMagnitude)] = w.magnitude;
     }
   }
   for (const auto& [path, t] : adapter.other_tensors) {

@@ -69,6 +69,7 @@ void LoraConv2dImpl::update_layer(const std::string& name, const AdapterOptions&
   detail::install_lora_pair(lora_A, lora_B, name, a.ptr(), b.ptr());
   register_adapter(name, options);
   move_adapter_to_base(name);
+  init_dora(name);
   set_adapter(active_adapters());
 }
 
@@ -78,6 +79,11 @@ std::vector<at::Tensor> LoraConv2dImpl::adapter_parameters(const std::string& na
 
 void LoraConv2dImpl::remove_adapter_parameters(const std::string& name) {
   detail::remove_lora_pair(lora_A, lora_B, name);
+}
+
+void LoraConv2dImpl::check_dora(const AdapterOptions&) const {
+  TORCH_CHECK_NOT_IMPLEMENTED(base_layer->options.groups() == 1, "torchlora: DoRA is not supported for Conv2d layers "
+                              "with groups > 1 (this one has groups=", base_layer->options.groups(), ")");
 }
 
 void LoraConv2dImpl::check_mergeable(const std::string& name) const {

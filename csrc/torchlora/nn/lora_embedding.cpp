@@ -39,6 +39,7 @@ void LoraEmbeddingImpl::update_layer(const std::string& name, const AdapterOptio
   lora_embedding_B->insert(name, b.set_requires_grad(true));
   register_adapter(name, options);
   move_adapter_to_base(name);
+  init_dora(name);
   set_adapter(active_adapters());
 }
 

@@ -63,7 +63,7 @@ double LoraLayer::dropout_p(const std::string& name) const {
 
 void LoraLayer::move_adapter_to_base(const std::string& name) {
   const auto weight = base_weight();
-  for (auto p : adapter_parameters(name)) {
+  for (auto p : all_adapter_parameters(name)) {
     at::NoGradGuard no_grad;
     const auto dtype = at::isFloatingType(weight.scalar_type()) ? weight.scalar_type() : p.scalar_type();
     p.set_data(p.to(weight.device(), dtype));
@@ -73,7 +73,7 @@ void LoraLayer::move_adapter_to_base(const std::string& name) {
 void LoraLayer::set_adapter(const std::vector<std::string>& names, bool inference_mode) {
   for (const auto& adapter : order_) {
     const bool trainable = contains(names, adapter) && !inference_mode;
-    for (auto p : adapter_parameters(adapter)) {
+    for (auto p : all_adapter_parameters(adapter)) {
       p.requires_grad_(trainable);
     }
   }
@@ -86,7 +86,7 @@ void LoraLayer::enable_adapters(bool enabled) {
     disabled_ = false;
   } else {
     for (const auto& adapter : order_) {
-      for (auto p : adapter_parameters(adapter)) {
+      for (auto p : all_adapter_parameters(adapter)) {
         p.requires_grad_(false);
       }
     }
@@ -98,6 +98,7 @@ void LoraLayer::delete_adapter(const std::string& name) {
   adapter_options(name);  // raises for unknown names
   TORCH_CHECK(!contains(merged_, name), "torchlora: adapter '", name, "' is merged; unmerge it before deleting it");
   remove_adapter_parameters(name);
+  if (!lora_magnitude_vector.is_empty() && lora_magnitude_vector->contains(name)) lora_magnitude_vector->pop(name);
   adapters_.erase(name);
   ++stack_changes_;
   order_.erase(std::find(order_.begin(), order_.end(), name));
@@ -129,25 +130,28 @@ void LoraLayer::merge(bool safe_merge, const std::vector<std::string>& names) {
   at::NoGradGuard no_grad;
   auto weight = base_weight();
   auto bias = base_bias();
+  // DoRA's norms come from the base weight without any merged adapter, as in forward.
+  const bool any_dora = std::any_of(todo.begin(), todo.end(), [&](const std::string& n) { return uses_dora(n); });
+  const at::Tensor unmerged = any_dora ? unmerged_weight() : at::Tensor();
   for (const auto& name : todo) {
     check_mergeable(name);
-    const auto dw = get_delta_weight(name).to(weight.scalar_type());
     auto db = delta_bias(name);
     TORCH_CHECK(!db.defined() || bias.defined(),
                 "torchlora: Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.");
     if (db.defined()) {
       db = db.to(bias.scalar_type());
     }
+    const auto new_w = merged_weight(name, weight, unmerged);
     if (safe_merge) {
-      const auto new_w = weight + dw;
       const auto new_b = db.defined() ? bias + db : at::Tensor();
       const bool finite = at::isfinite(new_w).all().item<bool>() && (!new_b.defined() || at::isfinite(new_b).all().item<bool>());
+      if (!finite) merged_dora_norms_.erase(name);
       TORCH_CHECK_VALUE(finite, "torchlora: NaNs detected in the merged weights. The adapter ", name,
                         " seems to be broken");
       weight.copy_(new_w);
       if (new_b.defined()) bias.copy_(new_b);
     } else {
-      weight.add_(dw);
+      weight.copy_(new_w);
       if (db.defined()) bias.add_(db);
     }
     merged_.push_back(name);
@@ -165,7 +169,7 @@ void LoraLayer::unmerge() {
   while (!merged_.empty()) {
     const auto name = merged_.back();
     merged_.pop_back();
-    weight.sub_(get_delta_weight(name).to(weight.scalar_type()));
+    weight.copy_(unmerged_weight_of(name, weight, /*pop_norm=*/true));
     const auto db = delta_bias(name);
     if (db.defined()) bias.sub_(db.to(bias.scalar_type()));
   }
@@ -181,6 +185,9 @@ void LoraLayer::bind_slots(AdapterStack stack, at::Tensor sample_slots) {
   TORCH_CHECK_VALUE(stack.lora_A.defined() && stack.lora_B.defined() && stack.scale.defined() &&
                         stack.scale.size(0) == stack.lora_A.size(0),
                     "torchlora: bound slots need lora_A, lora_B and one scale per slot");
+  TORCH_CHECK_VALUE(!stack.dora_factor.defined() ||
+                        (stack.dora_factor.dim() == 2 && stack.dora_factor.size(0) == stack.scale.size(0)),
+                    "torchlora: bound DoRA factors must be [slots, out] with one row per slot");
   if (stack.dropout.empty()) stack.dropout.assign(static_cast<size_t>(stack.scale.size(0)), 0.0);
   bound_ = BoundSlots{std::move(stack), std::move(sample_slots)};
 }
@@ -190,7 +197,8 @@ at::Tensor LoraLayer::forward_bound(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() > 0 && x.size(0) == slots.size(0), "torchlora: the bound batch has ", slots.size(0),
                     " samples but the layer's input has ", x.dim() > 0 ? x.size(0) : 0, " (input ", x.sizes(), ")");
   TORCH_CHECK_VALUE(!merged(), "torchlora: this layer's adapters were merged while slots are bound");
-  return forward_with_slots(bound_->stack, slots.to(x.device()), x);
+  const auto on_device = slots.to(x.device());
+  return apply_slot_dora(bound_->stack, on_device, forward_with_slots(bound_->stack, on_device, x));
 }
 
 at::Tensor LoraLayer::forward(const at::Tensor& x) {
@@ -208,7 +216,7 @@ at::Tensor LoraLayer::forward(const at::Tensor& x) {
   const auto dtype = result.scalar_type();
   for (const auto& name : active_) {
     if (has_adapter(name)) {
-      result = lora_update(name, x, result);
+      result = uses_dora(name) ? dora_update(name, x, result) : lora_update(name, x, result);
     }
   }
   return result.to(dtype);
@@ -231,7 +239,8 @@ at::Tensor LoraLayer::forward_mixed(const at::Tensor& x, const std::vector<std::
   if (!stacks_adapters()) return mixed_batch_loop(x, adapter_names);
   if (!any) return base_forward(x);
   const AdapterStack stack = adapter_stack();
-  return forward_with_slots(stack, stack.sample_slots(adapter_names, x.device()), x);
+  const auto slots = stack.sample_slots(adapter_names, x.device());
+  return apply_slot_dora(stack, slots, forward_with_slots(stack, slots, x));
 }
 
 at::Tensor LoraLayer::forward_slots(const at::Tensor& x, const at::Tensor& sample_slots) {
@@ -245,7 +254,9 @@ at::Tensor LoraLayer::forward_slots(const at::Tensor& x, const at::Tensor& sampl
                     "torchlora: adapter_slots must have shape [", x.dim() > 0 ? x.size(0) : 0,
                     "] (one per sample), got ", sample_slots.sizes());
   TORCH_CHECK(stacks_adapters(), "torchlora: adapter_slots is not supported by this layer with its base layer options");
-  return forward_with_slots(adapter_stack(), sample_slots.to(x.device()), x);
+  const AdapterStack stack = adapter_stack();
+  const auto slots = sample_slots.to(x.device());
+  return apply_slot_dora(stack, slots, forward_with_slots(stack, slots, x));
 }
 
 at::Tensor LoraLayer::forward_with_slots(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& x) {
@@ -276,12 +287,19 @@ AdapterStack LoraLayer::adapter_stack() {
   TORCH_CHECK_VALUE(!names.empty(), "torchlora: this layer holds no adapters to stack");
   const auto dims = stack_rank_dims();
   AdapterStack stack = stack_adapters(names, factors, scalings, dropout, dims[0], dims[1], stack_groups());
+  stack.dora_factor = own_dora_factors(names);
   if (cacheable) {
     stack_cache_.sources.clear();
     for (const auto& f : factors) {
       for (const auto& t : {f.lora_A, f.lora_B, f.lora_bias}) {
         if (t.defined()) stack_cache_.sources.push_back(t);
       }
+    }
+    if (stack.dora_factor.defined()) {  // the factors also follow the magnitudes and the base weight
+      for (const auto& name : names) {
+        if (uses_dora(name)) stack_cache_.sources.push_back(magnitude(name));
+      }
+      stack_cache_.sources.push_back(base_weight());
     }
     stack_cache_.versions = version_sum(stack_cache_.sources);
     stack_cache_.changes = stack_changes_;
@@ -301,7 +319,9 @@ at::Tensor LoraLayer::mixed_batch_loop(const at::Tensor& x, const std::vector<st
   for (const auto& name : groups) {
     if (name == peft::kBaseAdapterName) continue;
     const auto index = at::tensor(rows[name], at::TensorOptions().dtype(at::kLong)).to(x.device());
-    const auto updated = lora_update(name, x.index_select(0, index), result.index_select(0, index));
+    const auto xs = x.index_select(0, index);
+    const auto rs = result.index_select(0, index);
+    const auto updated = uses_dora(name) ? dora_update(name, xs, rs) : lora_update(name, xs, rs);
     result = result.index_copy(0, index, updated.to(result.scalar_type()));
   }
   return result;

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/nn/init.h>
 
+#include <algorithm>
+
 #include <torchlora/ops.h>
 
 #include "lora_pair.h"
@@ -33,6 +35,7 @@ void LoraLinearImpl::update_layer(const std::string& name, const AdapterOptions&
   detail::install_lora_pair(lora_A, lora_B, name, a.ptr(), b.ptr());
   register_adapter(name, options);
   move_adapter_to_base(name);
+  init_dora(name);
   set_adapter(active_adapters());
 }
 
@@ -122,7 +125,8 @@ at::Tensor LoraLinearImpl::forward(const at::Tensor& x) {
   for (const auto& name : active_adapters()) {
     if (has_adapter(name)) names.push_back(name);
   }
-  if (disabled_ || merged() || names.empty() || x.dim() == 0) {
+  const bool dora = std::any_of(names.begin(), names.end(), [&](const std::string& n) { return uses_dora(n); });
+  if (disabled_ || merged() || names.empty() || x.dim() == 0 || dora) {  // DoRA: LoraLayer's path
     return LoraLayer::forward(x);
   }
   // On the flattened [T, in] input, so that no extra [T, out] tensor is made.

@@ -83,6 +83,9 @@ void check_pool_layout(const std::vector<TargetLayer>& layers, const PoolOptions
     TORCH_CHECK_VALUE(l.groups >= 1 && (l.groups == 1 || l.kind == io::LoraKind::Conv2d),
                       "torchlora: AdapterPool: target layer '", l.name, "': groups must be 1 (or >= 1 for conv2d), got ",
                       l.groups);
+    TORCH_CHECK_VALUE(!l.base_weight.defined() || l.base_weight.sizes().vec() == l.weight_shape,
+                      "torchlora: AdapterPool: target layer '", l.name, "': base_weight has shape ",
+                      l.base_weight.sizes(), " but weight_shape is ", shape_str(l.weight_shape));
     TORCH_CHECK_VALUE(o.max_lora_rank % l.groups == 0, "torchlora: AdapterPool: max_lora_rank (", o.max_lora_rank,
                       ") must be a multiple of groups (", l.groups, ") of conv2d layer '", l.name, "'");
   }
@@ -91,9 +94,6 @@ void check_pool_layout(const std::vector<TargetLayer>& layers, const PoolOptions
 int64_t check_adapter(const std::string& name, const io::PeftAdapter& adapter, const std::vector<TargetLayer>& layers,
                       const std::map<std::string, size_t>& layer_index, const PoolOptions& options) {
   const auto& config = adapter.config;
-  if (config.use_dora) {
-    reject(name, "uses DoRA (use_dora=true), which the adapter pool does not serve; serve it merged instead");
-  }
   bool rewritten = false;
   try {
     rewritten = io::applies_to_rewritten_base_weights(config, "adapter '" + name + "'");
@@ -158,6 +158,18 @@ int64_t check_adapter(const std::string& name, const io::PeftAdapter& adapter, c
       if (w.lora_bias.dim() != 1 || w.lora_bias.size(0) != out) {
         reject(name, "has lora_bias " + shape_str(w.lora_bias.sizes().vec()) + " at " + where + ", expected [" +
                          std::to_string(out) + "]");
+      }
+    }
+    if (config.use_dora) {
+      if (!layer.base_weight.defined()) {
+        reject(name, "uses DoRA (use_dora=true), whose weight norm needs the base weight of " + where +
+                         ", which the pool's target layer does not hold: pools made from serve::target_layers(root) "
+                         "(C++ modules) serve DoRA; ExportedModel (AOTInductor) pools and target layers given without "
+                         "base_weight do not");
+      }
+      if (layer.groups != 1) {
+        reject(name, "uses DoRA at " + where + ", a conv2d layer with groups=" + std::to_string(layer.groups) +
+                         ", which DoRA does not support");
       }
     }
     max_rank = std::max(max_rank, r);

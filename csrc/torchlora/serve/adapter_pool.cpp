@@ -27,6 +27,7 @@ struct Version {
   uint64_t generation = 0;
   std::string folder;  // "" for adapters added from tensors: pinned in the host tier
   int64_t rank = 0;
+  bool dora = false;  // served at scale 1 only
   std::shared_ptr<const io::PeftAdapter> host;  // null once evicted from the host tier
   uint64_t host_used = 0;                       // LRU tick of the host tier
 };
@@ -36,6 +37,7 @@ struct Slot {
   std::string name;
   int64_t refcount = 0;
   uint64_t last_used = 0;
+  bool dora = false;
 };
 
 }  // namespace
@@ -118,7 +120,8 @@ AdapterRejected::AdapterRejected(const std::string& adapter, const std::string& 
 
 BatchLease::BatchLease(BatchLease&& other) noexcept
     : pool_(std::move(other.pool_)), held_(std::move(other.held_)), slots_(std::move(other.slots_)),
-      sample_slots_(std::move(other.sample_slots_)), slot_scale_(std::move(other.slot_scale_)) {
+      sample_slots_(std::move(other.sample_slots_)), slot_scale_(std::move(other.slot_scale_)),
+      uses_dora_(other.uses_dora_) {
   other.pool_.reset();
   other.held_.clear();
 }
@@ -131,6 +134,7 @@ BatchLease& BatchLease::operator=(BatchLease&& other) noexcept {
     slots_ = std::move(other.slots_);
     sample_slots_ = std::move(other.sample_slots_);
     slot_scale_ = std::move(other.slot_scale_);
+    uses_dora_ = other.uses_dora_;
     other.pool_.reset();
     other.held_.clear();
   }
@@ -186,12 +190,14 @@ io::PeftAdapter read_folder(const std::string& name, const std::string& folder) 
 // Registers a checked adapter's host copy under `name` (the caller holds no lock).
 void register_version(PoolState& st, const std::string& name, const std::string& folder, int64_t rank,
                       std::shared_ptr<const io::PeftAdapter> host) {
+  const bool dora = host->config.use_dora;
   std::lock_guard<std::mutex> lock(st.mutex);
   auto v = std::make_shared<Version>();
   v->name = name;
   v->generation = st.next_generation++;
   v->folder = folder;
   v->rank = rank;
+  v->dora = dora;
   v->host = std::move(host);
   v->host_used = ++st.tick;
   std::shared_ptr<Version> previous;
@@ -222,7 +228,7 @@ void AdapterPool::load(const std::string& name, const std::string& folder) {
   // Reading and checking happen outside the lock: batches keep running meanwhile.
   io::PeftAdapter adapter = read_folder(name, folder);
   const int64_t rank = detail::check_adapter(name, adapter, st.layers, st.layer_index, st.options);
-  auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options));
+  auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options, st.layers, st.layer_index));
   register_version(st, name, folder, rank, std::move(host));
 }
 
@@ -230,7 +236,7 @@ void AdapterPool::add(const std::string& name, io::PeftAdapter adapter) {
   check_name(name);
   auto& st = *state_;
   const int64_t rank = detail::check_adapter(name, adapter, st.layers, st.layer_index, st.options);
-  auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options));
+  auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options, st.layers, st.layer_index));
   register_version(st, name, "", rank, std::move(host));
 }
 
@@ -287,6 +293,14 @@ struct Wanted {
   double scale = 1.0;
 };
 
+// A DoRA adapter's factor magnitude / ||W + s B A|| holds for its own scaling only.
+void check_dora_scale(const Version& v, double scale) {
+  if (v.dora && scale != 1.0) {
+    throw AdapterRejected(v.name, "torchlora: adapter '" + v.name + "' uses DoRA, which the pool serves at scale 1 only "
+                                  "(scale " + std::to_string(scale) + " would change its weight norm)");
+  }
+}
+
 // The batch's distinct adapters in order of first appearance, each with its one scale.
 std::vector<Wanted> distinct_adapters(const std::vector<AdapterRequest>& requests) {
   std::vector<Wanted> wanted;
@@ -328,6 +342,7 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
         if (it == st.adapters.end()) {
           throw AdapterNotFound(w.name, "torchlora: AdapterPool: adapter '" + w.name + "' is not loaded");
         }
+        check_dora_scale(*it->second, w.scale);
         versions.push_back(it->second);
       }
       // Which adapters need a slot, and whose tensors must be read from their folders first.
@@ -394,6 +409,7 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
           }
           slot.generation = v.generation;
           slot.name = v.name;
+          slot.dora = v.dora;
           ++st.stats.slot_loads;
           slot_of_wanted[i] = victim;
         }
@@ -409,6 +425,7 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
           held.push_back(slot_of_wanted[i]);
         }
         BatchLease lease;
+        for (const int64_t s : held) lease.uses_dora_ = lease.uses_dora_ || st.slots[s].dora;
         lease.pool_ = state_;
         lease.held_ = std::move(held);
         lease.slots_.reserve(requests.size());
@@ -434,7 +451,7 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
     for (const auto& [version, folder] : to_read) {
       io::PeftAdapter adapter = read_folder(version->name, folder);
       detail::check_adapter(version->name, adapter, st.layers, st.layer_index, st.options);
-      auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options));
+      auto host = std::make_shared<const io::PeftAdapter>(detail::host_copy(std::move(adapter), st.options, st.layers, st.layer_index));
       source[version->generation] = host;
       std::lock_guard<std::mutex> lock(st.mutex);
       ++st.stats.host_reloads;
@@ -448,6 +465,11 @@ BatchLease AdapterPool::acquire(const std::vector<AdapterRequest>& requests) {
 }
 
 bool AdapterPool::fits(const std::vector<AdapterRequest>& batch, const AdapterRequest& request) const {
+  if (!is_base(request.adapter)) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const auto it = state_->adapters.find(request.adapter);
+    if (it != state_->adapters.end()) check_dora_scale(*it->second, request.scale);
+  }
   std::set<std::string> distinct;
   for (const auto& r : batch) {
     if (is_base(r.adapter)) continue;

@@ -136,6 +136,8 @@ std::vector<at::Tensor> ExportedModel::forward(const std::vector<at::Tensor>& in
                         po.dtype == info.pool.dtype && po.device.type() == info.pool.device.type(),
                     "torchlora: ExportedModel.forward: the pool was not made for this model (use make_pool(): its "
                     "layers, max_loras, max_lora_rank, lora_bias, dtype and device must be the export's)");
+  TORCH_CHECK_VALUE(!lease.uses_dora(), "torchlora: ExportedModel.forward: the lease holds DoRA adapters, which "
+                    "exported (AOTInductor) models do not serve");
   TORCH_CHECK_VALUE(lease.sample_slots().defined() && lease.slot_scale().defined() &&
                         lease.slot_scale().size(0) == info.pool.max_loras,
                     "torchlora: ExportedModel.forward: the lease was released or is not from this pool");

@@ -18,13 +18,16 @@ std::vector<TargetLayer> target_layers(torch::nn::Module& root) {
     if (auto lin = std::dynamic_pointer_cast<nn::LoraLinearImpl>(layer)) {
       t.kind = io::LoraKind::Linear;
       t.weight_shape = lin->base_layer->weight.sizes().vec();
+      t.base_weight = lin->base_layer->weight;
     } else if (auto emb = std::dynamic_pointer_cast<nn::LoraEmbeddingImpl>(layer)) {
       t.kind = io::LoraKind::Embedding;
       t.weight_shape = emb->base_layer->weight.sizes().vec();
+      t.base_weight = emb->base_layer->weight;
     } else if (auto conv = std::dynamic_pointer_cast<nn::LoraConv2dImpl>(layer)) {
       t.kind = io::LoraKind::Conv2d;
       t.weight_shape = conv->base_layer->weight.sizes().vec();
       t.groups = conv->base_layer->options.groups();
+      t.base_weight = conv->base_layer->weight;
     } else {
       TORCH_CHECK(false, "torchlora: target_layers: LoRA layer '", path, "' is of a kind the adapter pool does not know");
     }
@@ -58,6 +61,7 @@ PoolBinding::PoolBinding(torch::nn::Module& root, const AdapterPool& pool, const
     stack.lora_bias = stacks->lora_bias;
     // The slot's scaling times the request's scale.
     stack.scale = stacks->scale * lease.slot_scale();
+    if (lease.uses_dora()) stack.dora_factor = stacks->dora_factor;
     stack.names.assign(static_cast<size_t>(stack.scale.size(0)), "");
     plan.emplace_back(layer, std::move(stack));
   }

@@ -1,6 +1,9 @@
 #include "slot_tensors.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <torchlora/ops.h>
 
 namespace torchlora::serve::detail {
 
@@ -30,6 +33,7 @@ std::vector<SlotStacks> make_slot_stacks(const std::vector<TargetLayer>& layers,
     }
     if (o.lora_bias) s.lora_bias = at::zeros({S, out_features}, opts);
     s.scale = at::zeros({S}, opts.dtype(at::kFloat));
+    s.dora_factor = at::ones({S, out_features}, opts.dtype(dora_factor_dtype(o.dtype)));
     out.push_back(std::move(s));
   }
   return out;
@@ -44,6 +48,7 @@ void write_slot(std::vector<SlotStacks>& stacks, const std::vector<TargetLayer>&
     A.zero_();
     B.zero_();
     if (s.lora_bias.defined()) s.lora_bias.select(0, slot).zero_();
+    s.dora_factor.select(0, slot).fill_(1.0);
     const auto it = adapter.modules.find(layers[i].name);
     if (it == adapter.modules.end()) {
       s.scale.select(0, slot).fill_(0.0);
@@ -63,16 +68,39 @@ void write_slot(std::vector<SlotStacks>& stacks, const std::vector<TargetLayer>&
       B.narrow(1, 0, r).copy_(w.lora_B, /*non_blocking=*/true);
     }
     if (w.lora_bias.defined()) s.lora_bias.select(0, slot).copy_(w.lora_bias, /*non_blocking=*/true);
+    if (w.magnitude.defined()) s.dora_factor.select(0, slot).copy_(w.magnitude, /*non_blocking=*/true);
     // The module's scaling as the core computed it when the adapter was read (io::LoraModuleWeights).
     s.scale.select(0, slot).fill_(w.scaling);
   }
 }
 
 void clear_slot(std::vector<SlotStacks>& stacks, int64_t slot) {
-  for (auto& s : stacks) s.scale.select(0, slot).fill_(0.0);
+  for (auto& s : stacks) {
+    s.scale.select(0, slot).fill_(0.0);
+    s.dora_factor.select(0, slot).fill_(1.0);
+  }
 }
 
-io::PeftAdapter host_copy(io::PeftAdapter adapter, const PoolOptions& o) {
+at::ScalarType dora_factor_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+namespace {
+
+// g = magnitude / ||W + s B A|| of one module, [out] in `dtype` on the CPU.
+at::Tensor dora_factor(const io::LoraModuleWeights& w, const TargetLayer& layer, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  const auto& weight = layer.base_weight;
+  const auto cast = [&](const at::Tensor& t) { return t.detach().to(weight.device(), weight.scalar_type()); };
+  const bool fan_in_fan_out = layer.kind == io::LoraKind::Embedding;  // the [num, dim] table's columns
+  const auto norm = torchlora::dora_weight_norm(weight.detach(), cast(w.lora_A), cast(w.lora_B), w.scaling,
+                                                fan_in_fan_out);
+  const auto ones = at::ones({1, norm.numel()}, norm.options().dtype(dtype));
+  return torchlora::dora_scale(ones, cast(w.magnitude), norm).reshape({-1}).to(at::kCPU);
+}
+
+}  // namespace
+
+io::PeftAdapter host_copy(io::PeftAdapter adapter, const PoolOptions& o, const std::vector<TargetLayer>& layers,
+                          const std::map<std::string, size_t>& layer_index) {
   const bool pin = o.device.is_cuda();
   auto convert = [&](at::Tensor& t) {
     if (!t.defined()) return;
@@ -81,6 +109,10 @@ io::PeftAdapter host_copy(io::PeftAdapter adapter, const PoolOptions& o) {
     if (pin) t = t.pin_memory();
   };
   for (auto& [path, w] : adapter.modules) {
+    if (w.magnitude.defined()) {  // from the adapter's own factors, before they take the pool's dtype
+      w.magnitude = dora_factor(w, layers.at(layer_index.at(path)), dora_factor_dtype(o.dtype)).contiguous();
+      if (pin) w.magnitude = w.magnitude.pin_memory();
+    }
     convert(w.lora_A);
     convert(w.lora_B);
     convert(w.lora_bias);

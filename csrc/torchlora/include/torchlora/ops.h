@@ -178,4 +178,14 @@ TORCHLORA_API at::Tensor multi_lora_conv2d(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& slot_index, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
+// DoRA in a mixed batch: out[t] = factor[slot[t]] * (z[t] - bias) + bias along dimension `dim` of
+// z (size out; not 0, the rows), rows with slot -1 unchanged. z [T, ...] (what the multi-adapter
+// ops return), factor [S, out] (a served DoRA adapter's magnitude / dora_weight_norm, 1 for
+// plain-LoRA and empty slots), bias [out] the base layer's (absent: zero), slot_index [T].
+// Computed in float32 (float64 for float64); the result has z's dtype. Differentiable in z,
+// factor and bias.
+TORCHLORA_API at::Tensor multi_dora_scale(const at::Tensor& z, const at::Tensor& factor,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& slot_index,
+                                          int64_t dim = -1);
+
 }  // namespace torchlora

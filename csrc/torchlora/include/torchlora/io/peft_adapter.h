@@ -19,11 +19,13 @@ enum class LoraKind { Linear, Embedding, Conv2d };
 //   Linear     lora_A [r, in]           lora_B [out, r]                 lora_bias [out]
 //   Embedding  lora_A [r, num_emb]      lora_B [dim, r]
 //   Conv2d     lora_A [r, in, kh, kw]   lora_B [out, r / groups, 1, 1]  lora_bias [out]
+// DoRA (use_dora): magnitude [out] for Linear, [dim] for Embedding, [1, out, 1, 1] for Conv2d.
 struct LoraModuleWeights {
   LoraKind kind = LoraKind::Linear;
   at::Tensor lora_A;
   at::Tensor lora_B;
   at::Tensor lora_bias;  // undefined unless the adapter has lora_bias
+  at::Tensor magnitude;  // undefined unless the adapter uses DoRA
   double scaling = 1.0;  // from the config (rank_pattern / alpha_pattern / use_rslora applied)
   int64_t rank() const { return lora_A.size(0); }
 };
@@ -44,7 +46,8 @@ TORCHLORA_API void check_adapter_tensor(const at::Tensor& tensor, const std::str
 
 // Groups a PEFT state dict ("base_model.model.<path>.lora_A.weight", ...) by module and
 // checks it: both factors present, ranks and shapes consistent with each other and with the
-// config, floating dtypes. `source` names the file in errors.
+// config, floating dtypes; with config.use_dora a finite "<path>.lora_magnitude_vector" of the
+// module's output size for every module (and none without it). `source` names the file in errors.
 TORCHLORA_API PeftAdapter adapter_from_state_dict(
     LoraConfig config, const std::map<std::string, at::Tensor>& state_dict, const std::string& source);
 

@@ -22,6 +22,9 @@ struct TORCHLORA_API AdapterStack {
   at::Tensor lora_bias;            // [S, out], zeros for adapters without one; undefined when none has one
   at::Tensor scale;                // [S] float32
   std::vector<double> dropout;     // each slot's dropout probability
+  // DoRA: [S, out] factors magnitude / ||W + s B A|| (1 for plain-LoRA and empty slots) that
+  // rescale each row's output (torchlora::multi_dora_scale); undefined when no slot uses DoRA.
+  at::Tensor dora_factor;
 
   // The slot of `name`, -1 when the stack does not hold it.
   int64_t slot_of(const std::string& name) const;

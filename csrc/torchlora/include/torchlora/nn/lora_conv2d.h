@@ -29,6 +29,11 @@ class TORCHLORA_API LoraConv2dImpl : public LoraLayer {
  protected:
   std::vector<at::Tensor> adapter_parameters(const std::string& name) const override;
   void remove_adapter_parameters(const std::string& name) override;
+  // DoRA: per output channel, along dimension 1 of [N, out, H, W] (0 when unbatched); magnitude
+  // [1, out, 1, 1]; not with groups > 1.
+  int64_t dora_output_dim(const at::Tensor& out) const override { return out.dim() == 3 ? 0 : 1; }
+  std::vector<int64_t> magnitude_shape(int64_t features) const override { return {1, features, 1, 1}; }
+  void check_dora(const AdapterOptions& options) const override;
   at::Tensor base_forward(const at::Tensor& x) override { return base_layer->forward(x); }
   at::Tensor base_weight() const override { return base_layer->weight; }
   at::Tensor base_bias() const override { return base_layer->bias; }

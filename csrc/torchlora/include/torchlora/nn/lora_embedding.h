@@ -40,6 +40,9 @@ class TORCHLORA_API LoraEmbeddingImpl : public LoraLayer {
   // max_norm renormalises each adapter's looked-up rows, scale_grad_by_freq scales their gradients
   // by the batch's id counts: both stay with the per-adapter loop.
   bool stacks_adapters() const override;
+  // DoRA's norm runs over the columns of the [num_embeddings, dim] table.
+  bool dora_fan_in_fan_out() const override { return true; }
+  int64_t dora_weight_dim() const override { return 1; }
 };
 TORCH_MODULE(LoraEmbedding);
 

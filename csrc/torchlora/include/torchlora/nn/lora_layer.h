@@ -5,6 +5,7 @@
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/container/moduledict.h>
 
 #include <array>
 #include <map>
@@ -32,6 +33,9 @@ struct TORCHLORA_API AdapterOptions {
   TORCH_ARG(bool, use_rslora) = false;
   TORCH_ARG(bool, lora_bias) = false;
   TORCH_ARG(LoraInit, init) = LoraInit::Default;
+  // DoRA: a trainable magnitude per output feature rescales W + scaling * B A to that norm
+  // (PEFT's use_dora; lora_magnitude_vector.<adapter>.weight, initialised to the norm).
+  TORCH_ARG(bool, use_dora) = false;
 };
 
 class TORCHLORA_API LoraLayer : public torch::nn::Module {
@@ -66,6 +70,14 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   // Subtracts every merged adapter again, newest first.
   void unmerge();
 
+  // DoRA. Whether adapter `name` uses it; its magnitude parameter (Linear [out], Embedding [dim],
+  // Conv2d [1, out, 1, 1]); ||W + scaling * B A|| per output feature for the base weight as it
+  // is now (detached, as DoRA uses it; torchlora::dora_weight_norm with ||W||^2 cached while
+  // the base weight is unchanged). c10::Error for adapters without DoRA.
+  bool uses_dora(const std::string& name) const { return adapter_options(name).use_dora(); }
+  at::Tensor magnitude(const std::string& name) const;
+  at::Tensor dora_weight_norm(const std::string& name);
+
   // Dropout probability of `name` in effect now (0 in eval mode).
   double dropout_p(const std::string& name) const;
 
@@ -87,10 +99,14 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   void refresh_adapter_stack() { ++stack_changes_; }
 
   // Slots from outside the layer (serve::PoolBinding): while bound, forward(x) is the base layer
-  // plus sample i's slot sample_slots[i] of `stack` (-1: none), whatever the layer's own adapters.
+  // plus sample i's slot sample_slots[i] of `stack` (-1: none), whatever the layer's own adapters;
+  // with stack.dora_factor, each sample's output is then DoRA-scaled by its slot's row.
   void bind_slots(AdapterStack stack, at::Tensor sample_slots);
   void unbind_slots() { bound_.reset(); }
   bool slots_bound() const { return bound_.has_value(); }
+
+  // PEFT's lora_magnitude_vector (registered with the first DoRA adapter).
+  torch::nn::ModuleDict lora_magnitude_vector{nullptr};
 
  protected:
   explicit LoraLayer(std::string name) : torch::nn::Module(std::move(name)) {}
@@ -111,6 +127,18 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
   virtual at::Tensor lora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result) = 0;
   // Puts adapter `name`'s parameters on the base weight's device (and dtype, if floating).
   void move_adapter_to_base(const std::string& name);
+  // After the factors are in place: gives a DoRA adapter its magnitude (the current weight norm),
+  // drops a stale one from a replaced DoRA adapter otherwise.
+  void init_dora(const std::string& name);
+
+  // DoRA's layout here: whether the base weight is stored [in, out] (embeddings), the dimension
+  // of the base weight (merge) and of an output `out` (forward) that holds the output features,
+  // and PEFT's magnitude shape for `features` outputs. check_dora raises for what is unsupported.
+  virtual bool dora_fan_in_fan_out() const { return false; }
+  virtual int64_t dora_weight_dim() const { return 0; }
+  virtual int64_t dora_output_dim(const at::Tensor& out) const { return -1; }
+  virtual std::vector<int64_t> magnitude_shape(int64_t features) const { return {features}; }
+  virtual void check_dora(const AdapterOptions& options) const {}
 
   // Mixed batches. The adapter's factors in the multi-adapter operator's layout, the rank
   // dimensions of lora_A and lora_B in it, and the groups of a grouped conv.
@@ -145,7 +173,29 @@ class TORCHLORA_API LoraLayer : public torch::nn::Module {
     at::Tensor sample_slots;
   };
   std::optional<BoundSlots> bound_;
+  // ||W||^2 of the base weight, and what it was computed from
+  struct SqNormCache {
+    at::Tensor sq_norm;
+    const void* impl = nullptr;
+    const void* data = nullptr;
+    uint32_t version = 0;
+  } sq_norm_cache_;
+  // the norms DoRA adapters were merged with (PEFT caches them for unmerge)
+  std::map<std::string, at::Tensor> merged_dora_norms_;
   at::Tensor forward_bound(const at::Tensor& x);
+  std::vector<at::Tensor> all_adapter_parameters(const std::string& name) const;
+  at::Tensor weight_sq_norm();
+  // `result` with adapter `name` applied the DoRA way: dora_scale(lora_update(...)).
+  at::Tensor dora_update(const std::string& name, const at::Tensor& x, const at::Tensor& result);
+  // The stack's DoRA factors applied to a mixed batch's output (nothing when it has none).
+  at::Tensor apply_slot_dora(const AdapterStack& stack, const at::Tensor& sample_slots, const at::Tensor& out);
+  // [S, out] factors of the layer's own adapters (1 for plain LoRA), undefined without DoRA.
+  at::Tensor own_dora_factors(const std::vector<std::string>& names);
+  // The base weight with every merged adapter taken out again (what DoRA's merge norm needs).
+  at::Tensor unmerged_weight();
+  // weight -> weight with adapter `name` merged in (DoRA: rescaled), or taken out again.
+  at::Tensor merged_weight(const std::string& name, const at::Tensor& weight, const at::Tensor& unmerged);
+  at::Tensor unmerged_weight_of(const std::string& name, const at::Tensor& weight, bool pop_norm);
   // The per-adapter loop (PEFT's way) for the layers that do not stack their adapters.
   at::Tensor mixed_batch_loop(const at::Tensor& x, const std::vector<std::string>& adapter_names);
 };

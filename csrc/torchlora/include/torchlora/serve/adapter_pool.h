@@ -32,6 +32,9 @@ struct TargetLayer {
   std::vector<int64_t> weight_shape;    // the base weight: Linear [out, in], Embedding [num, dim],
                                         // Conv2d [out, in / groups, kh, kw]
   int64_t groups = 1;                   // Conv2d only
+  // The base weight itself (optional): DoRA adapters need it for their weight norm, computed
+  // once when they enter the host tier. Layers without it serve plain LoRA adapters only.
+  at::Tensor base_weight;
 };
 
 struct PoolOptions {
@@ -49,12 +52,15 @@ struct PoolOptions {
 //   Embedding  lora_A [S, r_max, num]           lora_B [S, dim, r_max]
 //   Conv2d     lora_A [S, r_max, in, kh, kw]    lora_B [S, out, r_max / groups, 1, 1]
 //   lora_bias [S, out] (only with PoolOptions::lora_bias)   scale [S] float32 (0 for an empty slot)
+//   dora_factor [S, out] float32 (float64 for a float64 pool): a DoRA adapter's magnitude /
+//               ||W + s B A||, 1 for plain-LoRA and empty slots (torchlora::multi_dora_scale)
 struct SlotStacks {
-  at::Tensor lora_A, lora_B, lora_bias, scale;
+  at::Tensor lora_A, lora_B, lora_bias, scale, dora_factor;
 };
 
 // One request of a batch: its adapter ("" or "__base__": the base model alone) and its scale,
-// which multiplies the adapter's own scaling (PEFT's set_scale).
+// which multiplies the adapter's own scaling (PEFT's set_scale). DoRA adapters are served at
+// scale 1 only (another scale changes their weight norm).
 struct AdapterRequest {
   std::string adapter;
   double scale = 1.0;
@@ -117,6 +123,7 @@ class TORCHLORA_API BatchLease {
   const at::Tensor& sample_slots() const { return sample_slots_; }  // [n] int64 on the pool's device
   const at::Tensor& slot_scale() const { return slot_scale_; }      // [S] float32 on the pool's device
   const std::vector<int64_t>& slots() const { return slots_; }       // the same slots on the host
+  bool uses_dora() const { return uses_dora_; }  // some slot of the batch holds a DoRA adapter
   void release();  // gives the slots back now (idempotent); sample_slots / slot_scale become undefined
 
  private:
@@ -126,6 +133,7 @@ class TORCHLORA_API BatchLease {
   std::vector<int64_t> held_;  // distinct slots whose refcount this lease holds
   std::vector<int64_t> slots_;
   at::Tensor sample_slots_, slot_scale_;
+  bool uses_dora_ = false;
 };
 
 class TORCHLORA_API AdapterPool {
@@ -158,7 +166,8 @@ class TORCHLORA_API AdapterPool {
   BatchLease acquire(const std::vector<AdapterRequest>& requests);
 
   // Whether `request` can join a batch already holding `batch` without exceeding max_loras
-  // distinct adapters or giving one adapter two scales (for batching queues).
+  // distinct adapters or giving one adapter two scales (for batching queues). AdapterRejected
+  // for a DoRA adapter requested at a scale other than 1 (acquire raises it too).
   bool fits(const std::vector<AdapterRequest>& batch, const AdapterRequest& request) const;
 
   const std::vector<TargetLayer>& layers() const;
