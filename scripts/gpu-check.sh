@@ -114,7 +114,7 @@ printf -- '- build: %ss with %s jobs (nvcc %s, %s); %s\n' "$BUILD_SECONDS" "$JOB
 log "built in ${BUILD_SECONDS}s: $BUILD_INFO"
 
 # ---- tests -------------------------------------------------------------------------------
-CUDA_TESTS=(tests/test_cuda_kernels.py tests/test_cuda_multi_lora.py
+CUDA_TESTS=(tests/test_cuda_kernels.py tests/test_cuda_multi_lora.py tests/test_ops_dora.py
             tests/test_serving_pool.py::test_cuda_pool_serves_what_the_cpu_pool_serves)
 log "running ${CUDA_TESTS[*]}"
 TEST_STATUS=0

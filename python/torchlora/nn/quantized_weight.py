@@ -24,6 +24,8 @@ def _kind(base_layer: nn.Module) -> str | None:
     weight = getattr(base_layer, "weight", None)
     if weight is None:
         return None
+    if type(weight) in (nn.Parameter, torch.Tensor):
+        return None  # a plain weight (also what compiled graphs see; dynamo cannot walk __mro__)
     name = type(weight).__name__
     if name == "Params4bit" and getattr(weight, "bnb_quantized", False):
         return _BNB4
