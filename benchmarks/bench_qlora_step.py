@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from minilm_step import current_rss_bytes, peak_rss_bytes  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 PEFT, TORCHLORA = "peft", "torchlora"
@@ -90,14 +91,6 @@ def check_same_loss(models: dict[str, torch.nn.Module], ids: torch.Tensor) -> fl
     return abs(losses[0] - losses[1]) / max(abs(losses[0]), 1e-12)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory_in_this_process(variant: str, args: argparse.Namespace) -> dict:
     """Peak memory the steps add: CUDA allocator peak, or peak RSS on the CPU."""
     model = build_variant(variant, args)
@@ -110,10 +103,10 @@ def measure_memory_in_this_process(variant: str, args: argparse.Namespace) -> di
             step()
         added = torch.cuda.max_memory_allocated() - before
         return {"variant": variant, "measure": "cuda max_memory_allocated", "step_added_mb": added / 2**20}
-    before = _status_kib("VmRSS") * 1024
+    before = current_rss_bytes()
     for _ in range(args.steps):
         step()
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_rss_bytes()
     return {"variant": variant, "measure": "peak RSS (VmHWM) - RSS before", "rss_before_steps_mb": before / 2**20,
             "peak_rss_mb": peak / 2**20, "step_added_mb": max(0, peak - before) / 2**20}
 
