@@ -459,7 +459,9 @@ def test_torchao_int4_weight_only():
 def test_torchlora_imports_and_these_tests_skip_without_bitsandbytes(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.path.join(root, "python"),
+    # the torchlora this run imports: the source tree in a dev build, site-packages when installed
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(torchlora.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), package_parent,
                                                        os.path.join(root, "tests")]))
     probe = ("import torch, torchlora\n"
              "from torchlora.nn import quantized_weight as q\n"
