@@ -18,6 +18,8 @@ from .peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_layer_status,
+    get_model_status,
 )
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .tuners import LoraModel, ModulesToSaveWrapper
@@ -45,6 +47,8 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction",
     "get_peft_model",
+    "get_layer_status",
+    "get_model_status",
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

@@ -17,6 +17,7 @@ from .nn import LoraLayer
 from .state_dict import get_peft_model_state_dict, load_adapter_tensors
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
+from .tuners.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.weight_conversion import check_loadable, prepare_for_saving
 
 if TYPE_CHECKING:
@@ -211,6 +212,14 @@ class PeftModel(nn.Module):
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """Enable (or with ``requires_grad=False`` disable) gradients of the given adapters."""
         self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The status of every adapter layer (:func:`torchlora.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The status of the model's adapters as a whole (:func:`torchlora.get_model_status`)."""
+        return get_model_status(self)
 
     # ------------------------------------------------------------------ persistence (files: torchlora.peft_format)
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,

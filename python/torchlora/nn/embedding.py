@@ -68,9 +68,8 @@ class LoraEmbedding(LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         # The embedding weight is stored [num_embeddings, embedding_dim], i.e. [in, out].
-        return ops.lora_delta_weight(
-            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter], self.scaling[adapter], fan_in_fan_out=True
-        )
+        lora_B, _, scaling = self._operator_factors(adapter, self.lora_embedding_B[adapter])
+        return ops.lora_delta_weight(self.lora_embedding_A[adapter], lora_B, scaling, fan_in_fan_out=True)
 
     def _holds(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_embedding_A
@@ -110,7 +109,5 @@ class LoraEmbedding(LoraLayer):
             # F.embedding(ids, A.T, max_norm=...) renormalises the looked-up rows of A.T in place
             with torch.no_grad():
                 torch.embedding_renorm_(lora_A.T, ids, base.max_norm, base.norm_type)
-        return ops.lora_embedding(
-            ids, result, lora_A, self.lora_embedding_B[name], self.scaling[name], base.padding_idx,
-            base.scale_grad_by_freq,
-        )
+        lora_B, _, scaling = self._operator_factors(name, self.lora_embedding_B[name])
+        return ops.lora_embedding(ids, result, lora_A, lora_B, scaling, base.padding_idx, base.scale_grad_by_freq)

@@ -16,6 +16,7 @@ from .. import ops
 from .._native import _C
 from ..config import validate_config_dict
 from . import dora, quantized_weight
+from .adapter_scales import AdapterScales
 from .adapter_stack import AdapterStack, build_stack
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
@@ -74,7 +75,7 @@ def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
         raise TypeError(f"unexpected argument {key!r}")
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterScales, nn.Module):
     """Base of the LoRA layers: wraps ``base_layer`` and holds any number of named adapters.
 
     Subclasses create their adapter parameters in ``update_layer`` and implement
@@ -266,7 +267,8 @@ class LoraLayer(nn.Module):
         base = self.get_base_layer()
         fan_in_fan_out = self._dora_fan_in_fan_out()
         sq_norm = self._dora_sq_norm.get(base, fan_in_fan_out)
-        return dora.weight_norm(base, lora_A, lora_B, self.scaling[adapter_name], fan_in_fan_out, sq_norm)
+        lora_B, _, scaling = self._operator_factors(adapter_name, lora_B)
+        return dora.weight_norm(base, lora_A, lora_B, scaling, fan_in_fan_out, sq_norm)
 
     def _dora_gain(self, adapter_name: str, norm: Tensor) -> Tensor:
         """``magnitude / norm`` shaped to multiply the base weight."""
@@ -318,6 +320,14 @@ class LoraLayer(nn.Module):
             for tensor in self.adapter_tensors(name).values():
                 tensor.requires_grad_(name in names and not inference_mode)
         self._active_adapter = adapter_names
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Enable (or with ``requires_grad=False`` disable) gradients of the parameters of the given
+        adapters that this layer holds; the others are left as they are."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names:
+            for tensor in self.adapter_tensors(name).values():
+                tensor.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the adapters on or off (off: the base layer alone, adapters frozen)."""
@@ -401,7 +411,8 @@ class LoraLayer(nn.Module):
             return weight + delta.to(weight.dtype)
         lora_A, lora_B = self._dora_factors(adapter)
         unmerged = self._weight_without_merged_adapters(weight)
-        norm = dora.norm_of(unmerged, lora_A, lora_B, self.scaling[adapter], self._dora_fan_in_fan_out())
+        lora_B, _, scaling = self._operator_factors(adapter, lora_B)
+        norm = dora.norm_of(unmerged, lora_A, lora_B, scaling, self._dora_fan_in_fan_out())
         self._dora_merge_norms[adapter] = norm
         gain = self._dora_gain(adapter, norm)
         return (gain * (weight + delta)).to(weight.dtype)
@@ -579,11 +590,13 @@ class LoraLayer(nn.Module):
         names = [n for n in self.adapter_names() if self._holds(n)]
         factors = [self._stack_factors(n) for n in names]
         a_dim, b_dim = self._stack_rank_dims
-        stack = build_stack(names, factors, [self.scaling[n] for n in names],
+        # a tensor scaling (compiled hot-swapping) is copied into the stack's scale vector
+        scalings = [self.scaling[n] for n in names]
+        stack = build_stack(names, factors, [float(s) for s in scalings],
                             [self._dropout_probability(n) for n in names], a_dim, b_dim, self._stack_groups())
         if cacheable:
             # in-place changes (optimizer steps, edits under no_grad) bump the tensors' versions
-            sources = [t for f in factors for t in f if t is not None]
+            sources = [t for f in factors for t in f if t is not None] + [s for s in scalings if isinstance(s, Tensor)]
             self._stack_cache = (self._stack_changes, getattr(self.scaling, "changes", 0), sources,
                                  sum(t._version for t in sources), stack)
         return stack

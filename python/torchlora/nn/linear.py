@@ -130,9 +130,8 @@ class LoraLinear(LoraLayer):
         self._set_factors_and_residual(adapter_name, _C.peft.olora_factors(weight, self.r[adapter_name]), weight, dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        return ops.lora_delta_weight(
-            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], self.fan_in_fan_out
-        )
+        lora_B, _, scaling = self._operator_factors(adapter, self.lora_B[adapter].weight)
+        return ops.lora_delta_weight(self.lora_A[adapter].weight, lora_B, scaling, self.fan_in_fan_out)
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:
@@ -164,25 +163,25 @@ class LoraLinear(LoraLayer):
         bias = self.get_base_layer().bias
         x = x.to(lora_A.dtype)
         p, seed = self._seed_for(name, x.device)
-        scaling = self.scaling[name]
+        lora_B, lora_bias, scaling = self._operator_factors(name, lora_B.weight, lora_B.bias)
         if p == 0.0:
-            z = ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, scaling)
+            z = ops.lora_linear(x, result, lora_A, lora_B, lora_bias, scaling)
             return ops.dora_scale(z, magnitude, norm, bias)
         dropped = ops.dropout_apply(x, p, seed)
         base_dropped = self._base_without_bias(dropped)
-        z = ops.lora_linear(dropped, base_dropped, lora_A, lora_B.weight, lora_B.bias, scaling)
+        z = ops.lora_linear(dropped, base_dropped, lora_A, lora_B, lora_bias, scaling)
         return result + ops.dora_scale(z, magnitude, norm) - base_dropped
 
     def _lora_update(self, name: str, x: Tensor, result: Tensor, in_place: bool = False) -> Tensor:
         if self._uses_dora(name):
             return self._dora_update(name, x, result)
         lora_A = self.lora_A[name].weight
-        lora_B = self.lora_B[name]
+        lora_B, lora_bias, scaling = self._operator_factors(name, self.lora_B[name].weight, self.lora_B[name].bias)
         x = x.to(lora_A.dtype)
         p, seed = self._seed_for(name, x.device)
         if in_place:
-            return ops.lora_linear_(result, x, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
-        return ops.lora_linear(x, result, lora_A, lora_B.weight, lora_B.bias, self.scaling[name], p, seed)
+            return ops.lora_linear_(result, x, lora_A, lora_B, lora_bias, scaling, p, seed)
+        return ops.lora_linear(x, result, lora_A, lora_B, lora_bias, scaling, p, seed)
 
     def _stack_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
@@ -253,10 +252,10 @@ class LoraLinear(LoraLayer):
                 dora_first and self.dropout_p(first)):
             # The base layer and the first adapter in one op: they share their passes over memory.
             lora_B = self.lora_B[first]
+            lora_B, lora_bias, scaling = self._operator_factors(first, lora_B.weight, lora_B.bias)
             p, seed = self._seed_for(first, x.device)
             result = ops.linear_with_lora(
-                x2, base.weight, base.bias, self.lora_A[first].weight, lora_B.weight, lora_B.bias,
-                self.scaling[first], p, seed,
+                x2, base.weight, base.bias, self.lora_A[first].weight, lora_B, lora_bias, scaling, p, seed,
             )
             if dora_first:
                 magnitude = self.lora_magnitude_vector[first].weight

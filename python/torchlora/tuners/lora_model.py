@@ -280,6 +280,14 @@ class LoraModel(nn.Module):
             for param in self.adapter_parameters(name):
                 param.requires_grad_(requires_grad)
 
+    def set_scale(self, adapter: str, scale: Union[float, int]) -> None:
+        """Set the scaling of ``adapter`` in every LoRA layer that holds it to ``scale`` times its
+        initial scaling (``LoraLayer.set_scale``)."""
+        if adapter not in self.peft_config:
+            raise ValueError(f"Adapter {adapter} not found; the model has {list(self.peft_config)}")
+        for layer in self._lora_layers():
+            layer.set_scale(adapter, scale)
+
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate ``adapter_name`` (a name or a list) on every layer; its weights become trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
