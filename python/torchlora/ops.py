@@ -6,6 +6,7 @@ these functions only give them Python signatures and docstrings.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -48,8 +49,24 @@ def lora_linear(
     Shapes: ``x [..., in]``, ``base_out [..., out]``, ``lora_A [r, in]``, ``lora_B [out, r]``,
     ``lora_bias [out]``. ``seed`` (see :func:`make_seed`) is required when ``dropout_p > 0``;
     backward regenerates the mask from it instead of storing it.
+
+    DTensor factors with the local ``x`` / ``base_out`` of a tensor-parallel base layer are
+    computed on their mesh by :func:`torchlora.distributed.lora_linear_on_mesh`.
     """
+    if _mixes_dtensors(x, base_out, lora_A, lora_B, lora_bias, seed):
+        from .distributed.tensor_parallel import lora_linear_on_mesh
+        return lora_linear_on_mesh(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
     return torch.ops.torchlora.lora_linear(x, base_out, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
+
+
+def _mixes_dtensors(*tensors: Tensor | None) -> bool:
+    """Whether DTensors and plain tensors meet; never imports ``torch.distributed.tensor`` (if it
+    is not imported, no DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    kinds = [isinstance(t, module.DTensor) for t in tensors if t is not None]
+    return any(kinds) and not all(kinds)
 
 
 def lora_linear_(

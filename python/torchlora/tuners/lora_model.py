@@ -147,6 +147,10 @@ class LoraModel(nn.Module):
         for param, requires_grad in previous_requires_grad:
             param.requires_grad = requires_grad
         cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
+        if getattr(model, "_device_mesh", None) is not None:  # transformers, loaded with tp_plan
+            from ..distributed.tensor_parallel import shard_adapters_like_base
+
+            shard_adapters_like_base(model)
 
     @staticmethod
     def _raise_no_match(config: LoraConfig, excluded: list[str], unmatched: list[str]) -> None:
