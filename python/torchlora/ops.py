@@ -15,7 +15,8 @@ from torch import Tensor
 from . import _native  # noqa: F401  (registers the operators)
 
 __all__ = [
-    "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "dropout_apply", "make_seed",
+    "linear_with_lora", "lora_linear", "lora_linear_", "lora_embedding", "lora_conv2d", "lora_conv3d", "dropout_apply",
+    "make_seed",
     "lora_delta_weight", "multi_lora_shrink", "multi_lora_expand", "multi_lora_expand_", "multi_lora_linear",
     "multi_lora_linear_", "linear_with_multi_lora", "multi_lora_embedding", "multi_lora_conv2d",
     "multi_dora_scale",
@@ -153,6 +154,32 @@ def lora_conv2d(
     ``padding``, ``dilation``), ``lora_B [out, r / groups, 1, 1]``, ``base_out [N, out, H', W']``.
     """
     return torch.ops.torchlora.lora_conv2d(
+        x, base_out, lora_A, lora_B, lora_bias, list(stride), list(padding), list(dilation), groups, scaling,
+        dropout_p, seed,
+    )
+
+
+def lora_conv3d(
+    x: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """``base_out + scaling * conv1x1x1(conv3d(dropout_p(x), lora_A), lora_B, lora_bias, groups)``.
+
+    Shapes: ``x [N, in, D, H, W]``, ``lora_A [r, in, kd, kh, kw]`` (applied with ``stride``,
+    ``padding``, ``dilation``), ``lora_B [out, r / groups, 1, 1, 1]``, ``base_out [N, out, D', H', W']``.
+    One composite of ATen's conv3d (see ``csrc/torchlora/composite/lora_conv3d.cpp``).
+    """
+    return torch.ops.torchlora.lora_conv3d(
         x, base_out, lora_A, lora_B, lora_bias, list(stride), list(padding), list(dilation), groups, scaling,
         dropout_p, seed,
     )

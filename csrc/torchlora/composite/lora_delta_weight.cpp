@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "../detail/checks.h"
 
@@ -26,7 +27,8 @@ void check_factor(const at::Tensor& t, const char* name) {
                    " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
-// 2-D: lora_A [r, in], lora_B [out, r]. 4-D: lora_A [r, in, kh, kw], lora_B [out, r / groups, 1, 1].
+// 2-D: lora_A [r, in], lora_B [out, r]. Conv (3-D, 4-D, 5-D for Conv1d, Conv2d, Conv3d):
+// lora_A [r, in, *kernel], lora_B [out, r / groups, 1, ...] with as many 1s as kernel dimensions.
 void check_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, bool fan_in_fan_out) {
   check_factor(lora_A, "lora_A");
   check_factor(lora_B, "lora_B");
@@ -35,9 +37,11 @@ void check_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, bool fan_
   TORCH_CHECK_VALUE(lora_A.device() == lora_B.device(), kOp, ": lora_A is on ", lora_A.device(),
                     " but lora_B is on ", lora_B.device());
   const bool matrices = lora_A.dim() == 2 && lora_B.dim() == 2;
-  TORCH_CHECK_VALUE(matrices || (lora_A.dim() == 4 && lora_B.dim() == 4), kOp,
-                    ": the factors must be 2-D (lora_A [r, in], lora_B [out, r]) or 4-D (lora_A [r, in, kh, kw], "
-                    "lora_B [out, r, 1, 1]), got ", lora_A.sym_sizes(), " and ", lora_B.sym_sizes());
+  const bool conv = lora_A.dim() >= 3 && lora_A.dim() <= 5 && lora_B.dim() == lora_A.dim();
+  TORCH_CHECK_VALUE(matrices || conv, kOp,
+                    ": the factors must be 2-D (lora_A [r, in], lora_B [out, r]) or conv factors with 1, 2 or 3 "
+                    "kernel dimensions (lora_A [r, in, kh, kw], lora_B [out, r, 1, 1] for Conv2d), got ",
+                    lora_A.sym_sizes(), " and ", lora_B.sym_sizes());
   const c10::SymInt r = lora_A.sym_size(0);
   TORCH_CHECK_VALUE(r > 0, kOp, ": the rank (lora_A.size(0)) must be positive");
   if (matrices) {
@@ -47,8 +51,10 @@ void check_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, bool fan_
   TORCH_CHECK_VALUE(!fan_in_fan_out, kOp, ": fan_in_fan_out applies to 2-D factors, not to the conv factors ",
                     lora_A.sym_sizes());
   const c10::SymInt r_per_group = lora_B.sym_size(1);
-  TORCH_CHECK_VALUE(lora_B.sym_size(2) == 1 && lora_B.sym_size(3) == 1 && r_per_group > 0 && r % r_per_group == 0,
-                    kOp, ": conv factors must be lora_A [r, in, kh, kw] and lora_B [out, r / groups, 1, 1], got ",
+  bool unit_kernel = true;
+  for (int64_t d = 2; d < lora_B.dim(); ++d) unit_kernel = unit_kernel && lora_B.sym_size(d) == 1;
+  TORCH_CHECK_VALUE(unit_kernel && r_per_group > 0 && r % r_per_group == 0, kOp,
+                    ": conv factors must be lora_A [r, in, *kernel] and lora_B [out, r / groups, 1, ...], got ",
                     lora_A.sym_sizes(), " and ", lora_B.sym_sizes());
   TORCH_CHECK_NOT_IMPLEMENTED(r_per_group == r, kOp, ": a conv adapter with groups=", r / r_per_group,
                               " has no delta in the layout of its grouped base weight (PEFT cannot merge it either)");
@@ -73,8 +79,10 @@ at::Tensor lora_delta_weight_composite(const at::Tensor& lora_A, const at::Tenso
   // Scaled after the product, in PEFT's order, and in place: the product is a fresh tensor that
   // the product's backward does not need.
   delta.mul_(scaling);
-  if (lora_A.dim() == 4) {
-    delta = delta.view_symint({lora_B.sym_size(0), lora_A.sym_size(1), lora_A.sym_size(2), lora_A.sym_size(3)});
+  if (lora_A.dim() > 2) {  // back to the base conv's weight layout [out, in, *kernel]
+    std::vector<c10::SymInt> shape(lora_A.sym_sizes().begin(), lora_A.sym_sizes().end());
+    shape[0] = lora_B.sym_size(0);
+    delta = delta.view_symint(shape);
   }
   return delta.to(out_dtype);
 }

@@ -58,6 +58,11 @@ void check_magnitude(const LoraConfig& config, const std::string& path, const Pa
 
 LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
                                const std::string& source) {
+  // PEFT's MultiheadAttention adapters keep out_proj's factors under "<mha>.base_layer.out_proj"
+  const bool in_base_layer = path.starts_with("base_layer.") || path.find(".base_layer.") != std::string::npos;
+  TORCH_CHECK_NOT_IMPLEMENTED(!in_base_layer, "torchlora: ", source, ": module '", path,
+                              "' lies inside a LoRA layer's base_layer, as PEFT writes MultiheadAttention adapters; "
+                              "the C++ loader does not support MultiheadAttention adapters");
   TORCH_CHECK_VALUE(p.A.defined() || p.B.defined(), "torchlora: ", source, ": module '", path,
                     "' has a lora_magnitude_vector but no LoRA factors");
   TORCH_CHECK_VALUE(!p.other_kind, "torchlora: ", source, ": module '", path,
@@ -91,6 +96,11 @@ LoraModuleWeights check_module(const LoraConfig& config, const std::string& path
                 "torchlora: ", source, ": module '", path,
                 "': conv factors must be lora_A [r, in, kh, kw] and lora_B [out, r / groups, 1, 1], got ",
                 shape_str(p.A), " and ", shape_str(p.B));
+  } else if (p.A.dim() == 3 || p.A.dim() == 5) {
+    // PEFT writes these for nn.Conv1d / nn.Conv3d, which the C++ modules do not wrap (Python does)
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "torchlora: ", source, ": module '", path, "' is a ",
+                                p.A.dim() == 3 ? "Conv1d" : "Conv3d", " adapter (lora_A ", shape_str(p.A),
+                                "); the C++ loader supports Linear, Embedding and Conv2d adapters only");
   } else {
     TORCH_CHECK_VALUE(false, "torchlora: ", source, ": module '", path, "': lora_A must have 2 or 4 dimensions, got ",
                 shape_str(p.A));
