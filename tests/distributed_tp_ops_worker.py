@@ -123,15 +123,16 @@ def check_operators() -> None:
     close("mixed colwise grad base_out", base_local.grad, t["base"].grad[..., rows])
     print("OK mixed colwise", flush=True)
 
-    t = tensors(False)
+    t = tensors(True)
     cols = slice(rank * IN // world, (rank + 1) * IN // world)
     x_local = t["x"].detach()[..., cols].clone().requires_grad_()
     A_d = leaf(t["A"], mesh, Shard(1))
     B_plain = t["B"].detach().clone().requires_grad_()
+    lb_plain = t["lb"].detach().clone().requires_grad_()
     base_full = t["base"].detach().clone().requires_grad_()
-    want = ops.lora_linear(t["x"], t["base"], t["A"], t["B"], None, 0.5)
-    got = ops.lora_linear(x_local, base_full, A_d, B_plain, None, 0.5)
-    close("mixed rowwise output (reduced once)", got, want.detach())
+    want = ops.lora_linear(t["x"], t["base"], t["A"], t["B"], t["lb"], 0.5)
+    got = ops.lora_linear(x_local, base_full, A_d, B_plain, lb_plain, 0.5)
+    close("mixed rowwise output (lora_bias added once)", got, want.detach())
     weights = torch.randn(want.shape, dtype=dtype)
     (want * weights).sum().backward()
     (got * weights).sum().backward()
@@ -139,7 +140,17 @@ def check_operators() -> None:
     close("mixed rowwise grad A", A_d.grad, t["A"].grad)
     close("mixed rowwise grad B", B_plain.grad, t["B"].grad)
     close("mixed rowwise grad base_out", base_full.grad, t["base"].grad)
+    close("mixed rowwise grad lora_bias", lb_plain.grad, t["lb"].grad)
     print("OK mixed rowwise", flush=True)
+
+    # factors sharded along their rank: no layout of the input or output fits, a clear error
+    try:
+        ops.lora_linear(x_local, base_full, leaf(t["A"], mesh, Shard(0)), B_plain, None, 0.5)
+    except ValueError as error:
+        assert "lora_A [r, in] must be replicated or sharded on dim 1" in str(error), error
+    else:
+        raise AssertionError("lora_A sharded on its rank was accepted")
+    print("OK rank-sharded factors rejected", flush=True)
 
     # dropout: a sharded x is gathered (the mask follows the whole tensor's element index)
     x = torch.randn(4, IN, dtype=dtype, requires_grad=True)

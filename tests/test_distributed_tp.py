@@ -34,9 +34,10 @@ WORKER = os.path.join(ROOT, "tests", "distributed_tp_worker.py")
 LAUNCH_TIMEOUT = 300
 
 # the plan of the original report (ColwiseParallel on up.base_layer and up.lora_B.default,
-# RowwiseParallel on down.base_layer and down.lora_A.default), with dropout
+# RowwiseParallel on down.base_layer and down.lora_A.default), with dropout and lora_bias (added
+# once after the rowwise reduction)
 MLP_PEFT_STYLE = ("--model", "mlp", "--plan", "peft-style", "--lora-dropout", "0.1", "--init-lora-weights", "false",
-                  "--steps", "5", "--lr", "0.05")
+                  "--lora-bias", "--steps", "5", "--lr", "0.05")
 LLAMA_TORCHLORA = ("--model", "llama", "--plan", "torchlora", "--lora-dropout", "0.1", "--init-lora-weights", "false",
                    "--steps", "4")
 # a tiny llama saved to a folder, loaded with tp_plan="auto": transformers shards q/k/v/gate/up

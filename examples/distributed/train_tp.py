@@ -66,6 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=8)
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-bias", action="store_true", help="train a bias in lora_B (LoraConfig.lora_bias)")
     parser.add_argument("--init-lora-weights", default="true", choices=("true", "false", "gaussian"),
                         help="false: both factors random, so the adapter changes the output from the first step")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,7 +113,8 @@ def build_peft_model(args: argparse.Namespace, base: Optional[nn.Module] = None)
     base = build_base(args) if base is None else base
     init = {"true": True, "false": False, "gaussian": "gaussian"}[args.init_lora_weights]
     config = torchlora.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.lora_dropout,
-                                  target_modules=sorted(styles_for(base)), init_lora_weights=init)
+                                  lora_bias=args.lora_bias, target_modules=sorted(styles_for(base)),
+                                  init_lora_weights=init)
     torch.manual_seed(args.seed + 1)  # the adapter's initial weights: the same in every process
     return torchlora.get_peft_model(base, config)
 
