@@ -75,16 +75,20 @@ def test_sharding_rules_of_every_operator_match_whole_tensors(parallel_runs):
     assert out.count("world size 2") == 3, out[-3000:]
 
 
-def _one_process(argv: list[str], tmp_path) -> tuple[argparse.Namespace, list[float], dict]:
-    """The same training in this process: (args, losses, saved adapter tensors)."""
+def _one_process(argv: list[str], tmp_path) -> tuple[argparse.Namespace, list[float], torch.Tensor, dict]:
+    """The same training in this process: (args, losses, eval outputs, saved adapter tensors)."""
     args = train_tp.parse_args([*argv, "--plan", "torchlora", "--output-dir", str(tmp_path / "one")])
     model = train_tp.build_peft_model(args)
     losses = train_tp.train(model, args)
+    outputs = train_tp.eval_outputs(model, args)
     model.save_pretrained(str(tmp_path / "one" / "adapter"))
-    return args, losses, load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    return args, losses, outputs, load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
 
 
-def _assert_same_training(output_dir: str, single_losses: list[float], single: dict) -> None:
+def _assert_same_training(output_dir: str, single_losses: list[float], single_outputs: torch.Tensor,
+                          single: dict) -> None:
+    torch.testing.assert_close(torch.load(os.path.join(output_dir, "eval_outputs.pt")), single_outputs,
+                               rtol=1e-4, atol=1e-5)
     with open(os.path.join(output_dir, "losses.json")) as f:
         parallel_losses = json.load(f)
     assert len(parallel_losses) == len(single_losses)
@@ -114,8 +118,8 @@ def _peft_outputs_equal(args: argparse.Namespace, adapter_dir: str) -> None:
 @pytest.mark.parametrize("run", ["mlp", "llama", "hf_auto"])
 def test_two_processes_train_as_one_and_peft_loads_the_adapter(parallel_runs, run, tmp_path):
     argv, output_dir = parallel_runs[run]
-    args, losses, single = _one_process(argv[:-2], tmp_path)
-    _assert_same_training(output_dir, losses, single)
+    args, losses, outputs, single = _one_process(argv[:-2], tmp_path)
+    _assert_same_training(output_dir, losses, outputs, single)
     _peft_outputs_equal(args, os.path.join(output_dir, "adapter"))
 
 

@@ -16,8 +16,9 @@ download); a folder is loaded with transformers. ``--plan``:
 - ``hf-auto``: ``from_pretrained(folder, tp_plan="auto")`` (the model's own plan), then
   ``get_peft_model``.
 
-Rank 0 writes ``<output-dir>/losses.json`` and ``<output-dir>/adapter`` (PEFT's files); every
-rank takes part in gathering the sharded adapter weights for it. Run without torchrun, the
+Rank 0 writes ``<output-dir>/losses.json``, ``<output-dir>/eval_outputs.pt`` (the trained
+model's outputs on the first batch in eval mode) and ``<output-dir>/adapter`` (PEFT's files);
+every rank takes part in gathering the sharded adapter weights for it. Run without torchrun, the
 script trains the same model in one process (the reference the parallel run must equal).
 """
 
@@ -133,10 +134,24 @@ def batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]
     return out
 
 
+def outputs_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    if isinstance(model.get_base_model(), TinyMLP):
+        return model(inputs)
+    return model(input_ids=inputs).logits
+
+
 def loss_of(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if isinstance(model.get_base_model(), TinyMLP):
         return nn.functional.mse_loss(model(inputs), target)
     return model(input_ids=inputs, labels=target).loss
+
+
+def eval_outputs(model: nn.Module, args: argparse.Namespace) -> torch.Tensor:
+    """The trained model's outputs on the first batch, in eval mode without autograd (the
+    inference paths of the parallel layers)."""
+    model.eval()
+    with torch.no_grad():
+        return outputs_of(model, batches(args)[0][0])
 
 
 def train(model: torchlora.PeftModel, args: argparse.Namespace) -> list[float]:
@@ -200,11 +215,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     try:
         model = build_parallel_model(args, dist.get_world_size()) if distributed else build_peft_model(args)
         losses = train(model, args)
+        outputs = eval_outputs(model, args)
         os.makedirs(args.output_dir, exist_ok=True)
         model.save_pretrained(os.path.join(args.output_dir, "adapter"), is_main_process=rank == 0)
         if rank == 0:
             with open(os.path.join(args.output_dir, "losses.json"), "w") as f:
                 json.dump(losses, f)
+            torch.save(outputs, os.path.join(args.output_dir, "eval_outputs.pt"))
             print(f"world size {dist.get_world_size() if distributed else 1}: losses {losses}")
         return losses
     finally:
