@@ -111,6 +111,10 @@ def _add_finetune_parser(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the loss plot")
     p.add_argument("--no-peft-check", action="store_true", help="skip reloading the adapter with PEFT")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine: the command relaunches itself under "
+                        "torch.distributed.run with N processes, each training on its share of every batch (the "
+                        "same steps as one process); only the first one prints and writes files (default: %(default)s)")
     quantized = p.add_mutually_exclusive_group()
     quantized.add_argument("--load-in-4bit", action="store_true",
                            help="QLoRA: quantize the encoder's Linear layers to bitsandbytes 4-bit nf4 (runs on the "
@@ -124,6 +128,13 @@ def _add_finetune_parser(subparsers: Any) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, load_inputs, run_finetune
+    from .finetune_parallel import launched_world_size, process_group, relaunch
+
+    launched = launched_world_size()
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be a positive integer, got {args.nproc}")
+    if launched is not None and args.nproc not in (1, launched):
+        raise UserError(f"--nproc {args.nproc} differs from the {launched} processes this launch started")
 
     config = FinetuneConfig(
         model=args.model,
@@ -151,8 +162,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
     )
     with offline_quiet_transformers():
         with user_input():
-            inputs = load_inputs(config)
-        result = run_finetune(config, inputs=inputs)
+            inputs = load_inputs(config)  # user errors surface here, before any process is started
+        if launched is None and args.nproc > 1:
+            return relaunch(args.nproc, args.argv, threads_per_process=args.threads)
+        with process_group():
+            result = run_finetune(config, inputs=inputs)
+    if result is None:  # a process other than rank 0: rank 0 checks and reports
+        return EXIT_OK
     failed = [
         name
         for name, ok in (
@@ -389,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     on stderr and status 2; every other exception propagates with its traceback.
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that relaunches itself
     try:
         return args.handler(args)
     except USER_ERRORS as exc:

@@ -335,9 +335,17 @@ class TrainingRun:
 
 def train(model: nn.Module, data: Encoded, config: FinetuneConfig) -> TrainingRun:
     """AdamW on the trainable parameters, the learning rate decayed linearly to 0, with a
-    progress bar (``config.progress``). Raises RuntimeError when the loss stops being finite."""
+    progress bar (``config.progress``). Raises RuntimeError when the loss stops being finite.
+
+    Inside a process group (``torchlora finetune --nproc N``) each process takes its share of
+    every batch and DDP averages the gradients: the steps are those of one process on the same
+    batches (see :mod:`torchlora.finetune_parallel`); only rank 0 shows the progress bar."""
     from tqdm.auto import tqdm
 
+    from .finetune_parallel import Replica
+
+    replica = Replica.current()
+    step_model = replica.wrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = math.ceil(len(data) / config.batch_size) * config.epochs
@@ -346,16 +354,21 @@ def train(model: nn.Module, data: Encoded, config: FinetuneConfig) -> TrainingRu
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
-    with tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not config.progress) as bar:
+    with tqdm(total=total_steps, desc="fine-tuning", unit="step",
+              disable=not (config.progress and replica.is_main)) as bar:
         for epoch in range(config.epochs):
             order = torch.randperm(len(data), generator=generator)
             for start in range(0, len(data), config.batch_size):
-                inputs, target = data.batch(order[start : start + config.batch_size])
-                loss = nn.functional.cross_entropy(model(**inputs).logits.float(), target)
+                index = order[start : start + config.batch_size]
+                rows, weight = replica.share(index)
+                inputs, target = data.batch(rows)
+                summed = nn.functional.cross_entropy(step_model(**inputs).logits.float(), target, reduction="sum")
+                # the batch's mean loss, over every process's rows
+                loss = replica.global_sum(summed.detach() if weight else torch.zeros_like(summed)) / index.numel()
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"training diverged: loss is {loss.item()} at step {len(losses) + 1}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (summed * weight).backward()
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
@@ -402,18 +415,28 @@ def save_merged(merged: nn.Module, tokenizer: Any, merged_dir: Path) -> None:
     tokenizer.save_pretrained(str(merged_dir))
 
 
-def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | None = None) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | None = None) -> FinetuneResult | None:
     """Run the whole job; ``log`` receives the human-readable report lines.
 
-    ``inputs`` are those of :func:`load_inputs` when the caller checked them already.
+    ``inputs`` are those of :func:`load_inputs` when the caller checked them already. Inside a
+    process group every process trains its share of each batch; rank 0 alone evaluates, logs
+    and writes files, and the other processes return None once training is done.
     """
     from transformers import AutoTokenizer
+
+    from .finetune_parallel import Replica
 
     started = time.perf_counter()
     inputs = inputs if inputs is not None else load_inputs(config)
     _seed_and_threads(config)
+    replica = Replica.current()
+    if not replica.is_main:
+        log = _silent
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if replica.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if replica.world_size > 1:
+        log(f"data parallel: {replica.world_size} processes share each batch of {config.batch_size}")
     log(f"data: {inputs.data_path} ({len(inputs.train_rows)} train / {len(inputs.eval_rows)} held out, "
         f"labels {inputs.labels})")
     log(f"model: {inputs.model_path}" + (f" (encoder Linear layers in bitsandbytes {config.quantization})"
@@ -427,10 +450,12 @@ def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | N
     model = build_lora_model(inputs, config)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    accuracy_before = accuracy(predict_logits(model, eval_data), eval_data.labels)
+    accuracy_before = accuracy(predict_logits(model, eval_data), eval_data.labels) if replica.is_main else 0.0
     log(f"held-out accuracy before fine-tuning: {accuracy_before:.3f}")
 
     run = train(model, train_data, config)
+    if not replica.is_main:
+        return None
     logits_after = predict_logits(model, eval_data)
     accuracy_after = accuracy(logits_after, eval_data.labels)
     log(f"held-out accuracy after fine-tuning: {accuracy_after:.3f} ({run.seconds:.1f} s of training)")
@@ -506,6 +531,10 @@ def run_finetune(config: FinetuneConfig, log: Any = print, inputs: JobInputs | N
     write_metrics(result, output_dir / "metrics.json")
     log(f"done in {result.total_seconds:.1f} s")
     return result
+
+
+def _silent(*_args: Any) -> None:
+    """The log of the processes other than rank 0."""
 
 
 def write_metrics(result: FinetuneResult, path: Path) -> None:
