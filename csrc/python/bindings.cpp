@@ -5,6 +5,7 @@
 #include <torchlora/build_info.h>
 
 #include "cpp_api_bindings.h"
+#include "parameter_token_bindings.h"
 #include "peft_bindings.h"
 #include "serve_bindings.h"
 
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   torchlora_python::bind_cpp_api(m);
   torchlora_python::bind_peft(m);
   torchlora_python::bind_serve(m);
+  torchlora_python::bind_parameter_and_token_adapters(m);
 }

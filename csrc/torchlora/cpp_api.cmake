@@ -13,6 +13,7 @@ set(TORCHLORA_CPP_API_SOURCES
   peft/keys.cpp
   peft/config_schema.cpp
   peft/mutated_init.cpp
+  peft/parameter_lora.cpp
   nn/adapter_stack.cpp
   nn/lora_layer.cpp
   nn/lora_layer_dora.cpp
@@ -29,6 +30,9 @@ set(TORCHLORA_CPP_API_SOURCES
   io/adapter_config_json.cpp
   io/peft_adapter_files.cpp
   io/weight_conversion.cpp
+  io/trainable_tokens.cpp
+  io/parameter_adapters.cpp
+  apply/trainable_tokens.cpp
   apply/adapter_registry.cpp
   apply/script_model.cpp
   serve/adapter_checks.cpp

@@ -6,6 +6,8 @@
 #include <torch/nn/modules/linear.h>
 
 #include <torchlora/apply/target_match.h>
+#include <torchlora/apply/trainable_tokens.h>
+#include <torchlora/io/parameter_adapters.h>
 #include <torchlora/peft/config_schema.h>
 #include <torchlora/io/weight_conversion.h>
 #include <torchlora/nn/lora_conv2d.h>
@@ -141,9 +143,16 @@ std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftA
   for (const auto& item : root.named_modules("", /*include_self=*/true)) modules.emplace(item.key(), item.value());
   const io::PeftAdapter adapter = io::adapter_for_original_weights(
       given, [&modules](const std::string& path) { return original_linear_weight(modules, path); });
-  TORCH_CHECK_NOT_IMPLEMENTED(adapter.other_tensors.empty(), "torchlora: the adapter holds ",
-                              adapter.other_tensors.size(), " non-LoRA tensors (modules_to_save, e.g. '",
-                              adapter.other_tensors.empty() ? "" : adapter.other_tensors.begin()->first,
+  TORCH_CHECK_NOT_IMPLEMENTED(io::target_parameters(adapter.config).empty(), "torchlora: the adapter uses "
+                              "target_parameters (LoRA on nn.Parameters such as MoE expert weights), for which C++ "
+                              "module trees have no layer; merge it with io::merge_parameter_adapters");
+  // Trainable token rows are written into their embeddings once the LoRA layers are in place.
+  const auto token_rows = io::trainable_token_rows(adapter, "adapter '" + adapter_name + "'");
+  std::map<std::string, at::Tensor> others = adapter.other_tensors;
+  std::erase_if(others, [](const auto& item) { return io::is_trainable_tokens_key(item.first); });
+  TORCH_CHECK_NOT_IMPLEMENTED(others.empty(), "torchlora: the adapter holds ",
+                              others.size(), " non-LoRA tensors (modules_to_save, e.g. '",
+                              others.empty() ? "" : others.begin()->first,
                               "'), which C++ module trees do not support; serve it through LoraScriptModel");
   // Target exactly the modules the file holds (the config may name more than the model has).
   io::LoraConfig config = adapter.config;
@@ -196,6 +205,7 @@ std::vector<InjectedLayer> load_adapter(torch::nn::Module& root, const io::PeftA
     }
     layer->set_adapter(active, /*inference_mode=*/true);
   }
+  write_trainable_tokens(root, token_rows);
   return injected;
 }
 

@@ -7,6 +7,8 @@
 
 #include <sstream>
 
+#include <torchlora/io/parameter_adapters.h>
+#include <torchlora/io/trainable_tokens.h>
 #include <torchlora/ops.h>
 
 namespace torchlora::io {
@@ -106,7 +108,9 @@ LoraModuleWeights check_module(const LoraConfig& config, const std::string& path
                 shape_str(p.A));
   }
   const int64_t expected_r = config.rank_for(path);
-  TORCH_CHECK_VALUE(r == expected_r, "torchlora: ", source, ": module '", path, "' has rank ", r,
+  // target_parameters factors hold r rows per expert; io::parameter_adapters checks them against the parameter
+  const bool expert_factors = w.kind == LoraKind::Linear && r % expected_r == 0 && !target_parameters(config).empty();
+  TORCH_CHECK_VALUE(r == expected_r || expert_factors, "torchlora: ", source, ": module '", path, "' has rank ", r,
               " but adapter_config.json gives it r=", expected_r);
   if (p.bias.defined()) {
     check_float(p.bias, source, kPeftKeyPrefix + path + ".lora_B.bias");
@@ -167,6 +171,7 @@ PeftAdapter adapter_from_state_dict(LoraConfig config, const std::map<std::strin
     adapter.modules.emplace(path, check_module(config, path, p, source));
   }
   adapter.config = std::move(config);
+  trainable_token_rows(adapter, source);  // the rows in the file and trainable_token_indices must agree
   return adapter;
 }
 

@@ -39,6 +39,7 @@ enum class Kind {
   Init,          // init_lora_weights
   TaskType,
   PeftType,
+  TokenIndices,  // list of token ids, or object of module name -> list of token ids, or null
   Unsupported,   // a PEFT option torchlora lacks: only its default is accepted
 };
 
@@ -75,7 +76,7 @@ constexpr Spec kSpecs[] = {
     {"alpha_pattern", "{}", Kind::AlphaPattern, true, true},
     {"megatron_config", "null", Kind::Unsupported, true, true},
     {"megatron_core", "\"megatron.core\"", Kind::Unsupported, true, true},
-    {"trainable_token_indices", "null", Kind::Unsupported, false, true},
+    {"trainable_token_indices", "null", Kind::TokenIndices, false, true},
     {"loftq_config", "{}", Kind::Unsupported, true, true},
     {"eva_config", "null", Kind::Unsupported, false, true},
     {"corda_config", "null", Kind::Unsupported, false, true},
@@ -89,11 +90,11 @@ constexpr Spec kSpecs[] = {
     {"layer_replication", "null", Kind::Unsupported, true, true},
     {"runtime_config", "null", Kind::Unsupported, false, false},
     {"lora_bias", "false", Kind::Bool, false, true},
-    {"target_parameters", "null", Kind::Unsupported, false, true},
+    {"target_parameters", "null", Kind::StrList, false, true},
     {"use_bdlora", "null", Kind::Unsupported, false, true},
     {"arrow_config", "null", Kind::Unsupported, false, true},
     {"kasa_config", "null", Kind::Unsupported, false, true},
-    {"ensure_weight_tying", "false", Kind::Unsupported, false, true},
+    {"ensure_weight_tying", "false", Kind::Bool, false, true},
 };
 
 // init_lora_weights values PEFT knows that torchlora does not implement.
@@ -198,6 +199,27 @@ void check_init(const Checker& c, const Json& v) {
   }
 }
 
+// trainable_token_indices: ids of the rows to train, for the input embedding (a list) or per
+// module name (a dict). An empty list would train nothing, so it is an error.
+void check_token_indices(const Checker& c, const Json& v) {
+  const char* kinds = "a list of ints, a dict of module name -> list of ints, or None";
+  const auto check_list = [&](const std::string& field, const Json& list) {
+    if (!list.is_array()) c.type_error(field, kinds, v);
+    if (list.empty()) c.value_error(field + " is empty: name at least one token index to train");
+    for (const auto& item : list) {
+      if (!item.is_number_integer()) c.type_error(field, kinds, v);
+      if (item.get<int64_t>() < 0) c.value_error(field + " holds " + item.dump() + "; token indices are >= 0");
+    }
+  };
+  if (v.is_null()) return;
+  if (v.is_object()) {
+    if (v.empty()) c.value_error("trainable_token_indices is an empty dict: name at least one module");
+    for (const auto& item : v.items()) check_list("trainable_token_indices['" + item.key() + "']", item.value());
+    return;
+  }
+  check_list("trainable_token_indices", v);
+}
+
 std::string join_types() {
   std::string out;
   for (const auto& t : task_types()) out += (out.empty() ? "" : ", ") + t;
@@ -271,6 +293,7 @@ void check_field(const Checker& c, const Spec& spec, const Json& v) {
                       ": torchlora only implements LoRA");
       }
       break;
+    case Kind::TokenIndices: check_token_indices(c, v); break;
     case Kind::Unsupported:
       TORCH_CHECK_NOT_IMPLEMENTED(is_default(spec, v), c.where(), "LoraConfig.", field, "=", v.dump(),
                                   " is not supported by torchlora (only the default ", spec.default_json, " is)");
@@ -292,6 +315,21 @@ void check_combinations(const Checker& c, const Json& o) {
                            !(pattern.is_array() && pattern.empty());
   if (has_pattern && o["layers_to_transform"].is_null()) {
     c.value_error("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ");
+  }
+  // LoRA on parameters adds B @ A to the weight itself: x never meets the factors (PEFT's ParamWrapper)
+  const Json& params = o["target_parameters"];
+  if (params.is_array() && !params.empty()) {
+    const auto no = [&](bool bad, const std::string& what) {
+      if (bad) c.value_error("target_parameters (lora.ParamWrapper) does not work with " + what);
+    };
+    no(o["lora_dropout"].get<double>() != 0.0, "lora_dropout != 0.");
+    no(o["fan_in_fan_out"] == Json(true), "fan_in_fan_out.");
+    no(o["lora_bias"] == Json(true), "lora_bias=True.");
+    no(o["use_dora"] == Json(true), "use_dora=True.");
+    const Json& init = o["init_lora_weights"];
+    no(!init.is_boolean() && !(init.is_string() && init_lora_weights_method(init.get<std::string>()) ==
+                                                       InitMethod::Standard),
+       "init_lora_weights=" + init.dump() + " (only True, False and 'gaussian').");
   }
   if (o["lora_bias"] == Json(true) && !o["init_lora_weights"].is_boolean()) {
     c.value_error("The argument lora_bias=True is only supported with init_lora_weights=True or False, got "

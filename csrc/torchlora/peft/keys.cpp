@@ -1,4 +1,5 @@
 #include <torchlora/peft/keys.h>
+#include <torchlora/peft/trainable_tokens_keys.h>
 
 namespace torchlora::peft {
 namespace {
@@ -7,6 +8,7 @@ namespace {
 // "lora_magnitude_vector" -> "lora_magnitude_vector.x.weight" (PEFT keeps DoRA's magnitude in a module)
 std::string with_adapter(const std::string& local, const std::string& adapter_name) {
   if (local == "lora_magnitude_vector") return local + "." + adapter_name + ".weight";
+  if (local == kTrainableTokensDelta) return local + "." + adapter_name;  // a ParameterDict inside token_adapter
   const auto dot = local.find('.');
   if (dot == std::string::npos) return local + "." + adapter_name;
   return local.substr(0, dot) + "." + adapter_name + local.substr(dot);
@@ -29,6 +31,8 @@ std::string to_peft_key(const std::string& module_key, const std::string& adapte
       break;
     }
   }
+  const std::string tokens = with_adapter(kTrainableTokensDelta, adapter_name);
+  if (ends_with_part(key, tokens)) key = key.substr(0, key.size() - tokens.size()) + kTrainableTokensDelta;
   return with_prefix ? kPeftKeyPrefix + key : key;
 }
 
@@ -37,6 +41,7 @@ std::string from_peft_key(const std::string& peft_key, const std::string& adapte
   const std::string key = peft_key.starts_with(prefix) ? peft_key.substr(prefix.size()) : peft_key;
   std::string path;
   const int index = split_lora_key(key, &path);
+  if (index < 0 && ends_with_part(key, kTrainableTokensDelta)) return key + "." + adapter_name;
   if (index < 0) return key;
   return key.substr(0, key.size() - std::string(kLoraTensorNames[index]).size()) +
          with_adapter(kLoraTensorNames[index], adapter_name);

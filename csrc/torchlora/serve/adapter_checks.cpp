@@ -6,6 +6,8 @@
 #include <set>
 #include <sstream>
 
+#include <torchlora/io/parameter_adapters.h>
+#include <torchlora/io/trainable_tokens.h>
 #include <torchlora/io/weight_conversion.h>
 
 namespace torchlora::serve::detail {
@@ -105,6 +107,14 @@ int64_t check_adapter(const std::string& name, const io::PeftAdapter& adapter, c
                      config.init_lora_weights +
                      "\"); convert it to a plain LoRA adapter first (PEFT: save_pretrained(..., "
                      "path_initial_model_for_weight_conversion=...), or torchlora's adapter_for_original_weights)");
+  }
+  if (io::uses_trainable_tokens(config)) {
+    reject(name, "uses trainable_token_indices (embedding rows replaced per adapter), which the adapter pool "
+                 "cannot share between requests: load it into a model (C++ modules or Python) instead");
+  }
+  if (!io::target_parameters(config).empty()) {
+    reject(name, "uses target_parameters (LoRA on nn.Parameters such as MoE expert weights), which the adapter pool "
+                 "has no slots for: merge it into the parameters (io::merge_parameter_adapters) instead");
   }
   for (const auto& [key, tensor] : adapter.other_tensors) {
     if (key.ends_with(".base_layer.weight") && layer_index.count(key.substr(0, key.size() - 18))) {
