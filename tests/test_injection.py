@@ -224,12 +224,12 @@ def test_unsupported_module_type_error():
         torchlora.get_peft_model(model, torchlora.LoraConfig(target_modules=["0"]))
 
 
-@pytest.mark.parametrize("layer", [torch.nn.Conv1d(4, 4, 3), torch.nn.Conv3d(4, 4, 3),
-                                   torch.nn.MultiheadAttention(4, 2)])
-def test_peft_layers_we_do_not_support_raise_not_implemented(layer):
-    model = torch.nn.Sequential(layer)
-    with pytest.raises(NotImplementedError, match=type(layer).__name__):
-        torchlora.get_peft_model(model, torchlora.LoraConfig(target_modules=["0"]))
+@pytest.mark.parametrize("layer, lora_type", [(torch.nn.Conv1d(4, 4, 3), torchlora.LoraConv1d),
+                                              (torch.nn.Conv3d(4, 4, 3), torchlora.LoraConv3d),
+                                              (torch.nn.MultiheadAttention(4, 2), torchlora.LoraMultiheadAttention)])
+def test_conv1d_conv3d_and_multihead_attention_are_wrapped(layer, lora_type):
+    model = torchlora.get_peft_model(torch.nn.Sequential(layer), torchlora.LoraConfig(target_modules=["0"]))
+    assert type(model.base_model.model[0]) is lora_type
 
 
 def test_second_adapter_with_bias_is_rejected():
@@ -240,12 +240,12 @@ def test_second_adapter_with_bias_is_rejected():
 
 
 def test_failed_injection_leaves_model_untouched():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     weight = model[0].weight.detach().clone()
     config = torchlora.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights="pissa")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="is not supported"):
         torchlora.inject_adapter_in_model(config, model)
-    assert type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.Conv1d
+    assert type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.LayerNorm
     assert torch.equal(model[0].weight, weight)
 
 

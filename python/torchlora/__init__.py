@@ -9,7 +9,7 @@ from ._native import build_info, cmake_prefix_path
 from . import ops
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model, inject_adapter_in_model
-from .nn import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .nn import LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLayer, LoraLinear, LoraMultiheadAttention
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -55,7 +55,10 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraEmbedding",
+    "LoraConv1d",
     "LoraConv2d",
+    "LoraConv3d",
+    "LoraMultiheadAttention",
     "export_for_serving",
     "AdapterServer",
     "prepare_model_for_kbit_training",

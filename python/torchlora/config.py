@@ -125,6 +125,9 @@ class LoraConfig:
     kasa_config: Any = _default("kasa_config")
     ensure_weight_tying: bool = _default("ensure_weight_tying")
 
+    # LoRA layer classes for module types torchlora does not wrap itself (not a field: never saved)
+    _custom_modules = None
+
     def __post_init__(self) -> None:
         validate_config_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         self.peft_type = PeftType.LORA
@@ -148,6 +151,28 @@ class LoraConfig:
     @property
     def is_adaption_prompt(self) -> bool:
         return False
+
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """Experimental, as in PEFT: wrap target modules of type ``T`` with the LoRA layer class
+        ``mapping[T]`` (checked before torchlora's own layer types, first match wins).
+
+        The class must subclass :class:`torchlora.LoraLayer`; ``get_peft_model`` builds it as
+        torchlora's own layers are built: ``cls(module, adapter_name, r=..., lora_alpha=...,
+        lora_dropout=..., init_lora_weights=..., use_rslora=..., lora_bias=...,
+        low_cpu_mem_usage=..., use_dora=...)``. The mapping lives on this config object only.
+        """
+        from .nn import LoraLayer
+
+        if not isinstance(mapping, dict):
+            raise TypeError(f"_register_custom_module takes a dict {{module type: LoRA layer class}}, got "
+                            f"{type(mapping).__name__}")
+        for module_type, layer_cls in mapping.items():
+            if not isinstance(module_type, type):
+                raise TypeError(f"_register_custom_module: the key {module_type!r} is not a module type")
+            if not (isinstance(layer_cls, type) and issubclass(layer_cls, LoraLayer)):
+                raise TypeError(f"_register_custom_module: the LoRA layer for {module_type.__name__} must be a "
+                                f"subclass of torchlora.LoraLayer, got {layer_cls!r}")
+        self._custom_modules = {**(self._custom_modules or {}), **mapping}
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def _home_devices(model: nn.Module, adapter_name: str) -> dict[str, torch.device
     created on the meta device go when they are loaded."""
     owner = {}
     for _, layer in _lora_layers(model):
-        device = layer.get_base_layer().weight.device
+        device = layer.weight.device  # the base weight, or the parameter a ParamWrapper adapts
         owner.update((id(t), device) for t in layer.adapter_tensors(adapter_name).values())
     return {name: owner[id(param)] for name, param in model.named_parameters() if id(param) in owner}
 

@@ -50,6 +50,11 @@ class LoraConv2d(LoraLayer):
     [out, r / groups, 1, 1]. The rank must be divisible by the base layer's groups.
     """
 
+    # the wrapped conv type and its number of kernel dimensions (Conv1d / Conv3d subclasses change them)
+    _conv_type: type = nn.Conv2d
+    _kernel_dims: int = 2
+    _conv_fn = staticmethod(F.conv2d)  # the base conv's functional form (DoRA with dropout)
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -67,8 +72,9 @@ class LoraConv2d(LoraLayer):
         super().__init__(base_layer)
         reject_unknown_kwargs(kwargs)
         base = self.get_base_layer()
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"LoraConv2d wraps torch.nn.Conv2d, got {type(base).__name__}")
+        if not isinstance(base, self._conv_type):
+            raise TypeError(f"{type(self).__name__} wraps torch.nn.{self._conv_type.__name__}, "
+                            f"got {type(base).__name__}")
         if base.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         self.in_features, self.out_features = base.in_channels, base.out_channels
@@ -87,8 +93,9 @@ class LoraConv2d(LoraLayer):
 
     def _create_adapter(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
-        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
-        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
+        conv, unit = self._conv_type, (1,) * self._kernel_dims
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = conv(r, self.out_features, unit, unit, groups=base.groups, bias=lora_bias)
 
     def _check_mergeable(self, adapter: str) -> None:
         if self.get_base_layer().groups > 1:
@@ -124,23 +131,26 @@ class LoraConv2d(LoraLayer):
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def _dora_magnitude_shape(self) -> tuple[int, ...]:
-        return (1, self.out_features, 1, 1)
+        return (1, self.out_features) + (1,) * self._kernel_dims
 
     def _dora_factor_view(self) -> tuple[int, ...]:
-        return (-1, 1, 1, 1)
+        return (-1,) + (1,) * (self._kernel_dims + 1)
+
+    def _conv_lora(self, name: str, x: Tensor, base_out: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
+        """``base_out`` plus the adapter's low-rank conv path for a batched ``x`` (one native operator)."""
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        return ops.lora_conv2d(x, base_out, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride,
+                               _explicit_padding(lora_A), lora_A.dilation, lora_B.groups, self.scaling[name],
+                               dropout_p, seed)
 
     def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
-        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d accepts
+        if x.dim() == self._kernel_dims + 1:  # unbatched [C, *spatial], as the base conv accepts
             return self._lora_update(name, x.unsqueeze(0), result.unsqueeze(0)).squeeze(0)
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x = x.to(lora_A.weight.dtype)
+        x = x.to(self.lora_A[name].weight.dtype)
         p, seed = self._seed_for(name, x.device)
 
         def conv_lora(inputs: Tensor, base_out: Tensor, dropout_p: float) -> Tensor:
-            return ops.lora_conv2d(
-                inputs, base_out, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride, _explicit_padding(lora_A),
-                lora_A.dilation, lora_B.groups, self.scaling[name], dropout_p, seed,
-            )
+            return self._conv_lora(name, inputs, base_out, dropout_p, seed)
 
         if not self._uses_dora(name):
             return conv_lora(x, result, p)
@@ -151,7 +161,7 @@ class LoraConv2d(LoraLayer):
         if p == 0.0:
             return ops.dora_scale(conv_lora(x, result, 0.0), magnitude, norm, base.bias, 1)
         dropped = ops.dropout_apply(x, p, seed)
-        base_dropped = F.conv2d(dropped.to(base.weight.dtype), base.weight, None, base.stride, base.padding,
-                                base.dilation, base.groups)
+        base_dropped = self._conv_fn(dropped.to(base.weight.dtype), base.weight, None, base.stride, base.padding,
+                                     base.dilation, base.groups)
         z = conv_lora(dropped, base_dropped, 0.0)
         return result + ops.dora_scale(z, magnitude, norm, None, 1) - base_dropped

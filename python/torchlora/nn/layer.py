@@ -120,6 +120,11 @@ class LoraLayer(AdapterScales, nn.Module):
             base = base.base_layer
         return base
 
+    def unload_base_layer(self) -> nn.Module:
+        """The module that takes this layer's place when the LoRA layers are removed (``unload``,
+        ``merge_and_unload``): the base layer, with any LoRA layers inside it removed too."""
+        return self.get_base_layer()
+
     @property
     def weight(self) -> Tensor:
         return self.get_base_layer().weight
@@ -300,7 +305,7 @@ class LoraLayer(AdapterScales, nn.Module):
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the new adapter on the base weight's device, and in its dtype when floating."""
-        weight = self.get_base_layer().weight
+        weight = self.weight  # the base weight, or what a layer without one names so (MultiheadAttention)
         dtype = weight.dtype if weight.dtype.is_floating_point else None
         for tensor in self.adapter_tensors(adapter_name).values():
             # meta parameters take only the dtype; they get their device when they are loaded

@@ -391,7 +391,7 @@ class LoraModel(nn.Module):
                     names = [n for n in (adapter_names or target.active_adapters) if target._holds(n)]
                     if names:
                         target.merge(safe_merge=safe_merge, adapter_names=names)
-                setattr(parent, target_name, target.get_base_layer())
+                setattr(parent, target_name, target.unload_base_layer())
             elif isinstance(target, ModulesToSaveWrapper):
                 setattr(parent, target_name, target.unwrapped_module())
         return self.model
