@@ -15,7 +15,8 @@ from torchlora.config import UNSUPPORTED_FIELD_DEFAULTS
 SUPPORTED = ["r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias",
              "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
              "rank_pattern", "alpha_pattern", "lora_bias", "task_type", "inference_mode",
-             "base_model_name_or_path", "revision", "use_dora"]
+             "base_model_name_or_path", "revision", "use_dora", "trainable_token_indices", "target_parameters",
+             "ensure_weight_tying"]
 
 
 def test_defaults_equal_peft():
@@ -115,12 +116,11 @@ def test_what_peft_rejects_we_reject(kwargs):
 
 
 NON_DEFAULTS = {
-    "megatron_config": {"x": 1}, "megatron_core": "other", "trainable_token_indices": [1, 2],
+    "megatron_config": {"x": 1}, "megatron_core": "other",
     "loftq_config": {"loftq_bits": 4}, "eva_config": {"rho": 2.0}, "corda_config": {}, "lora_ga_config": {},
     "velora_config": {}, "alora_invocation_tokens": [1], "use_qalora": True, "qalora_group_size": 32,
     "monteclora_config": {}, "layer_replication": [[0, 1]], "runtime_config": {"ephemeral_gpu_offload": True},
-    "target_parameters": ["w"], "use_bdlora": {}, "arrow_config": {}, "kasa_config": {},
-    "ensure_weight_tying": True,
+    "use_bdlora": {}, "arrow_config": {}, "kasa_config": {},
 }
 
 

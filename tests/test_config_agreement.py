@@ -90,6 +90,13 @@ def _biases() -> dict[str, torch.Tensor]:
     return out
 
 
+def _token_rows(indices: list[int]):
+    """Adds trainable token rows of `emb` (one per index) to the file."""
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{PREFIX}emb.{_C.peft.TRAINABLE_TOKENS_DELTA}"] = torch.randn(len(indices), 8)
+    return edit
+
+
 A0 = f"{PREFIX}layers.0.q.lora_A.weight"
 B0 = f"{PREFIX}layers.0.q.lora_B.weight"
 
@@ -154,8 +161,14 @@ CASES = [
     Case("unknown_key", _base(my_option=1), expect="my_option"),
     Case("unknown_keys", _base(zeta=1, alpha_option=2), expect="['alpha_option', 'zeta']"),
     Case("use_dora_without_magnitudes", _base(use_dora=True), expect="lora_magnitude_vector"),
-    Case("trainable_token_indices", _base(trainable_token_indices=[1, 2]), expect="trainable_token_indices"),
-    Case("target_parameters", _base(target_parameters=["w"]), expect="target_parameters"),
+    # ---- trainable tokens and LoRA on parameters
+    Case("trainable_token_indices_without_rows", _base(trainable_token_indices=[1, 2]),
+         expect="trainable_token_indices"),
+    Case("trainable_token_rows", _base(trainable_token_indices={"emb": [1, 2]}), edit=_token_rows([1, 2])),
+    Case("trainable_token_rows_miscounted", _base(trainable_token_indices={"emb": [1, 2]}), edit=_token_rows([1]),
+         expect="token_adapter.trainable_tokens_delta"),
+    Case("target_parameters_with_dropout", _base(target_parameters=["w"], lora_dropout=0.1),
+         expect="target_parameters"),
     Case("layer_replication", _base(layer_replication=[[0, 1]]), expect="layer_replication"),
     Case("alora", _base(alora_invocation_tokens=[1]), expect="alora_invocation_tokens"),
     Case("arrow", _base(arrow_config={"top_k": 2}), expect="arrow_config"),

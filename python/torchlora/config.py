@@ -106,7 +106,7 @@ class LoraConfig:
     # PEFT options torchlora does not implement: accepted only at their defaults
     megatron_config: Optional[dict] = _default("megatron_config")
     megatron_core: Optional[str] = _default("megatron_core")
-    trainable_token_indices: Any = _default("trainable_token_indices")
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = _default("trainable_token_indices")
     loftq_config: Any = _default("loftq_config")
     eva_config: Any = _default("eva_config")
     corda_config: Any = _default("corda_config")
@@ -119,7 +119,7 @@ class LoraConfig:
     monteclora_config: Any = _default("monteclora_config")
     layer_replication: Any = _default("layer_replication")
     runtime_config: Any = _default("runtime_config")
-    target_parameters: Any = _default("target_parameters")
+    target_parameters: Optional[list[str]] = _default("target_parameters")
     use_bdlora: Any = _default("use_bdlora")
     arrow_config: Any = _default("arrow_config")
     kasa_config: Any = _default("kasa_config")

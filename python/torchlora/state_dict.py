@@ -17,6 +17,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .nn import LoraLayer
 from .peft_format import PEFT_KEY_PREFIX, from_peft_key, to_peft_key
 from .tuners import LoraModel, ModulesToSaveWrapper
+from .tuners.trainable_tokens import TrainableTokensWrapper
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -52,8 +53,10 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 
 def _adapter_param_keys(model: nn.Module, adapter_name: str) -> list[str]:
-    """The model's state-dict keys of this adapter's LoRA weights."""
+    """The model's state-dict keys of this adapter's LoRA weights (and trainable token rows)."""
     own = {id(t) for _, layer in _lora_layers(model) for t in layer.adapter_tensors(adapter_name).values()}
+    own.update(id(t) for m in model.modules() if isinstance(m, TrainableTokensWrapper)
+               for t in m.adapter_parameters(adapter_name))
     return [name for name, param in model.named_parameters() if id(param) in own]
 
 
@@ -126,7 +129,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             inner = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
             to_return.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, inner).items()})
     targeted = _embedding_is_targeted(model, config)
-    if _embedding_layers_to_save(model, config, save_embedding_layers, targeted):
+    # trainable tokens save their rows, not the embedding (PEFT's "auto")
+    if _embedding_layers_to_save(model, config, save_embedding_layers,
+                                 targeted and config.trainable_token_indices is None):
         _add_embedding_layers(model, state_dict, to_return, targeted)
     prefix = _key_prefix(model)
     return {_to_file_key(k, prefix, adapter_name): v for k, v in to_return.items()}

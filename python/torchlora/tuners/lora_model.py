@@ -17,6 +17,10 @@ from .dispatch import cast_adapter_dtype, create_lora_module
 from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
 from .mixed_batch import adapter_names_hooks
 from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
+from .parameter_targets import (check_same_target_parameters, find_target_parameters, inject_parameters,
+                                unload_param_wrappers)
+from .trainable_tokens import TrainableTokensWrapper, set_trainable_tokens
+from ..nn.param_wrapper import ParamWrapper
 
 
 class NoMatchingModuleError(ValueError):
@@ -73,12 +77,13 @@ class LoraModel(nn.Module):
         if len(self.peft_config) > 1 and len(biased) > 1:
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, "
                              "set bias to 'none' for all adapters.")
+        check_same_target_parameters(self.peft_config, config)
 
     def _prepare_config(self, config: LoraConfig, model: nn.Module) -> None:
         if config.target_modules is None:
             targets = default_target_modules(model_config_dict(model).get("model_type"))
-            if targets is None:
-                raise ValueError("Please specify `target_modules` in `peft_config`")
+            if targets is None and not config.target_parameters:
+                raise ValueError("Please specify `target_modules` or `target_parameters` in `peft_config`")
             config.target_modules = targets
         expand_all_linear(config, model)
 
@@ -120,8 +125,15 @@ class LoraModel(nn.Module):
                 plan.append(key)
             else:
                 unmatched.append(key)
-        if not plan:
+        # LoRA on nn.Parameters: PEFT only warns when one of the two kinds of targets matched nothing
+        param_targets = find_target_parameters(model, config.target_parameters) if config.target_parameters else []
+        if not plan and not param_targets:
             self._raise_no_match(config, excluded, unmatched)
+        if config.target_modules and not plan:
+            warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning)
+        elif config.target_parameters and not param_targets:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning)
         if config.exclude_modules and not excluded:
             warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
                           "Please check that exclude_modules was set correctly.")
@@ -131,6 +143,7 @@ class LoraModel(nn.Module):
         try:
             for key in plan:
                 undo.append(self._create_and_replace(config, adapter_name, key, model, rules, low_cpu_mem_usage))
+            undo.extend(inject_parameters(model, config, adapter_name, rules, param_targets, low_cpu_mem_usage))
         except Exception:
             for restore in reversed(undo):  # leave the model as it was before this adapter
                 restore()
@@ -144,6 +157,11 @@ class LoraModel(nn.Module):
         if config.modules_to_save:
             set_trainable_modules(model, adapter_name, config.modules_to_save, config.inference_mode,
                                   activate=adapter_name in self.active_adapters)
+        if config.trainable_token_indices is not None:
+            set_trainable_tokens(model, adapter_name, config.trainable_token_indices, config.modules_to_save,
+                                 bool(model_config_dict(model).get("tie_word_embeddings", False)),
+                                 config.ensure_weight_tying, config.inference_mode,
+                                 activate=adapter_name in self.active_adapters)
         for param, requires_grad in previous_requires_grad:
             param.requires_grad = requires_grad
         cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
@@ -244,6 +262,8 @@ class LoraModel(nn.Module):
                     adapter_params.update(id(p) for p in module.adapter_tensors(name).values())
             elif isinstance(module, ModulesToSaveWrapper):
                 adapter_params.update(id(p) for p in module.parameters())
+            elif isinstance(module, TrainableTokensWrapper):
+                adapter_params.update(id(p) for name in self.peft_config for p in module.adapter_parameters(name))
         for param in model.parameters():
             if id(param) not in adapter_params:
                 param.requires_grad = False
@@ -265,6 +285,9 @@ class LoraModel(nn.Module):
     def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
         return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
 
+    def _token_wrappers(self) -> Iterator[TrainableTokensWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, TrainableTokensWrapper))
+
     def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
         """The parameters that belong to ``adapter_name``: its LoRA factors and its
         modules_to_save copies (not the base weights that ``bias`` makes trainable)."""
@@ -273,6 +296,8 @@ class LoraModel(nn.Module):
         for wrapper in self._wrappers():
             if adapter_name in wrapper.modules_to_save:
                 yield from wrapper.modules_to_save[adapter_name].parameters()
+        for tokens in self._token_wrappers():
+            yield from tokens.adapter_parameters(adapter_name)
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """Enable (or with ``requires_grad=False`` disable) gradients of the given adapters."""
@@ -308,11 +333,13 @@ class LoraModel(nn.Module):
             if len(held) > 1:
                 raise ValueError(f"Only one adapter can be set at a time for modules_to_save, got {held}")
             wrapper.set_adapter(held, inference_mode=inference_mode)
+        for tokens in self._token_wrappers():
+            tokens.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
                 module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -343,6 +370,8 @@ class LoraModel(nn.Module):
                 layer.set_adapter(new_active if len(new_active) > 1 else new_active[0])
         for wrapper in self._wrappers():
             wrapper.delete_adapter(adapter_name, new_active[:1] or None)
+        for tokens in self._token_wrappers():
+            tokens.delete_adapter(adapter_name, new_active)
         self.active_adapter = (new_active[0] if len(new_active) == 1 else new_active)
 
     # ------------------------------------------------------------------ merging / unloading
@@ -364,12 +393,17 @@ class LoraModel(nn.Module):
             names = [n for n in (adapter_names or layer.active_adapters) if layer._holds(n)]
             if names:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
+        for tokens in self._token_wrappers():
+            tokens.merge(adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Undo ``merge_adapter`` on every layer."""
         for layer in self._lora_layers():
             if layer.merged:
                 layer.unmerge()
+        for tokens in self._token_wrappers():
+            if tokens.merged:
+                tokens.unmerge()
 
     def _unload_and_optionally_merge(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
@@ -386,13 +420,19 @@ class LoraModel(nn.Module):
                 parent, target, target_name = get_submodules(self.model, key)
             except AttributeError:
                 continue  # inside a module already replaced
-            if isinstance(target, LoraLayer):
+            if isinstance(target, ParamWrapper):  # nested ones are merged and removed together
+                setattr(parent, target_name, unload_param_wrappers(target, merge, safe_merge, adapter_names))
+            elif isinstance(target, LoraLayer):
                 if merge:
                     names = [n for n in (adapter_names or target.active_adapters) if target._holds(n)]
                     if names:
                         target.merge(safe_merge=safe_merge, adapter_names=names)
                 setattr(parent, target_name, target.unload_base_layer())
             elif isinstance(target, ModulesToSaveWrapper):
+                setattr(parent, target_name, target.unwrapped_module())
+            elif isinstance(target, TrainableTokensWrapper):
+                if merge:
+                    target.merge(adapter_names, safe_merge)
                 setattr(parent, target_name, target.unwrapped_module())
         return self.model
 
