@@ -9,6 +9,15 @@ from ._native import build_info, cmake_prefix_path
 from . import ops
 from .config import LoraConfig, PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model, inject_adapter_in_model
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .nn import LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLayer, LoraLinear, LoraMultiheadAttention
 from .peft_model import (
     PeftModel,
@@ -59,6 +68,13 @@ __all__ = [
     "LoraConv2d",
     "LoraConv3d",
     "LoraMultiheadAttention",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForFeatureExtraction",
     "export_for_serving",
     "AdapterServer",
     "prepare_model_for_kbit_training",

@@ -43,7 +43,6 @@ _FIELDS: dict[str, tuple[Any, bool]] = {name: (default, supported) for name, def
 # PEFT options torchlora does not implement, with PEFT's default: any other value raises
 # NotImplementedError.
 UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {name: d for name, (d, ok) in _FIELDS.items() if not ok}
-_HUB_KWARGS = frozenset({"token", "cache_dir", "local_files_only", "force_download", "proxies", "user_agent"})
 
 
 def _default(name: str) -> Any:
@@ -213,19 +212,24 @@ class LoraConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
                         **kwargs: Any) -> "LoraConfig":
-        """Read ``adapter_config.json`` from a local folder (``subfolder`` inside it if given)."""
-        path = pretrained_model_name_or_path
-        if subfolder is not None:
-            path = os.path.join(path, subfolder)
-        config_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(config_file):
-            raise ValueError(f"Can't find '{CONFIG_NAME}' at '{path}'")
-        # Hub download options do not apply to a local folder; config fields come from the file,
-        # as in PEFT, so passing them here is an error rather than a silent no-op.
-        unexpected = sorted(set(kwargs) - _HUB_KWARGS)
+        """Read ``adapter_config.json`` from a local folder or a Hub repository id (``subfolder``
+        inside it if given). Keywords are ``huggingface_hub.hf_hub_download``'s (``revision``,
+        ``token``, ``cache_dir``, ``local_files_only``, ``force_download``, ...); config fields
+        come from the file, as in PEFT, so passing them here is an error."""
+        from .hub import resolve_adapter_config, split_hub_kwargs
+
+        hub_kwargs, unexpected = split_hub_kwargs(kwargs)
         if unexpected:
-            raise TypeError(f"from_pretrained got unexpected arguments {unexpected}")
+            raise TypeError(f"from_pretrained got unexpected arguments {sorted(unexpected)}")
+        config_file = resolve_adapter_config(pretrained_model_name_or_path, subfolder, **hub_kwargs)
         return cls(**_peft.read_adapter_config(config_file))
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload ``adapter_config.json`` to the Hub repository ``repo_id`` (created if needed)
+        through ``huggingface_hub``; keywords as :func:`torchlora.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self.save_pretrained, repo_id, **kwargs)
 
 
 # torchlora implements one method, so PEFT's generic config entry point is the LoRA config

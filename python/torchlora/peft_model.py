@@ -19,6 +19,7 @@ from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
 from .tuners.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.weight_conversion import check_loadable, prepare_for_saving
+from .hub import HUB_KWARGS, push_to_hub, resolve_adapter_folder, split_hub_kwargs
 
 if TYPE_CHECKING:
     from .serving import AdapterServer
@@ -251,6 +252,15 @@ class PeftModel(nn.Module):
                                             peft_format.config_to_peft_json(config_dict), tensors,
                                             safe_serialization=safe_serialization)
 
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Union[bool, str, None] = None, revision: Optional[str] = None, create_pr: bool = False,
+                    commit_description: Optional[str] = None, **save_kwargs: Any) -> Any:
+        """Save the adapters (``save_pretrained(folder, **save_kwargs)``) and upload the folder to
+        the Hub repository ``repo_id``, created if needed, through ``huggingface_hub``."""
+        return push_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+                           token=token, revision=revision, create_pr=create_pr,
+                           commit_description=commit_description, **save_kwargs)
+
     def _check_selected_adapters(self, selected_adapters: Optional[list[str]]) -> list[str]:
         if selected_adapters is None:
             return list(self.peft_config)
@@ -293,7 +303,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
-        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"))
+        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"), **split_hub_kwargs(kwargs)[0])
         config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
         check_loadable(config, folder)
         config.inference_mode = not is_trainable
@@ -311,13 +321,15 @@ class PeftModel(nn.Module):
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, key_mapping: Optional[dict[str, str]] = None,
                         **kwargs: Any) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in the folder ``model_id`` (PEFT's or torchlora's).
+        """Wrap ``model`` with the adapter saved in the folder or Hub repository ``model_id`` (PEFT's
+        or torchlora's; a Hub id is resolved through ``huggingface_hub``, from its cache when offline).
 
         On ``PeftModel`` the task subclass comes from the config's ``task_type``. Loaded adapters
         are frozen and the model is in eval mode unless ``is_trainable``. The adapter's weights
         are created empty and filled from the file (as PEFT does with ``low_cpu_mem_usage=True``;
         torchlora always loads this way). If the weights do not fit, ``model`` is restored before
-        the error is raised. ``subfolder=`` and ``torch_device=`` keywords are accepted as in PEFT.
+        the error is raised. ``subfolder=``, ``torch_device=`` and the Hub keywords (``revision=``,
+        ``token=``, ``cache_dir=``, ``local_files_only=``, ``force_download=``) are accepted as in PEFT.
         """
         from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
@@ -325,7 +337,7 @@ class PeftModel(nn.Module):
         _check_unsupported_load_options(ephemeral_gpu_offload, key_mapping)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"))
+        folder, config_json, tensors, weights_path = _read_adapter_folder(model_id, kwargs.get("subfolder"), **split_hub_kwargs(kwargs)[0])
         if config is None:
             config = _config_from_json(config_json, os.path.join(folder, peft_format.CONFIG_NAME))
         elif not isinstance(config, LoraConfig):
@@ -376,7 +388,7 @@ class PeftModel(nn.Module):
 
 
 _SAVE_KWARGS = frozenset({"state_dict"})
-_LOAD_KWARGS = frozenset({"subfolder", "torch_device"})
+_LOAD_KWARGS = frozenset({"subfolder", "torch_device"}) | HUB_KWARGS
 
 
 def _check_kwargs(kwargs: dict[str, Any], allowed: frozenset[str], function: str) -> None:
@@ -392,13 +404,12 @@ def _check_unsupported_load_options(ephemeral_gpu_offload: bool, key_mapping: Op
         raise NotImplementedError("key_mapping is not supported by torchlora")
 
 
-def _read_adapter_folder(model_id: Union[str, os.PathLike],
-                         subfolder: Optional[str]) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
-    """(folder, adapter_config.json content, tensors, weights file): everything is read and
-    checked before a model changes."""
-    folder = os.fspath(model_id)
-    if subfolder:
-        folder = os.path.join(folder, subfolder)
+def _read_adapter_folder(model_id: Union[str, os.PathLike], subfolder: Optional[str],
+                         **hub_kwargs: Any) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
+    """(folder, adapter_config.json content, tensors, weights file) of a local folder or a Hub
+    repository id (``hub_kwargs``: ``revision``, ``token``, ``cache_dir``, ...): everything is
+    read and checked before a model changes."""
+    folder = resolve_adapter_folder(model_id, subfolder, **hub_kwargs)
     config_json = peft_format.read_adapter_config(folder)
     tensors, weights_path = peft_format.read_adapter_weights(folder)
     return folder, config_json, tensors, weights_path
