@@ -48,10 +48,11 @@ class LoraConv1d(_StackFreeConv):
 
     def _conv_lora(self, name: str, x: Tensor, base_out: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        weight_B, bias_B, scaling = self._operator_factors(name, lora_B.weight, lora_B.bias)
         out = ops.lora_conv2d(
-            x.unsqueeze(2), base_out.unsqueeze(2), lora_A.weight.unsqueeze(2), lora_B.weight.unsqueeze(2),
-            lora_B.bias, (1, lora_A.stride[0]), (0, explicit_padding(lora_A)[0]), (1, lora_A.dilation[0]),
-            lora_B.groups, self.scaling[name], dropout_p, seed,
+            x.unsqueeze(2), base_out.unsqueeze(2), lora_A.weight.unsqueeze(2), weight_B.unsqueeze(2),
+            bias_B, (1, lora_A.stride[0]), (0, explicit_padding(lora_A)[0]), (1, lora_A.dilation[0]),
+            lora_B.groups, scaling, dropout_p, seed,
         )
         return out.squeeze(2)
 
@@ -67,6 +68,6 @@ class LoraConv3d(_StackFreeConv):
 
     def _conv_lora(self, name: str, x: Tensor, base_out: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        return ops.lora_conv3d(x, base_out, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride,
-                               explicit_padding(lora_A), lora_A.dilation, lora_B.groups, self.scaling[name],
-                               dropout_p, seed)
+        weight_B, bias_B, scaling = self._operator_factors(name, lora_B.weight, lora_B.bias)
+        return ops.lora_conv3d(x, base_out, lora_A.weight, weight_B, bias_B, lora_A.stride, explicit_padding(lora_A),
+                               lora_A.dilation, lora_B.groups, scaling, dropout_p, seed)

@@ -102,7 +102,8 @@ class LoraConv2d(LoraLayer):
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        return ops.lora_delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+        lora_B, _, scaling = self._operator_factors(adapter, self.lora_B[adapter].weight)
+        return ops.lora_delta_weight(self.lora_A[adapter].weight, lora_B, scaling)
 
     def _delta_bias(self, adapter: str) -> Tensor | None:
         if not self.lora_bias[adapter]:
@@ -139,9 +140,9 @@ class LoraConv2d(LoraLayer):
     def _conv_lora(self, name: str, x: Tensor, base_out: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
         """``base_out`` plus the adapter's low-rank conv path for a batched ``x`` (one native operator)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        return ops.lora_conv2d(x, base_out, lora_A.weight, lora_B.weight, lora_B.bias, lora_A.stride,
-                               _explicit_padding(lora_A), lora_A.dilation, lora_B.groups, self.scaling[name],
-                               dropout_p, seed)
+        weight_B, bias_B, scaling = self._operator_factors(name, lora_B.weight, lora_B.bias)
+        return ops.lora_conv2d(x, base_out, lora_A.weight, weight_B, bias_B, lora_A.stride,
+                               _explicit_padding(lora_A), lora_A.dilation, lora_B.groups, scaling, dropout_p, seed)
 
     def _lora_update(self, name: str, x: Tensor, result: Tensor) -> Tensor:
         if x.dim() == self._kernel_dims + 1:  # unbatched [C, *spatial], as the base conv accepts

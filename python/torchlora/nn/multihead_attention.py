@@ -133,7 +133,8 @@ class LoraMultiheadAttention(LoraLayer):
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> Tensor:
         """The change of ``in_proj_weight`` [3 * embed_dim, embed_dim]."""
-        return ops.lora_delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+        lora_B, _, scaling = self._operator_factors(adapter, self.lora_B[adapter].weight)
+        return ops.lora_delta_weight(self.lora_A[adapter].weight, lora_B, scaling)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas to ``in_proj_weight`` and merge them into ``out_proj``; with

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .._native import _C
 from ..config import LoraConfig, PeftType
+from ..hub import split_hub_kwargs
 from ..nn import LoraLayer
 from ..peft_format import CONFIG_NAME, from_peft_key
 from ..peft_model import _LOAD_KWARGS, _check_kwargs, _config_from_json, _read_adapter_folder
@@ -115,7 +116,7 @@ def _replace_factor(layer: LoraLayer, adapter_name: str, param: Tensor, value: T
 
 
 def _rank_of(layer: LoraLayer, adapter_name: str) -> int:
-    lora_A, _, _ = layer._stack_factors(adapter_name)
+    lora_A = layer.adapter_tensors(adapter_name)[_factor_names(layer, adapter_name)[0]]
     return int(lora_A.shape[layer._stack_rank_dims[0]])
 
 
@@ -415,7 +416,8 @@ def hotswap_adapter(
     loaded one. Its rank and alpha may differ; for a compiled model that must not recompile,
     call :func:`prepare_model_for_compiled_hotswap` before compiling. ``torch_device``: where
     the new weights are loaded (they end up on the device of the weights they replace);
-    ``subfolder=`` reads the adapter from a subfolder.
+    ``subfolder=`` reads the adapter from a subfolder; ``model_name_or_path`` may be a Hub id
+    (with ``revision=``, ``token=``, ``cache_dir=``, as ``PeftModel.from_pretrained``).
 
     Example::
 
@@ -425,7 +427,8 @@ def hotswap_adapter(
         hotswap_adapter(model, "path-adapter-1", adapter_name="default")
     """
     _check_kwargs(kwargs, _LOAD_KWARGS - {"torch_device"}, "hotswap_adapter")
-    folder, config_json, tensors, _ = _read_adapter_folder(model_name_or_path, kwargs.get("subfolder"))
+    folder, config_json, tensors, _ = _read_adapter_folder(model_name_or_path, kwargs.get("subfolder"),
+                                                           **split_hub_kwargs(kwargs)[0])
     config = _config_from_json(config_json, os.path.join(folder, CONFIG_NAME))
     check_loadable(config, folder)
     check_hotswap_configs_compatible(model.active_peft_config, config)
