@@ -172,6 +172,20 @@ def test_second_adapter_and_set_adapter() -> None:
     assert "other" not in emb.token_adapter.trainable_tokens_delta
 
 
+def test_mixed_batch_rows_take_their_own_adapter_like_peft() -> None:
+    ref, ours = _pair(tm.llama)
+    ref.eval(), ours.eval()
+    ids = tm.input_ids(batch=3, length=6)
+    ids[:, :3] = torch.tensor(ROWS)
+    names = ["default", "__base__", "default"]
+    expected = logits(ref(ids, adapter_names=names))
+    got = logits(ours(ids, adapter_names=names))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with ours.disable_adapter():
+        base_row = logits(ours(ids[1:2]))
+    torch.testing.assert_close(got[1:2], base_row, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- files
 def test_peft_files_load_in_torchlora_and_back(tmp_path: Path) -> None:
     ref, ours = _pair(tm.llama)

@@ -15,6 +15,7 @@ from torch import nn
 from ..nn import LoraLayer
 from ..nn.layer import BASE_ADAPTER_NAME, SampleAdapters
 from .modules_to_save import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 
 
 def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -22,6 +23,8 @@ def _adapter_names_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_na
     # layer leaves its rows as the base layer computes them
     if isinstance(module, ModulesToSaveWrapper):
         adapter_names = [n if n in module.modules_to_save else BASE_ADAPTER_NAME for n in adapter_names]
+    elif isinstance(module, TrainableTokensWrapper):
+        adapter_names = [n if module.holds(n) else BASE_ADAPTER_NAME for n in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
@@ -37,7 +40,7 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of strings, got {adapter_names!r}")
     # one pass over the modules: the layers that take the names, and the adapters they know
-    targets = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    targets = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper))]
     known: set[str] = set()
     for layer in targets:
         if isinstance(layer, LoraLayer):
@@ -60,7 +63,7 @@ def adapter_names_hooks(model: nn.Module, training: bool, *args: Any, **kwargs: 
             # the encoder sees the inputs before beams are expanded
             encoder_hook = partial(_adapter_names_hook, adapter_names=original)
             for module in encoder.modules():
-                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
                     handles.append(module.register_forward_pre_hook(encoder_hook, with_kwargs=True))
         yield
     finally:

@@ -245,11 +245,10 @@ class TrainableTokensWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        if self._disable_adapters or not self.active_adapters:
+        if self._disable_adapters or (adapter_names is None and not self.active_adapters):
             if self.merged:
                 self.unmerge()
-            if adapter_names is None:
-                return self.original_module(x, *args, **kwargs)
+            return self.original_module(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
@@ -257,6 +256,8 @@ class TrainableTokensWrapper(nn.Module):
         return self.token_adapter.forward_adapters(x, self.active_adapters, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        if self.merged:
+            raise ValueError("Mixed adapter batches need unmerged trainable tokens; call unmerge_adapter() first")
         if len(x) != len(adapter_names):
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {len(x)} respectively.")
