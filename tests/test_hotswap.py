@@ -339,3 +339,17 @@ def test_dora_adapters_swap(tmp_path):
     hotswap_adapter(ours, d1, "default")
     assert_close(llama_out(ours), llama_out(load_ours(tiny.llama, d1)))
     assert_close(llama_out(ours), llama_out(load_peft(tiny.llama, d1)))
+
+
+def test_modules_to_save_copies_are_swapped(tmp_path):
+    config = dict(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    c0 = save_peft_adapter(tiny.bert_seq_cls, tmp_path / "c0", 1, **config)
+    c1 = save_peft_adapter(tiny.bert_seq_cls, tmp_path / "c1", 2, **config)
+    ours = load_ours(tiny.bert_seq_cls, c0)
+    before = llama_out(ours)
+    hotswap_adapter(ours, c1, "default")
+    expected = llama_out(load_ours(tiny.bert_seq_cls, c1))
+    assert not torch.allclose(expected, before)
+    assert_close(llama_out(ours), expected)
+    head = ours.base_model.model.classifier.modules_to_save["default"].weight
+    assert_close(head, load_ours(tiny.bert_seq_cls, c1).base_model.model.classifier.modules_to_save["default"].weight)
