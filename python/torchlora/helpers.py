@@ -14,7 +14,7 @@ from typing import Union
 
 from torch import nn
 
-from . import peft_format
+from .config import LoraConfig
 from .nn import LoraLayer
 from .peft_model import PeftModel
 
@@ -76,11 +76,11 @@ def update_signature(model: PeftModel, method: str = "all") -> None:
 
 
 def check_if_peft_model(model_name_or_path: Union[str, os.PathLike]) -> bool:
-    """Whether ``model_name_or_path`` is a folder with a valid LoRA ``adapter_config.json``
-    (read by the same rules as ``PeftModel.from_pretrained``)."""
+    """Whether ``model_name_or_path`` (a folder or a Hub repository id) holds a valid LoRA
+    ``adapter_config.json``, read by the same rules as ``PeftModel.from_pretrained``."""
     try:
-        peft_format.read_adapter_config(model_name_or_path)
-    except (OSError, ValueError, TypeError, RuntimeError):
+        LoraConfig.from_pretrained(os.fspath(model_name_or_path))
+    except (OSError, ValueError, TypeError, RuntimeError):  # missing, unreachable or invalid
         return False
     return True
 
