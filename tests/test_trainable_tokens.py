@@ -136,6 +136,16 @@ def test_ensure_weight_tying_conflicts_raise_like_peft() -> None:
     torch.testing.assert_close(logits(ours(ids)), logits(ref(ids)), rtol=1e-5, atol=1e-5)
 
 
+def test_weight_tying_of_lora_or_saved_copies_is_refused_not_ignored() -> None:
+    cfg = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    with pytest.raises(NotImplementedError, match="ensure_weight_tying"):
+        torchlora.get_peft_model(tied_llama(), torchlora.LoraConfig(**cfg))
+    with pytest.raises(NotImplementedError, match="target_modules"):
+        torchlora.get_peft_model(tied_llama(), torchlora.LoraConfig(target_modules=["q_proj", "lm_head"],
+                                                                     ensure_weight_tying=True))
+    torchlora.get_peft_model(tm.llama(), torchlora.LoraConfig(**cfg))  # nothing tied: nothing to refuse
+
+
 def test_modules_to_save_and_trainable_tokens_on_one_layer_is_an_error() -> None:
     with pytest.raises(ValueError, match="already marked to be trained fully"):
         torchlora.get_peft_model(tm.llama(), _config(torchlora, modules_to_save=["embed_tokens"],

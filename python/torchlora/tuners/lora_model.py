@@ -19,7 +19,7 @@ from .mixed_batch import adapter_names_hooks
 from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
 from .parameter_targets import (check_same_target_parameters, find_target_parameters, inject_parameters,
                                 unload_param_wrappers)
-from .trainable_tokens import TrainableTokensWrapper, set_trainable_tokens
+from .trainable_tokens import TrainableTokensWrapper, reject_untied_adapters, set_trainable_tokens
 from ..nn.param_wrapper import ParamWrapper
 
 
@@ -97,6 +97,7 @@ class LoraModel(nn.Module):
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         self._prepare_config(config, model)
+        reject_untied_adapters(model, config, bool(model_config_dict(model).get("tie_word_embeddings", False)))
 
         named_modules = list(model.named_modules())
         lora_prefixes = [key + "." for key, module in named_modules if isinstance(module, LoraLayer)]

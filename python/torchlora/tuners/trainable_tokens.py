@@ -374,3 +374,29 @@ def set_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: Uni
         for name in tied_names:
             _wrap(model, adapter_name, name, source.token_indices[adapter_name], inference_mode, activate,
                   tied_adapter=source)
+
+
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def reject_untied_adapters(model: nn.Module, config: Any, tie_word_embeddings: bool) -> None:
+    """PEFT's ``ensure_weight_tying`` also ties the LoRA layers and modules_to_save copies of
+    tied embedding layers; torchlora ties trainable tokens only, so asking for more raises
+    NotImplementedError instead of leaving the copies untied."""
+    if not (config.ensure_weight_tying and tie_word_embeddings):
+        return
+    if not modules_tied_to(model, input_embedding_name(model)):
+        return
+    from .matching import is_target, rules_for
+
+    in_save = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in (config.modules_to_save or []))
+    targets = config.target_modules
+    if isinstance(targets, str):
+        rules = rules_for(config)
+        in_targets = any(is_target(rules, name) for name in _EMBEDDING_LAYER_NAMES)
+    else:
+        in_targets = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in (targets or []))
+    if in_save or in_targets:
+        raise NotImplementedError("ensure_weight_tying=True with tied embedding layers in "
+                                  f"{'modules_to_save' if in_save else 'target_modules'} is not supported by "
+                                  "torchlora (it ties trainable_token_indices only)")
