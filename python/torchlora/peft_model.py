@@ -19,6 +19,7 @@ from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
 from .tuners.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.weight_conversion import check_loadable, prepare_for_saving
+from .utils.distributed import gather_full_tensors
 from .hub import HUB_KWARGS, push_to_hub, resolve_adapter_folder, split_hub_kwargs
 
 if TYPE_CHECKING:
@@ -232,7 +233,9 @@ class PeftModel(nn.Module):
         ``adapter_model.bin`` without ``safe_serialization``).
 
         ``save_embedding_layers`` ("auto", True or False) also saves the base embedding layers;
-        ``is_main_process=False`` writes nothing; ``state_dict=`` (keyword) takes the weights from
+        ``is_main_process=False`` writes nothing, but still takes part in gathering the weights of
+        a model sharded with FSDP2 (``fully_shard``): call this on every rank, with
+        ``is_main_process=(rank == 0)``; ``state_dict=`` (keyword) takes the weights from
         that state dict instead of the model. ``path_initial_model_for_weight_conversion`` (PiSSA /
         OLoRA adapters): the folder of the adapter saved right after initialisation; the adapter
         is then written converted to a plain LoRA adapter for the original base weights.
@@ -241,11 +244,13 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save directory {save_directory!r} is a file, expected a folder")
         selected_adapters = self._check_selected_adapters(selected_adapters)
-        if not is_main_process:
-            return
         for adapter_name in selected_adapters:
             tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
                                                 save_embedding_layers=save_embedding_layers)
+            # FSDP2 shards are gathered on every rank (a collective), then only the main process writes
+            tensors = gather_full_tensors(tensors)
+            if not is_main_process:
+                continue
             tensors, config_dict = prepare_for_saving(tensors, self._saved_config_dict(adapter_name),
                                                       path_initial_model_for_weight_conversion)
             peft_format.write_adapter_files(peft_format.adapter_folder(save_directory, adapter_name),

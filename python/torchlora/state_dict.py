@@ -17,6 +17,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .nn import LoraLayer
 from .peft_format import PEFT_KEY_PREFIX, from_peft_key, to_peft_key
 from .tuners import LoraModel, ModulesToSaveWrapper
+from .utils.distributed import is_dtensor, shard_like
 from .tuners.trainable_tokens import TrainableTokensWrapper
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -185,6 +186,8 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
     anything changes. Weights still on the meta device (an adapter created with
     ``low_cpu_mem_usage``) are replaced by the given tensors, cast to the parameter's dtype, on
     the base layer's device; others are copied into, or with ``assign`` replaced as well.
+    Parameters sharded by FSDP2 (``DTensor``) are always copied into: each rank keeps its own
+    piece of the full tensor it was given.
     Errors name ``source`` (a file path, or "state dict") and the key. Returns the adapter's
     weights that ``tensors`` did not provide as ``missing_keys``.
     """
@@ -211,7 +214,10 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
                 continue
             raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(current.shape)} for {target!r}")
-        if current.is_meta or assign:
+        if is_dtensor(current):
+            # an FSDP2 shard: copied into in place, so that FSDP keeps managing the parameter
+            to_copy[target] = shard_like(value, current)
+        elif current.is_meta or assign:
             device = homes.get(target, current.device) if current.is_meta else current.device
             to_assign[target] = value.to(device=device, dtype=current.dtype)
         else:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import quantized_weight
+from ..utils.distributed import gathered_by_fsdp
 
 
 class DoraMagnitude(nn.Module):
@@ -40,6 +41,8 @@ class WeightSqNormCache:
     def get(self, base_layer: nn.Module, fan_in_fan_out: bool) -> Tensor | None:
         if torch.compiler.is_compiling():
             return None  # the operator computes it; a Python-side cache would not survive tracing
+        if gathered_by_fsdp(base_layer):
+            return None  # FSDP2 refills the weight without a version change: the operator computes it
         weight = base_layer.weight
         key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, fan_in_fan_out)
         if self._key != key or self._value is None:

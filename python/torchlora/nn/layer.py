@@ -18,6 +18,7 @@ from ..config import validate_config_dict
 from . import dora, quantized_weight
 from .adapter_scales import AdapterScales
 from .adapter_stack import AdapterStack, build_stack
+from ..utils.distributed import gathered_by_fsdp
 
 # The adapter name of "no adapter" in a mixed batch (PEFT's "__base__"), from the C++ core.
 BASE_ADAPTER_NAME: str = _C.peft.BASE_ADAPTER_NAME
@@ -586,7 +587,8 @@ class LoraLayer(AdapterScales, nn.Module):
     def adapter_stack(self) -> AdapterStack:
         """This layer's adapters stacked in slots (slot i = ``adapter_names()[i]``). Without
         autograd a cached copy; with autograd built from the parameters, so gradients reach them."""
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        cacheable = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                     and not gathered_by_fsdp(self))
         if cacheable and self._stack_cache is not None:
             changes, scaling_changes, sources, versions, stack = self._stack_cache
             if (changes == self._stack_changes and scaling_changes == getattr(self.scaling, "changes", 0)

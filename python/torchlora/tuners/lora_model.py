@@ -17,6 +17,7 @@ from .dispatch import cast_adapter_dtype, create_lora_module
 from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
 from .mixed_batch import adapter_names_hooks
 from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
+from ..utils.distributed import check_adapter_synchronised
 from .parameter_targets import (check_same_target_parameters, find_target_parameters, inject_parameters,
                                 unload_param_wrappers)
 from .trainable_tokens import TrainableTokensWrapper, reject_untied_adapters, set_trainable_tokens
@@ -96,6 +97,8 @@ class LoraModel(nn.Module):
         """
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
+        if not config.inference_mode:
+            check_adapter_synchronised(model, adapter_name)
         self._prepare_config(config, model)
         reject_untied_adapters(model, config, bool(model_config_dict(model).get("tie_word_embeddings", False)))
 
