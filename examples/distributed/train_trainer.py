@@ -3,12 +3,15 @@
     python examples/distributed/train_trainer.py --output-dir out
     torchrun --nproc-per-node=2 examples/distributed/train_trainer.py --output-dir out
     accelerate launch --multi_gpu --num_processes 2 examples/distributed/train_trainer.py --output-dir out
-    torchrun --nproc-per-node=2 examples/distributed/train_trainer.py --deepspeed examples/distributed/ds_zero2.json
+    torchrun --nproc-per-node=2 examples/distributed/train_trainer.py --output-dir out \
+        --deepspeed examples/distributed/ds_zero2.json     # or ds_zero3.json
 
 Without a GPU the processes run on the CPU and talk over gloo (``accelerate launch --cpu``
 starts a single process unless MPI launches the others, so use ``--multi_gpu`` there: it only
-means "torchrun under the hood"). By default a tiny OPT built from a config learns a fixed
-random token data set, offline; ``--model`` takes a local causal-LM folder instead.
+means "torchrun under the hood"); DeepSpeed then uses its CPU accelerator (it compiles a small
+shared-memory collective with the C++ compiler on its first run). By default a tiny OPT built
+from a config learns a fixed random token data set, offline; ``--model`` takes a local
+causal-LM folder instead.
 
 The global batch (``--global-batch-size``) is split evenly over the processes and read in
 order, so each optimizer step sees the same examples whatever the process count: one process
@@ -118,7 +121,14 @@ def training_arguments(args: argparse.Namespace, world_size: int) -> TrainingArg
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    training_args = training_arguments(args, world_size)  # before the model: it sets up the process group
+    training_args = training_arguments(args, world_size)
+    # the process group before the model: under DeepSpeed ZeRO-3, from_pretrained partitions the
+    # weights over the processes as it loads them
+    print(f"process {training_args.process_index} of {world_size} on {training_args.device}")
+    if args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # DeepSpeed's own handle on that group, which ZeRO-3's loading reads
     torch.manual_seed(args.seed)
     model = get_peft_model(load_model(args.model), LoraConfig(task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r,
                                                               lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
