@@ -127,3 +127,8 @@ def test_load_adapter_checkpoint_errors(tmp_path):
     other.save_pretrained(str(tmp_path / "r8"))
     with pytest.raises(ValueError, match="shape"):
         load_adapter_checkpoint(model, str(tmp_path / "r8"))
+
+
+def test_label_smoothing_of_a_causal_lm_is_refused(tmp_path):
+    with pytest.raises(NotImplementedError, match="label_smoothing_factor"):
+        LoraTrainer(model=_model(), args=_args(tmp_path, label_smoothing_factor=0.1))

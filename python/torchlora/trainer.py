@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import transformers
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_loss, find_labels
 
 from . import peft_format
@@ -78,6 +79,10 @@ class LoraTrainerMixin:
             if self.args.label_names is None:
                 self.label_names = find_labels(type(adapted))
             self.can_return_loss = can_return_loss(type(adapted))
+            if self.label_smoother is not None and type(adapted).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                # the Trainer finds "causal LM, shift the labels" by PEFT's class only
+                raise NotImplementedError("label_smoothing_factor > 0 with a causal LM is not supported for torchlora "
+                                          "models: the Trainer would smooth unshifted labels")
             if hasattr(adapted, "accepts_loss_kwargs"):
                 self.model_accepts_loss_kwargs = adapted.accepts_loss_kwargs
             else:
