@@ -310,3 +310,13 @@ def test_update_signature_matches_peft():
     assert_close(out(ours), out(ref))
     with pytest.raises(ValueError, match="not supported"):
         torchlora.helpers.update_signature(ours, "backward")
+
+
+def test_status_with_trainable_tokens_matches_peft():
+    def config(lib):
+        return lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2])
+
+    ref, ours = build_pair(tiny.llama, config)
+    assert _status_dicts(ours.get_layer_status()) == _status_dicts(ref.get_layer_status())
+    assert ours.get_layer_status()[0].module_type == "TrainableTokensLayer"
+    assert dataclasses.asdict(ours.get_model_status()) == dataclasses.asdict(ref.get_model_status())

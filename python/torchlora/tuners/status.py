@@ -14,6 +14,7 @@ from torch import nn
 from ..nn import LoraLayer
 from .lora_model import LoraModel
 from .modules_to_save import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 
 Irregular = Literal["irregular"]
 
@@ -65,6 +66,8 @@ def _adapter_parameters(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     with none, e.g. a DoRA-free dropout entry)."""
     if isinstance(module, ModulesToSaveWrapper):
         return {name: list(copy.parameters()) for name, copy in module.modules_to_save.items()}
+    if isinstance(module, TrainableTokensLayer):
+        return {name: [delta] for name, delta in module.trainable_tokens_delta.items()}
     return {name: list(module.adapter_tensors(name).values()) for name in module.adapter_names()}
 
 
@@ -84,7 +87,8 @@ def _unwrap_peft_model(model: nn.Module) -> nn.Module:
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
-    """The status of every adapter layer (LoRA layers and modules_to_save wrappers) of ``model``
+    """The status of every adapter layer (LoRA layers, modules_to_save wrappers and trainable
+    tokens layers) of ``model``
     (a PeftModel, a model from ``inject_adapter_in_model``, or any module holding them): its
     name, type (``lora.Linear``, ...), whether enabled, active / merged / available adapters,
     whether each adapter's parameters require grad (``"irregular"`` for a mix), and the device
@@ -93,9 +97,12 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         raise TypeError(f"get_layer_status expects a torch.nn.Module, got {type(model).__name__}")
     root = _unwrap_peft_model(model)
     layer_status: list[TunerLayerStatus] = []
+    # a trainable tokens layer is reported (as in PEFT), with the state its wrapper keeps
+    token_wrappers = {id(m.token_adapter): m for m in root.modules() if isinstance(m, TrainableTokensWrapper)}
     for name, module in root.named_modules():
-        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer)):
             continue
+        state = token_wrappers.get(id(module), module)
         params = _adapter_parameters(module)
         requires_grad = {key: _all_true_false_or_irregular(p.requires_grad for p in values)
                          for key, values in params.items() if values}
@@ -103,8 +110,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         layer_status.append(TunerLayerStatus(
             name=name,
             module_type=_module_type(module),
-            enabled=not module.disable_adapters,
-            active_adapters=list(module.active_adapters),
+            enabled=not state.disable_adapters,
+            active_adapters=list(state.active_adapters),
             merged_adapters=list(getattr(module, "merged_adapters", [])),
             requires_grad=requires_grad,
             available_adapters=sorted(params),
