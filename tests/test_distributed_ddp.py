@@ -22,6 +22,7 @@ import train_ddp  # noqa: E402  (examples/distributed is on sys.path through dis
 WORKER = os.path.join(ROOT, "tests", "distributed", "ddp_worker.py")
 COMMON = ["--steps", "4", "--global-batch-size", "4", "--seq-len", "12",
           "--target-modules", "q_proj,k_proj,v_proj,out_proj,fc1,fc2"]
+LLAMA = ["--model", "tiny-llama", "--target-modules", "all-linear"]
 
 # float32 throughout; the runs differ only in the order of the sums (the gradient average over
 # 2 processes, the batch split in two)
@@ -50,11 +51,11 @@ def test_worker_options_are_the_tests():
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     assert worker.COMMON == COMMON
+    assert worker.RUNS["llama_ckpt_reentrant"][:4] == LLAMA
 
 
-@pytest.mark.parametrize("run", ["plain", "ckpt_non_reentrant", "ckpt_reentrant"])
-def test_ddp_matches_one_process_on_the_global_batch(runs, single_process, run):
-    losses, saved = ref.read_run(os.path.join(runs, run))
+def _assert_matches(folder: str, single_process) -> None:
+    losses, saved = ref.read_run(folder)
     expected_losses, model = single_process
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **LOSS_TOL)
     expected = ref.adapter_state(model)
@@ -62,6 +63,19 @@ def test_ddp_matches_one_process_on_the_global_batch(runs, single_process, run):
     # the adapter trained: lora_B left zero by far more than the tolerance
     trained = max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k)
     assert trained > 1e-3
+
+
+@pytest.mark.parametrize("run", ["plain", "ckpt_non_reentrant", "ckpt_reentrant"])
+def test_ddp_matches_one_process_on_the_global_batch(runs, single_process, run):
+    _assert_matches(os.path.join(runs, run), single_process)
+
+
+def test_ddp_llama_all_linear_with_reentrant_checkpointing(runs):
+    single_process = ref.train_single_process(train_ddp.parse_args, [*COMMON, *LLAMA])
+    _assert_matches(os.path.join(runs, "llama_ckpt_reentrant"), single_process)
+    adapter_dir = os.path.join(runs, "llama_ckpt_reentrant", "adapter")
+    torch.testing.assert_close(ref.peft_logits(adapter_dir, "tiny-llama"), ref.logits(single_process[1]),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("run", ["dropout_ckpt_non_reentrant", "dropout_ckpt_reentrant"])

@@ -22,6 +22,7 @@ import train_fsdp2  # noqa: E402  (examples/distributed is on sys.path through d
 WORKER = os.path.join(ROOT, "tests", "distributed", "fsdp2_worker.py")
 COMMON = ["--steps", "4", "--global-batch-size", "4", "--seq-len", "12", "--r", "5",
           "--target-modules", "q_proj,k_proj,v_proj,out_proj,fc1,fc2"]
+LLAMA = ["--model", "tiny-llama", "--target-modules", "all-linear"]
 
 # float32: the runs differ only in the order of the sums (gradients reduce-scattered over 2
 # processes, the batch split in two)
@@ -59,16 +60,29 @@ def test_worker_options_are_the_tests():
     spec.loader.exec_module(worker)
     assert worker.COMMON == COMMON
     assert worker.RUNS["bf16"] == BF16
+    assert worker.RUNS["llama_cpu_offload"][:4] == LLAMA
 
 
-@pytest.mark.parametrize("run", ["fp32", "cpu_offload"])
-def test_fsdp2_matches_one_process_on_the_global_batch(runs, single_process, run):
-    losses, saved = ref.read_run(os.path.join(runs, run))
+def _assert_matches(folder: str, single_process) -> None:
+    losses, saved = ref.read_run(folder)
     expected_losses, model = single_process
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), **LOSS_TOL)
     expected = ref.adapter_state(model)
     ref.assert_same_adapter(saved, expected, **WEIGHT_TOL)
     assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-3
+
+
+@pytest.mark.parametrize("run", ["fp32", "cpu_offload"])
+def test_fsdp2_matches_one_process_on_the_global_batch(runs, single_process, run):
+    _assert_matches(os.path.join(runs, run), single_process)
+
+
+def test_fsdp2_llama_all_linear_with_cpu_offload(runs):
+    single_process = ref.train_single_process(train_fsdp2.parse_args, [*COMMON, *LLAMA])
+    _assert_matches(os.path.join(runs, "llama_cpu_offload"), single_process)
+    adapter_dir = os.path.join(runs, "llama_cpu_offload", "adapter")
+    torch.testing.assert_close(ref.peft_logits(adapter_dir, "tiny-llama"), ref.logits(single_process[1]),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=float, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--target-modules", default=None,
-                        help="comma-separated module names (default: PEFT's choice for the architecture)")
+                        help="comma-separated module names or all-linear (default: PEFT's choice for the architecture)")
     parser.add_argument("--gradient-checkpointing", choices=("off", "non-reentrant", "reentrant"), default="off")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -73,7 +73,9 @@ def build_base_model(name: str, seed: int) -> nn.Module:
 
 
 def lora_config(args: argparse.Namespace) -> LoraConfig:
-    targets = args.target_modules.split(",") if args.target_modules else None
+    targets = args.target_modules
+    if targets and targets.lower() != "all-linear":
+        targets = targets.split(",")
     return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
 

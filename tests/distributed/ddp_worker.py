@@ -25,6 +25,8 @@ RUNS = {
     "dropout": ["--lora-dropout", "0.1"],
     "dropout_ckpt_non_reentrant": ["--lora-dropout", "0.1", "--gradient-checkpointing", "non-reentrant"],
     "dropout_ckpt_reentrant": ["--lora-dropout", "0.1", "--gradient-checkpointing", "reentrant"],
+    "llama_ckpt_reentrant": ["--model", "tiny-llama", "--target-modules", "all-linear",
+                             "--gradient-checkpointing", "reentrant"],
 }
 
 

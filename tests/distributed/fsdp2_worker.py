@@ -39,6 +39,7 @@ RUNS = {
     "cpu_offload": ["--cpu-offload"],
     "bf16": BF16,
     "bf16_cpu_offload": [*BF16, "--cpu-offload"],
+    "llama_cpu_offload": ["--model", "tiny-llama", "--target-modules", "all-linear", "--cpu-offload"],
 }
 
 
