@@ -172,6 +172,22 @@ def check_operators() -> None:
             (distribute_tensor(ids, mesh, [R_]), leaf(base, mesh, Shard(2)), leaf(A, mesh, R_), leaf(B, mesh, Shard(0)),
              0.5, 3), Shard(2))
 
+    # the local ids and (reduced) output of a vocabulary-parallel embedding, lora_embedding_A
+    # sharded on the vocabulary
+    A.grad = B.grad = base.grad = None
+    want = ops.lora_embedding(ids, base, A, B, 0.5, 3)
+    A_d = leaf(A, mesh, Shard(1))
+    B_plain = B.detach().clone().requires_grad_()
+    got = ops.lora_embedding(ids, base.detach(), A_d, B_plain, 0.5, 3)
+    assert type(got) is torch.Tensor, type(got)
+    close("mixed embedding output", got, want.detach())
+    weights = torch.randn(want.shape, dtype=dtype)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    close("mixed embedding grad A", A_d.grad, A.grad)
+    close("mixed embedding grad B (reduced)", B_plain.grad, B.grad)
+    print("OK mixed embedding", flush=True)
+
     # in-place operators refuse DTensors with a clear error
     t = tensors(False)
     try:

@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -37,12 +38,14 @@ LAUNCH_TIMEOUT = 300
 # RowwiseParallel on down.base_layer and down.lora_A.default), with dropout and lora_bias (added
 # once after the rowwise reduction)
 MLP_PEFT_STYLE = ("--model", "mlp", "--plan", "peft-style", "--lora-dropout", "0.1", "--init-lora-weights", "false",
-                  "--lora-bias", "--steps", "5", "--lr", "0.05")
+                  "--lora-bias", "--steps", "5", "--lr", "0.05", "--distinct-batches", "1")
 LLAMA_TORCHLORA = ("--model", "llama", "--plan", "torchlora", "--lora-dropout", "0.1", "--init-lora-weights", "false",
-                   "--steps", "4")
+                   "--steps", "4", "--distinct-batches", "1")
 # a tiny llama saved to a folder, loaded with tp_plan="auto": transformers shards q/k/v/gate/up
-# colwise and o/down rowwise, torchlora shards the adapters like them when it injects them
-LLAMA_HF_AUTO = ("--plan", "hf-auto", "--init-lora-weights", "false", "--steps", "4")
+# colwise, o/down rowwise and embed_tokens on the vocabulary; torchlora shards the adapters like
+# them when it injects them
+LLAMA_HF_AUTO = ("--plan", "hf-auto", "--init-lora-weights", "gaussian", "--target-embeddings", "--steps", "4",
+                 "--distinct-batches", "1")
 
 
 def _example():
@@ -73,6 +76,9 @@ def test_sharding_rules_of_every_operator_match_whole_tensors(parallel_runs):
     assert "ALL OK" in out, out[-3000:]
     assert "OK lora_linear rowwise p=0.0 bias=True" in out and "OK mixed rowwise" in out
     assert out.count("world size 2") == 3, out[-3000:]
+    # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks; hf_auto: also
+    # lora_embedding_A
+    assert re.findall(r"sharded LoRA tensors: (\d+)", out) == ["3", "14", "15"], out[-3000:]
 
 
 def _one_process(argv: list[str], tmp_path) -> tuple[argparse.Namespace, list[float], torch.Tensor, dict]:
@@ -93,7 +99,7 @@ def _assert_same_training(output_dir: str, single_losses: list[float], single_ou
         parallel_losses = json.load(f)
     assert len(parallel_losses) == len(single_losses)
     torch.testing.assert_close(torch.tensor(parallel_losses), torch.tensor(single_losses), rtol=1e-5, atol=1e-6)
-    assert parallel_losses[-1] < parallel_losses[0]  # it trains
+    assert parallel_losses[-1] < parallel_losses[0]  # it trains (on one batch, repeated)
     parallel = load_file(os.path.join(output_dir, "adapter", "adapter_model.safetensors"))
     assert sorted(parallel) == sorted(single) and parallel
     for key in single:

@@ -64,10 +64,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--distinct-batches", type=int, default=None,
+                        help="cycle over this many random batches (default: a new one every step)")
     parser.add_argument("--seq-len", type=int, default=8)
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--lora-bias", action="store_true", help="train a bias in lora_B (LoraConfig.lora_bias)")
+    parser.add_argument("--target-embeddings", action="store_true",
+                        help="also adapt the input embeddings (embed_tokens; vocabulary-sharded under hf-auto)")
     parser.add_argument("--init-lora-weights", default="true", choices=("true", "false", "gaussian"),
                         help="false: both factors random, so the adapter changes the output from the first step")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,8 +117,9 @@ def styles_for(model: nn.Module) -> dict[str, str]:
 def build_peft_model(args: argparse.Namespace, base: Optional[nn.Module] = None) -> torchlora.PeftModel:
     base = build_base(args) if base is None else base
     init = {"true": True, "false": False, "gaussian": "gaussian"}[args.init_lora_weights]
+    targets = sorted(styles_for(base)) + (["embed_tokens"] if args.target_embeddings else [])
     config = torchlora.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.lora_dropout,
-                                  lora_bias=args.lora_bias, target_modules=sorted(styles_for(base)),
+                                  lora_bias=args.lora_bias, target_modules=targets,
                                   init_lora_weights=init)
     torch.manual_seed(args.seed + 1)  # the adapter's initial weights: the same in every process
     return torchlora.get_peft_model(base, config)
@@ -124,14 +129,14 @@ def batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]
     """(input, target) of every step; every process sees the whole batch under tensor parallelism."""
     generator = torch.Generator().manual_seed(args.seed + 2)
     out = []
-    for _ in range(args.steps):
+    for _ in range(args.distinct_batches or args.steps):
         if args.model == "mlp":
             x = torch.randn(args.batch_size, args.seq_len, 16, generator=generator)
             out.append((x, torch.randn(x.shape, generator=generator)))
         else:
             ids = torch.randint(0, VOCAB, (args.batch_size, args.seq_len), generator=generator)
             out.append((ids, ids))
-    return out
+    return [out[step % len(out)] for step in range(args.steps)]
 
 
 def outputs_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -214,6 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
     rank = dist.get_rank() if distributed else 0
     try:
         model = build_parallel_model(args, dist.get_world_size()) if distributed else build_peft_model(args)
+        if rank == 0:
+            sharded = [n for n, p in model.named_parameters() if "lora_" in n and hasattr(p, "placements")]
+            print(f"sharded LoRA tensors: {len(sharded)}")
         losses = train(model, args)
         outputs = eval_outputs(model, args)
         os.makedirs(args.output_dir, exist_ok=True)

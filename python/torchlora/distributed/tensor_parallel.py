@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from .sharding_rules import register_sharding_rules
 
-__all__ = ["is_dtensor", "lora_linear_on_mesh", "lora_tp_plan", "parallelize_lora", "shard_adapters_like_base",
+__all__ = ["is_dtensor", "lora_embedding_on_mesh", "lora_linear_on_mesh", "lora_tp_plan", "parallelize_lora", "shard_adapters_like_base",
            "TP_STYLES"]
 
 TP_STYLES = ("colwise", "rowwise")
@@ -134,6 +134,29 @@ def lora_linear_on_mesh(x: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Ten
     if seed is not None and not is_dtensor(seed):
         seed = DTensor.from_local(_same_on_every_rank(seed, mesh), mesh, _replicate(mesh), run_check=False)
     out = ops.lora_linear(*args, scaling, dropout_p, seed)
+    out = out.redistribute(mesh, out_placements)
+    return out if is_dtensor(base_out) else out.to_local()
+
+
+def lora_embedding_on_mesh(ids: Tensor, base_out: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                           padding_idx: int = -1, scale_grad_by_freq: bool = False) -> Tensor:
+    """:func:`torchlora.ops.lora_embedding` where some factors are DTensors and ``ids`` /
+    ``base_out`` may be the local tensors of a tensor-parallel embedding.
+
+    The ids are replicated (as every parallel embedding takes them); ``base_out`` is taken sharded
+    on its last dimension where ``lora_embedding_B [D, r]`` is sharded on ``D``, replicated
+    otherwise. A vocabulary-sharded ``lora_embedding_A [r, V]`` is gathered for the lookup (the
+    operator reads global ids). The result has ``base_out``'s layout.
+    """
+    register_sharding_rules()
+    mesh = next(t.device_mesh for t in (lora_A, lora_B, ids, base_out) if is_dtensor(t))
+    out_placements = base_out.placements if is_dtensor(base_out) else _output_placements(lora_B, mesh,
+                                                                                           base_out.dim())
+    out_global = torch.Size((*base_out.shape[:-1], lora_B.shape[0]))
+    out = torch.ops.torchlora.lora_embedding(
+        _as_dtensor(ids, mesh, _replicate(mesh)), _as_dtensor(base_out, mesh, out_placements, out_global),
+        _as_dtensor(lora_A, mesh, _replicate(mesh)), _as_dtensor(lora_B, mesh, _replicate(mesh)), scaling,
+        padding_idx, scale_grad_by_freq)
     out = out.redistribute(mesh, out_placements)
     return out if is_dtensor(base_out) else out.to_local()
 
@@ -261,17 +284,22 @@ def transformers_tp_mesh(model: nn.Module) -> tuple[Optional[dict], Any]:
     return dict(plan), (mesh["tp"] if mesh.ndim > 1 else mesh)
 
 
+_EMBEDDING_STYLES = ("embedding_rowwise", "embedding_colwise")
+
+
 def shard_adapters_like_base(model: nn.Module) -> int:
     """Shard the LoRA factors of a transformers model loaded with ``tp_plan`` like their base
     layers: ``colwise`` bases get ``lora_B`` (and its bias) sharded on ``out``, ``rowwise``
-    bases ``lora_A`` sharded on ``in``; the other factor stays replicated, rank 0's copy on
-    every rank. Idempotent; returns the number of LoRA layers it sharded.
+    bases ``lora_A`` sharded on ``in``, vocabulary-sharded embeddings (``embedding_rowwise``)
+    ``lora_embedding_A`` sharded on the vocabulary (gathered for each lookup); the other factors
+    stay replicated, rank 0's copy on every rank (so do both factors of an ``embedding_colwise``
+    table, whose output is gathered). Idempotent; returns the number of LoRA layers it sharded.
 
     Raises ``NotImplementedError`` for other styles of a base layer that holds adapters, and for DoRA.
     """
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    from ..nn import LoraLayer, LoraLinear
+    from ..nn import LoraEmbedding, LoraLayer, LoraLinear
     plan, mesh = transformers_tp_mesh(model)
     if plan is None:
         return 0
@@ -283,11 +311,21 @@ def shard_adapters_like_base(model: nn.Module) -> int:
         style = plan.get(_plan_key(name))
         if style is None or not is_dtensor(module.get_base_layer().weight):
             continue
-        if not isinstance(module, LoraLinear) or style not in TP_STYLES:
-            raise NotImplementedError(f"{name}: LoRA under the tensor-parallel style {style!r} of "
-                                      f"{type(module).__name__} is not supported (colwise and rowwise linear layers are)")
         if any(module.use_dora.values()):
             raise NotImplementedError(f"{name}: DoRA adapters are not supported with tensor parallelism")
+        if isinstance(module, LoraEmbedding) and style in _EMBEDDING_STYLES:
+            if style == "embedding_rowwise":
+                for adapter, table in list(module.lora_embedding_A.items()):
+                    if not is_dtensor(table):
+                        module.lora_embedding_A[adapter] = nn.Parameter(
+                            distribute_tensor(table.detach(), mesh, [Shard(1)], src_data_rank=0),
+                            requires_grad=table.requires_grad)
+            count += 1
+            continue
+        if not isinstance(module, LoraLinear) or style not in TP_STYLES:
+            raise NotImplementedError(f"{name}: LoRA under the tensor-parallel style {style!r} of "
+                                      f"{type(module).__name__} is not supported (colwise and rowwise linear layers, "
+                                      "embedding_rowwise and embedding_colwise embeddings are)")
         sharded = module.lora_B if style == "colwise" else module.lora_A
         placement = Shard(0) if style == "colwise" else Shard(1)
         for adapter, factor in sharded.items():
