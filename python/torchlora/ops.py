@@ -125,12 +125,16 @@ def lora_embedding(
 
     Shapes: ``ids [...]``, ``base_out [..., D]``, ``lora_A [r, V]``, ``lora_B [D, r]``.
     ``padding_idx`` and ``scale_grad_by_freq`` act on the gradient of ``lora_A`` as in
-    ``torch.nn.functional.embedding``.
+    ``torch.nn.functional.embedding``. DTensor factors with the local ids / ``base_out`` of a
+    tensor-parallel embedding: :func:`torchlora.distributed.tensor_parallel.lora_embedding_on_mesh`.
     """
     if padding_idx is None:
         padding_idx = -1
     elif padding_idx < 0:
         padding_idx += lora_A.shape[1]
+    if _mixes_dtensors(ids, base_out, lora_A, lora_B):
+        from .distributed.tensor_parallel import lora_embedding_on_mesh
+        return lora_embedding_on_mesh(ids, base_out, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq)
     return torch.ops.torchlora.lora_embedding(ids, base_out, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq)
 
 
