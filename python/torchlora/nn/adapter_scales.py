@@ -52,7 +52,9 @@ class AdapterScales:
         if isinstance(current, Tensor):
             with torch.no_grad():
                 current.fill_(value)
-            self.scaling._changed()  # cached adapter stacks copied the old value
+            changed = getattr(self.scaling, "_changed", None)  # a ScalingDict: cached adapter stacks see it
+            if changed is not None:
+                changed()
         else:
             self.scaling[adapter_name] = float(value) if isinstance(value, Tensor) else value
 
