@@ -108,6 +108,17 @@ def test_fsdp2_bf16_mixed_precision_matches_one_process(runs, single_process_bf1
         assert error < BF16_UPDATE_RTOL, f"{key}: the update differs by {error:.3f} of its size"
 
 
+def test_fsdp2_checkpointing_regenerates_the_dropout_masks(runs):
+    """The recomputed forward (parameters gathered again by FSDP) draws the same dropout seeds,
+    so the weights equal those of the run without checkpointing."""
+    losses, saved = ref.read_run(os.path.join(runs, "dropout"))
+    ckpt_losses, ckpt_saved = ref.read_run(os.path.join(runs, "dropout_ckpt_reentrant"))
+    torch.testing.assert_close(torch.tensor(ckpt_losses), torch.tensor(losses), rtol=1e-6, atol=1e-7)
+    ref.assert_same_adapter(ckpt_saved, saved, rtol=1e-5, atol=1e-7)
+    _, plain = ref.read_run(os.path.join(runs, "fp32"))
+    assert max((saved[k] - plain[k]).abs().max().item() for k in plain) > 1e-4
+
+
 def test_saved_adapter_loads_in_peft(runs, single_process):
     _, model = single_process
     adapter_dir = os.path.join(runs, "fp32", "adapter")

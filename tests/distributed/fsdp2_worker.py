@@ -40,6 +40,8 @@ RUNS = {
     "bf16": BF16,
     "bf16_cpu_offload": [*BF16, "--cpu-offload"],
     "llama_cpu_offload": ["--model", "tiny-llama", "--target-modules", "all-linear", "--cpu-offload"],
+    "dropout": ["--lora-dropout", "0.1"],
+    "dropout_ckpt_reentrant": ["--lora-dropout", "0.1", "--gradient-checkpointing", "reentrant"],
 }
 
 
