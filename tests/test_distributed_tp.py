@@ -4,10 +4,11 @@ torchrun launch (tests/distributed_tp_worker.py) runs:
 - the operators' sharding rules (tests/distributed_tp_ops_worker.py): outputs and gradients of
   the colwise, rowwise and replicated layouts equal the operators on the whole tensors;
 - examples/distributed/train_tp.py: a tiny MLP under the plan a PEFT user writes (with
-  dropout), a tiny llama under ``torchlora.distributed.parallelize_lora``, and a tiny llama
-  loaded with transformers' ``tp_plan="auto"``: the loss of every step and the saved adapter
-  equal a one-process run of the same script in this process, and PEFT loads the adapter with
-  the same outputs;
+  dropout and lora_bias), a tiny llama and a tiny OPT under
+  ``torchlora.distributed.parallelize_lora``, and a tiny llama loaded with transformers'
+  ``tp_plan="auto"`` (embeddings adapted too): the loss of every step, the eval outputs and the
+  saved adapter equal a one-process run of the same script in this process, and PEFT loads the
+  adapter with the same outputs;
 - in this process: the plans :func:`lora_tp_plan` builds and the errors it raises.
 """
 
@@ -41,6 +42,9 @@ MLP_PEFT_STYLE = ("--model", "mlp", "--plan", "peft-style", "--lora-dropout", "0
                   "--lora-bias", "--steps", "5", "--lr", "0.05", "--distinct-batches", "1")
 LLAMA_TORCHLORA = ("--model", "llama", "--plan", "torchlora", "--lora-dropout", "0.1", "--init-lora-weights", "false",
                    "--steps", "4", "--distinct-batches", "1")
+# OPT: the MLP sharded, the attention's adapters replicated (OPT's attention needs all heads)
+OPT_TORCHLORA = ("--model", "opt", "--plan", "torchlora", "--init-lora-weights", "false", "--steps", "3",
+                 "--distinct-batches", "1")
 # a tiny llama saved to a folder, loaded with tp_plan="auto": transformers shards q/k/v/gate/up
 # colwise, o/down rowwise and embed_tokens on the vocabulary; torchlora shards the adapters like
 # them when it injects them
@@ -65,7 +69,8 @@ def parallel_runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp")
     llama_dir = str(root / "llama")
     train_tp.build_base(train_tp.parse_args(["--model", "llama"])).save_pretrained(llama_dir)
-    runs = {"mlp": MLP_PEFT_STYLE, "llama": LLAMA_TORCHLORA, "hf_auto": ("--model", llama_dir, *LLAMA_HF_AUTO)}
+    runs = {"mlp": MLP_PEFT_STYLE, "llama": LLAMA_TORCHLORA, "opt": OPT_TORCHLORA,
+            "hf_auto": ("--model", llama_dir, *LLAMA_HF_AUTO)}
     argvs = {name: [*argv, "--output-dir", str(root / name)] for name, argv in runs.items()}
     out = torchrun(WORKER, [json.dumps(list(argvs.values()))], nproc=2, timeout=LAUNCH_TIMEOUT)
     return {"output": out, **{name: (argv, str(root / name)) for name, argv in argvs.items()}}
@@ -75,10 +80,10 @@ def test_sharding_rules_of_every_operator_match_whole_tensors(parallel_runs):
     out = parallel_runs["output"]
     assert "ALL OK" in out, out[-3000:]
     assert "OK lora_linear rowwise p=0.0 bias=True" in out and "OK mixed rowwise" in out
-    assert out.count("world size 2") == 3, out[-3000:]
-    # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks; hf_auto: also
-    # lora_embedding_A
-    assert re.findall(r"sharded LoRA tensors: (\d+)", out) == ["3", "14", "15"], out[-3000:]
+    assert out.count("world size 2") == 4, out[-3000:]
+    # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks; opt: fc1.lora_B
+    # and fc2.lora_A of 2 blocks; hf_auto: also lora_embedding_A
+    assert re.findall(r"sharded LoRA tensors: (\d+)", out) == ["3", "14", "4", "15"], out[-3000:]
 
 
 def _one_process(argv: list[str], tmp_path) -> tuple[argparse.Namespace, list[float], torch.Tensor, dict]:
@@ -121,7 +126,7 @@ def _peft_outputs_equal(args: argparse.Namespace, adapter_dir: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("run", ["mlp", "llama", "hf_auto"])
+@pytest.mark.parametrize("run", ["mlp", "llama", "opt", "hf_auto"])
 def test_two_processes_train_as_one_and_peft_loads_the_adapter(parallel_runs, run, tmp_path):
     argv, output_dir = parallel_runs[run]
     args, losses, outputs, single = _one_process(argv[:-2], tmp_path)

@@ -39,8 +39,11 @@ import torchlora
 MLP_STYLES = {"up": "colwise", "down": "rowwise"}
 LLAMA_STYLES = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
                 "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
-OPT_STYLES = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "out_proj": "rowwise",
-              "fc1": "colwise", "fc2": "rowwise"}
+# OPT's attention reshapes q/k/v with the model's whole head count, so it cannot run on a shard of
+# the heads (transformers gives OPT no tensor-parallel plan): its MLP is sharded, the attention's
+# adapters stay replicated.
+OPT_STYLES = {"fc1": "colwise", "fc2": "rowwise"}
+OPT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 VOCAB = 64
 
 
@@ -117,7 +120,8 @@ def styles_for(model: nn.Module) -> dict[str, str]:
 def build_peft_model(args: argparse.Namespace, base: Optional[nn.Module] = None) -> torchlora.PeftModel:
     base = build_base(args) if base is None else base
     init = {"true": True, "false": False, "gaussian": "gaussian"}[args.init_lora_weights]
-    targets = sorted(styles_for(base)) + (["embed_tokens"] if args.target_embeddings else [])
+    targets = OPT_TARGETS if styles_for(base) == OPT_STYLES else sorted(styles_for(base))
+    targets = targets + (["embed_tokens"] if args.target_embeddings else [])
     config = torchlora.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.lora_dropout,
                                   lora_bias=args.lora_bias, target_modules=targets,
                                   init_lora_weights=init)
