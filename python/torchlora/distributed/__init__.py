@@ -9,10 +9,12 @@ from .sharding_rules import dtensor_available, register_sharding_rules
 from .tensor_parallel import (
     TP_STYLES,
     broadcast_replicated_factors,
+    lora_embedding_on_mesh,
     lora_linear_on_mesh,
     lora_tp_plan,
     parallelize_lora,
     shard_adapters_like_base,
+    transformers_tp_mesh,
 )
 
 register_sharding_rules()
@@ -21,9 +23,11 @@ __all__ = [
     "TP_STYLES",
     "broadcast_replicated_factors",
     "dtensor_available",
+    "lora_embedding_on_mesh",
     "lora_linear_on_mesh",
     "lora_tp_plan",
     "parallelize_lora",
     "register_sharding_rules",
     "shard_adapters_like_base",
+    "transformers_tp_mesh",
 ]

@@ -14,6 +14,15 @@ as DTensors in the layout the factors imply (``lora_A`` sharded on ``in``: the i
 sharded on its last dimension; ``lora_B`` sharded on ``out``: the output is), the
 ``torchlora.lora_linear`` operator runs under the rules of :mod:`.sharding_rules`, and the
 result goes back to the base output's layout (a rowwise partial sum is reduced here).
+Embeddings (``LoraEmbedding``) take the same way through :func:`lora_embedding_on_mesh`.
+
+What it costs: a colwise layer reduces the gradients of its input and of the replicated
+``lora_A`` in backward; a rowwise layer reduces its adapter's partial output ``[T, out]`` in
+forward (besides the base layer's own reduction) and the ``[T, r]`` shrink in backward. With
+dropout in training, a rowwise layer gathers its input and ``lora_A`` (the masks are then those
+of one process) and every dropout seed is broadcast from rank 0 (one int64 per layer and step).
+DoRA adapters, mixed-adapter batches and merging are not supported on sharded layers (they
+raise).
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ from torch import Tensor, nn
 from .. import ops
 from .sharding_rules import register_sharding_rules
 
-__all__ = ["is_dtensor", "lora_embedding_on_mesh", "lora_linear_on_mesh", "lora_tp_plan", "parallelize_lora", "shard_adapters_like_base",
-           "TP_STYLES"]
+__all__ = ["TP_STYLES", "broadcast_replicated_factors", "is_dtensor", "lora_embedding_on_mesh", "lora_linear_on_mesh",
+           "lora_tp_plan", "parallelize_lora", "shard_adapters_like_base", "transformers_tp_mesh"]
 
 TP_STYLES = ("colwise", "rowwise")
 
@@ -159,11 +168,6 @@ def lora_embedding_on_mesh(ids: Tensor, base_out: Tensor, lora_A: Tensor, lora_B
         padding_idx, scale_grad_by_freq)
     out = out.redistribute(mesh, out_placements)
     return out if is_dtensor(base_out) else out.to_local()
-
-
-def uses_dtensor(*tensors: Optional[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a DTensor (the layer then computes through :func:`lora_linear_on_mesh`)."""
-    return any(is_dtensor(t) for t in tensors)
 
 
 # ---- plans --------------------------------------------------------------------------------------------
