@@ -80,6 +80,7 @@ def test_sharding_rules_of_every_operator_match_whole_tensors(parallel_runs):
     out = parallel_runs["output"]
     assert "ALL OK" in out, out[-3000:]
     assert "OK lora_linear rowwise p=0.0 bias=True" in out and "OK mixed rowwise" in out
+    assert "OK replicated factors synchronised" in out
     assert out.count("world size 2") == 4, out[-3000:]
     # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks; opt: fc1.lora_B
     # and fc2.lora_A of 2 blocks; hf_auto: also lora_embedding_A
