@@ -8,6 +8,7 @@
 #include "parameter_token_bindings.h"
 #include "peft_bindings.h"
 #include "serve_bindings.h"
+#include "weighted_adapter_bindings.h"
 
 namespace py = pybind11;
 
@@ -31,6 +32,7 @@ PYBIND11_MODULE(_C, m) {
         "capped by TORCHLORA_CPU_ISA).");
   torchlora_python::bind_cpp_api(m);
   torchlora_python::bind_peft(m);
+  torchlora_python::bind_weighted_adapter(m);
   torchlora_python::bind_serve(m);
   torchlora_python::bind_parameter_and_token_adapters(m);
 }

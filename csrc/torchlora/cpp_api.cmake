@@ -13,6 +13,8 @@ set(TORCHLORA_CPP_API_SOURCES
   peft/keys.cpp
   peft/config_schema.cpp
   peft/mutated_init.cpp
+  peft/adapter_combination.cpp
+  peft/weighted_adapter.cpp
   peft/parameter_lora.cpp
   nn/adapter_stack.cpp
   nn/lora_layer.cpp
