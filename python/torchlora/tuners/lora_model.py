@@ -378,6 +378,30 @@ class LoraModel(nn.Module):
             tokens.delete_adapter(adapter_name, new_active)
         self.active_adapter = (new_active[0] if len(new_active) == 1 else new_active)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, the combination of ``adapters`` with ``weights`` (negative
+        weights subtract), as PEFT's method; the new adapter is frozen and not activated.
+
+        ``combination_type``: ``"cat"`` (exact; rank = the sum of the ranks), ``"svd"`` (the
+        weighted delta weights factored again at ``svd_rank``, default the largest rank,
+        optionally clamped at the ``svd_clamp`` quantile; ``svd_full_matrices`` / ``svd_driver``
+        go to ``torch.linalg.svd``), ``"linear"`` (the factors themselves averaged, adapters of
+        one rank), and the task-vector merges ``"ties"``, ``"dare_linear"``, ``"dare_ties"``,
+        ``"magnitude_prune"`` (on the factors) and their ``"_svd"`` forms (on the delta
+        weights), which keep a ``density`` fraction of the values; the TIES ones elect signs by
+        ``majority_sign_method`` (``"total"`` or ``"frequency"``). The ``dare_*`` kinds draw from
+        torch's default generator as PEFT does (same seed, same result). One adapter is always
+        combined linearly. A name that exists already leaves everything unchanged (with a warning).
+        """
+        from .weighted_adapter import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
+
     # ------------------------------------------------------------------ merging / unloading
     def _check_merge_allowed(self) -> None:
         for layer in self._lora_layers():
