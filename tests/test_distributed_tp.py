@@ -40,8 +40,8 @@ LAUNCH_TIMEOUT = 300
 # once after the rowwise reduction)
 MLP_PEFT_STYLE = ("--model", "mlp", "--plan", "peft-style", "--lora-dropout", "0.1", "--init-lora-weights", "false",
                   "--lora-bias", "--steps", "5", "--lr", "0.05", "--distinct-batches", "1")
-LLAMA_TORCHLORA = ("--model", "llama", "--plan", "torchlora", "--lora-dropout", "0.1", "--init-lora-weights", "false",
-                   "--steps", "4", "--distinct-batches", "1")
+LLAMA_TORCHLORA = ("--model", "llama", "--plan", "torchlora", "--lora-dropout", "0.1", "--init-lora-weights",
+                   "gaussian", "--target-embeddings", "--steps", "4", "--distinct-batches", "1")
 # OPT: the MLP sharded, the attention's adapters replicated (OPT's attention needs all heads)
 OPT_TORCHLORA = ("--model", "opt", "--plan", "torchlora", "--init-lora-weights", "false", "--steps", "3",
                  "--distinct-batches", "1")
@@ -82,9 +82,9 @@ def test_sharding_rules_of_every_operator_match_whole_tensors(parallel_runs):
     assert "OK lora_linear rowwise p=0.0 bias=True" in out and "OK mixed rowwise" in out
     assert "OK replicated factors synchronised" in out
     assert out.count("world size 2") == 4, out[-3000:]
-    # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks; opt: fc1.lora_B
-    # and fc2.lora_A of 2 blocks; hf_auto: also lora_embedding_A
-    assert re.findall(r"sharded LoRA tensors: (\d+)", out) == ["3", "14", "4", "15"], out[-3000:]
+    # mlp: up.lora_B (weight, bias), down.lora_A; llama: one factor of 7 layers x 2 blocks and
+    # lora_embedding_A; opt: fc1.lora_B and fc2.lora_A of 2 blocks; hf_auto: as llama
+    assert re.findall(r"sharded LoRA tensors: (\d+)", out) == ["3", "15", "4", "15"], out[-3000:]
 
 
 def _one_process(argv: list[str], tmp_path) -> tuple[argparse.Namespace, list[float], torch.Tensor, dict]:
@@ -166,6 +166,19 @@ def test_lora_tp_plan_shards_plain_linear_layers_and_matches_globs():
     plan = tl_dist.lora_tp_plan(model, {"*.up": "colwise", "down": "rowwise"})
     assert type(plan["base_model.model.up.base_layer"]) is ColwiseParallel
     assert "base_model.model.down" in plan  # not adapted: the style itself
+
+
+def test_lora_tp_plan_shards_lora_embeddings_on_the_vocabulary():
+    from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
+
+    args = train_tp.parse_args(["--model", "llama", "--target-embeddings"])
+    model = train_tp.build_peft_model(args)
+    plan = tl_dist.lora_tp_plan(model, {"embed_tokens": "rowwise", "q_proj": "colwise"})
+    assert type(plan["base_model.model.model.embed_tokens.base_layer"]) is RowwiseParallel
+    assert isinstance(plan["base_model.model.model.embed_tokens.lora_embedding_A"], ParallelStyle)
+    assert len(plan) == 2 + 2 * 2  # embed_tokens, and q_proj's base layer and lora_B in 2 blocks
+    with pytest.raises(ValueError, match="a LoRA embedding is sharded 'rowwise'"):
+        tl_dist.lora_tp_plan(model, {"embed_tokens": "colwise"})
 
 
 @pytest.mark.parametrize("styles, error, match", [

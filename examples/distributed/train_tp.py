@@ -112,7 +112,7 @@ def build_base(args: argparse.Namespace, tp_plan: Optional[str] = None) -> nn.Mo
 def styles_for(model: nn.Module) -> dict[str, str]:
     """colwise / rowwise per target module name: the Megatron split of attention and MLP."""
     if isinstance(model, TinyMLP):
-        return MLP_STYLES
+        return dict(MLP_STYLES)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     return dict(OPT_STYLES) if "fc1" in names else dict(LLAMA_STYLES)
 
@@ -207,6 +207,8 @@ def build_parallel_model(args: argparse.Namespace, world_size: int) -> torchlora
     model = build_peft_model(args)
     mesh = init_device_mesh("cpu", (world_size,))
     styles = styles_for(model.get_base_model())
+    if args.target_embeddings:
+        styles["embed_tokens"] = "rowwise"  # the vocabulary sharded, the output reduced
     if args.plan == "torchlora":
         tl_dist.parallelize_lora(model, mesh, styles)
     else:

@@ -186,11 +186,14 @@ def lora_tp_plan(model: nn.Module, styles: Mapping[str, str]) -> dict[str, Any]:
     ``"rowwise"``. A ``LoraLinear`` gets ``ColwiseParallel`` on ``base_layer`` and every
     ``lora_B.<adapter>`` (``lora_A`` replicated), or ``RowwiseParallel`` on ``base_layer`` and every
     ``lora_A.<adapter>`` (``lora_B`` replicated); a plain ``nn.Linear`` gets the style itself.
-    Every key must match at least one linear layer.
+    A ``LoraEmbedding`` takes ``"rowwise"`` only (the vocabulary sharded, as transformers'
+    ``embedding_rowwise``; its output is reduced, whole): ``RowwiseParallel`` (replicated ids) on
+    ``base_layer`` and ``lora_embedding_A`` sharded on the vocabulary. Every key must match at least one
+    linear layer or LoRA embedding.
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..nn import LoraLinear
+    from ..nn import LoraEmbedding, LoraLinear
 
     if not isinstance(styles, Mapping):
         raise TypeError(f"styles must map module names to 'colwise' or 'rowwise', got {type(styles).__name__}")
@@ -217,6 +220,15 @@ def lora_tp_plan(model: nn.Module, styles: Mapping[str, str]) -> dict[str, Any]:
             factors = module.lora_B if style == "colwise" else module.lora_A
             for adapter in factors:
                 plan[f"{name}.{'lora_B' if style == 'colwise' else 'lora_A'}.{adapter}"] = make[style]()
+        elif isinstance(module, LoraEmbedding):
+            if style != "rowwise" or type(module.get_base_layer()) is not nn.Embedding:
+                raise ValueError(f"{name}: a LoRA embedding is sharded 'rowwise' (on the vocabulary, its output "
+                                 f"reduced), got {style!r}")
+            if any(module.use_dora.values()):
+                raise NotImplementedError(f"{name}: DoRA adapters are not supported with tensor parallelism")
+            from torch.distributed.tensor import Replicate
+            plan[f"{name}.base_layer"] = RowwiseParallel(input_layouts=Replicate())  # the ids are whole
+            plan[f"{name}.lora_embedding_A"] = _vocabulary_sharded_tables()
         elif type(module) is nn.Linear and not _inside_lora_layer(model, name):
             plan[name] = make[style]()
         else:
@@ -224,8 +236,25 @@ def lora_tp_plan(model: nn.Module, styles: Mapping[str, str]) -> dict[str, Any]:
         used.update(keys)
     unused = [key for key in styles if key not in used]
     if unused:
-        raise ValueError(f"no linear layer (torch.nn.Linear or LoraLinear) matches {unused}")
+        raise ValueError(f"no linear layer (torch.nn.Linear or LoraLinear) or LoRA embedding matches {unused}")
     return plan
+
+
+def _vocabulary_sharded_tables() -> Any:
+    """The parallel style of a ``lora_embedding_A`` ParameterDict: every ``[r, V]`` table sharded on
+    the vocabulary (rank 0's values)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class VocabularySharded(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+            for key, table in list(module.items()):
+                if not is_dtensor(table):
+                    module[key] = nn.Parameter(distribute_tensor(table.detach(), device_mesh, [Shard(1)],
+                                                                 src_data_rank=0), requires_grad=table.requires_grad)
+            return module
+
+    return VocabularySharded()
 
 
 def _inside_lora_layer(model: nn.Module, name: str) -> bool:
