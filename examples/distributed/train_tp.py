@@ -14,7 +14,11 @@ download); a folder is loaded with transformers. ``--plan``:
   for PEFT (``ColwiseParallel`` on ``<layer>.base_layer`` and ``<layer>.lora_B.default``,
   ``RowwiseParallel`` on ``<layer>.base_layer`` and ``<layer>.lora_A.default``);
 - ``hf-auto``: ``from_pretrained(folder, tp_plan="auto")`` (the model's own plan), then
-  ``get_peft_model``.
+  ``get_peft_model``, which shards the adapters like their base layers.
+
+``--target-embeddings`` also adapts ``embed_tokens`` (sharded on the vocabulary under the
+``torchlora`` and ``hf-auto`` plans). Dropout (``--lora-dropout``) draws the masks of one
+process: the seed is rank 0's, and a rowwise layer gathers its input first.
 
 Rank 0 writes ``<output-dir>/losses.json``, ``<output-dir>/eval_outputs.pt`` (the trained
 model's outputs on the first batch in eval mode) and ``<output-dir>/adapter`` (PEFT's files);
