@@ -64,7 +64,11 @@ def register_sharding_rules() -> bool:
         return False
     with _lock:
         if not _registered:
-            _register_all()
+            try:
+                _register_all()
+            except (AttributeError, ImportError, TypeError) as error:  # DTensor's internals moved
+                raise RuntimeError(f"torchlora could not register its DTensor sharding rules with torch "
+                                   f"{torch.__version__}: {error}") from error
             _registered = True
     return True
 
