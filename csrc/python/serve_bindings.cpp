@@ -139,6 +139,26 @@ void bind_pool(py::module_& m) {
            py::arg("lora_bias") = false, py::arg("dtype") = at::kFloat, py::arg("device") = py::str("cpu"))
       .def("load", &serve::AdapterPool::load, py::arg("name"), py::arg("folder"), release_gil(),
            "Reads and checks a PEFT folder and registers it under `name` (replacing one of that name).")
+      .def("compose",
+           [](serve::AdapterPool& p, const std::string& name, const std::vector<std::pair<std::string, double>>& adapters,
+              const std::string& combination_type, std::optional<int64_t> svd_rank, std::optional<double> svd_clamp,
+              bool svd_full_matrices, std::optional<std::string> svd_driver, std::optional<double> density,
+              const std::string& majority_sign_method) {
+             torchlora::peft::WeightedAdapterOptions o;
+             o.combination_type = combination_type;
+             o.svd_rank = svd_rank;
+             o.svd_clamp = svd_clamp;
+             o.svd_full_matrices = svd_full_matrices;
+             o.svd_driver = std::move(svd_driver);
+             o.density = density;
+             o.majority_sign_method = majority_sign_method;
+             p.compose(name, adapters, o);
+           },
+           py::arg("name"), py::arg("adapters"), py::arg("combination_type") = "svd", py::arg("svd_rank") = py::none(),
+           py::arg("svd_clamp") = py::none(), py::arg("svd_full_matrices") = true, py::arg("svd_driver") = py::none(),
+           py::arg("density") = py::none(), py::arg("majority_sign_method") = "total", release_gil(),
+           "Registers `name` as PEFT's add_weighted_adapter of loaded adapters [(adapter, weight)], computed now; "
+           "served like any adapter.")
       .def("unload", &serve::AdapterPool::unload, py::arg("name"), release_gil(), "Forgets `name`; whether it was there.")
       .def("has_adapter", &serve::AdapterPool::has_adapter, py::arg("name"))
       .def("adapter_names", &serve::AdapterPool::adapter_names)

@@ -240,6 +240,37 @@ void AdapterPool::add(const std::string& name, io::PeftAdapter adapter) {
   register_version(st, name, "", rank, std::move(host));
 }
 
+void AdapterPool::compose(const std::string& name, const std::vector<std::pair<std::string, double>>& parts,
+                          const peft::WeightedAdapterOptions& options) {
+  check_name(name);
+  auto& st = *state_;
+  TORCH_CHECK_VALUE(!parts.empty(), "torchlora: AdapterPool: composing '", name, "' needs at least one adapter");
+  // The parts as loaded: host copies are in the pool's dtype, so parts with a folder are read
+  // again (outside the lock) to combine what PEFT would combine.
+  std::vector<std::shared_ptr<const io::PeftAdapter>> sources;
+  std::vector<std::string> folders;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    for (const auto& [part, weight] : parts) {
+      const auto it = st.adapters.find(part);
+      if (it == st.adapters.end()) {
+        throw AdapterNotFound(part, "torchlora: AdapterPool: composing '" + name + "': adapter '" + part +
+                                        "' is not loaded");
+      }
+      sources.push_back(it->second->host);
+      folders.push_back(it->second->folder);
+    }
+  }
+  std::vector<peft::WeightedAdapterPart> weighted;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (!folders[i].empty()) sources[i] = std::make_shared<const io::PeftAdapter>(read_folder(parts[i].first, folders[i]));
+    weighted.push_back({parts[i].first, sources[i].get(), parts[i].second});
+  }
+  std::vector<std::string> order;
+  for (const auto& layer : st.layers) order.push_back(layer.name);
+  add(name, peft::combine_adapters(weighted, options, order));
+}
+
 bool AdapterPool::unload(const std::string& name) {
   auto& st = *state_;
   std::lock_guard<std::mutex> lock(st.mutex);

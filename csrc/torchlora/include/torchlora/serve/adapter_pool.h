@@ -22,6 +22,7 @@
 
 #include <torchlora/export.h>
 #include <torchlora/io/peft_adapter.h>
+#include <torchlora/peft/weighted_adapter.h>
 
 namespace torchlora::serve {
 
@@ -149,6 +150,15 @@ class TORCHLORA_API AdapterPool {
   // The same for an adapter in memory; it has no folder, so it is never evicted from the host
   // tier (PoolExhausted when the host tier holds only such adapters).
   void add(const std::string& name, io::PeftAdapter adapter);
+  // Registers `name` as the weighted combination of loaded adapters ((adapter, weight), in
+  // order), PEFT's add_weighted_adapter with `options`, computed now by the core's rule
+  // (peft::combine_adapters, modules in the order of layers(), so dare_* draws match PEFT under the
+  // same seed) from the parts' files (or tensors). A snapshot: unloading or replacing a part later
+  // leaves it unchanged. It has no folder, so it stays in the host tier like add(). Raises
+  // AdapterNotFound for a part not loaded, AdapterRejected when the result does not fit the pool
+  // (e.g. cat above max_lora_rank), ValueError / TypeError for options PEFT rejects.
+  void compose(const std::string& name, const std::vector<std::pair<std::string, double>>& parts,
+               const peft::WeightedAdapterOptions& options = {});
   // Forgets `name`; returns whether it was there. Running batches finish with its slot, which
   // is freed when the last lease lets go; later requests get AdapterNotFound.
   bool unload(const std::string& name);
