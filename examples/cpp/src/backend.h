@@ -10,8 +10,12 @@
 #include <nlohmann/json.hpp>
 
 #include <string>
+#include <utility>
 #include <vector>
 
+#include <torchlora/peft/weighted_adapter.h>
+
+#include "http_error.h"
 #include "metrics.h"
 
 namespace lora_server {
@@ -30,6 +34,11 @@ class Backend {
   virtual c10::IValue forward(ForwardRequest request) = 0;
   virtual void load_adapter(const std::string& name, const std::string& folder) = 0;
   virtual bool unload_adapter(const std::string& name) = 0;
+  // Registers `name` as a weighted composition of loaded adapters (PEFT's add_weighted_adapter).
+  virtual void compose_adapter(const std::string& name, const std::vector<std::pair<std::string, double>>& parts,
+                               const torchlora::peft::WeightedAdapterOptions& options) {
+    throw HttpError(501, "the " + kind() + " backend cannot compose adapters");
+  }
   virtual nlohmann::json adapters() const = 0;
   virtual std::vector<ExternalMetric> metrics() const { return {}; }
   // Finishes every request already accepted; later forwards get HttpError(503).

@@ -39,6 +39,20 @@ void ExportedBackend::load_adapter(const std::string& name, const std::string& f
 
 bool ExportedBackend::unload_adapter(const std::string& name) { return pool_->unload(name); }
 
+void ExportedBackend::compose_adapter(const std::string& name, const std::vector<std::pair<std::string, double>>& parts,
+                                      const torchlora::peft::WeightedAdapterOptions& options) {
+  if (name.empty() || name == "__base__") throw HttpError(400, "name: '" + name + "' is reserved for the base model");
+  try {
+    pool_->compose(name, parts, options);
+  } catch (const serve::AdapterNotFound& e) {
+    throw HttpError(404, e.what_without_backtrace());
+  } catch (const serve::PoolExhausted& e) {
+    throw HttpError(503, e.what_without_backtrace());
+  } catch (const c10::Error& e) {  // AdapterRejected and the options add_weighted_adapter rejects
+    throw HttpError(400, e.what_without_backtrace());
+  }
+}
+
 nlohmann::json ExportedBackend::adapters() const {
   auto list = nlohmann::json::array();
   for (const auto& s : pool_->status()) {

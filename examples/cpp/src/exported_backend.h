@@ -22,6 +22,8 @@ class ExportedBackend : public Backend {
   c10::IValue forward(ForwardRequest request) override;
   void load_adapter(const std::string& name, const std::string& folder) override;
   bool unload_adapter(const std::string& name) override;
+  void compose_adapter(const std::string& name, const std::vector<std::pair<std::string, double>>& parts,
+                       const torchlora::peft::WeightedAdapterOptions& options) override;
   nlohmann::json adapters() const override;
   std::vector<ExternalMetric> metrics() const override;
   void drain() override { queue_->stop(); }

@@ -54,6 +54,38 @@ bool valid_name(const std::string& name) {
   return !name.empty() && name != "__base__" && name.find('/') == std::string::npos;
 }
 
+// {"compose": [{"adapter": "a", "weight": 0.7}, ...], "combination_type": "svd", "svd_rank": 8, "svd_clamp": 0.99,
+//  "svd_full_matrices": true, "density": 0.5, "majority_sign_method": "total"}: add_weighted_adapter's arguments.
+void compose_from(Backend& backend, const std::string& name, const Json& body) {
+  const auto& parts_json = body["compose"];
+  if (!parts_json.is_array() || parts_json.empty()) {
+    throw HttpError(400, "compose: needs a non-empty list of {\"adapter\": string, \"weight\": number}");
+  }
+  std::vector<std::pair<std::string, double>> parts;
+  for (const auto& p : parts_json) {
+    if (!p.is_object() || !p.contains("adapter") || !p["adapter"].is_string() || !p.contains("weight") ||
+        !p["weight"].is_number()) {
+      throw HttpError(400, "compose: every entry needs {\"adapter\": string, \"weight\": number}, got " + p.dump());
+    }
+    parts.emplace_back(p["adapter"].get<std::string>(), p["weight"].get<double>());
+  }
+  const auto field = [&](const char* key, bool (Json::*is)() const noexcept, const char* what) -> const Json* {
+    if (!body.contains(key) || body[key].is_null()) return nullptr;
+    if (!(body[key].*is)()) throw HttpError(400, std::string(key) + ": must be " + what);
+    return &body[key];
+  };
+  torchlora::peft::WeightedAdapterOptions o;
+  if (const auto* v = field("combination_type", &Json::is_string, "a string")) o.combination_type = v->get<std::string>();
+  if (const auto* v = field("svd_rank", &Json::is_number_integer, "an integer")) o.svd_rank = v->get<int64_t>();
+  if (const auto* v = field("svd_clamp", &Json::is_number, "a number")) o.svd_clamp = v->get<double>();
+  if (const auto* v = field("svd_full_matrices", &Json::is_boolean, "true or false")) o.svd_full_matrices = v->get<bool>();
+  if (const auto* v = field("density", &Json::is_number, "a number")) o.density = v->get<double>();
+  if (const auto* v = field("majority_sign_method", &Json::is_string, "a string")) {
+    o.majority_sign_method = v->get<std::string>();
+  }
+  backend.compose_adapter(name, parts, o);
+}
+
 }  // namespace
 
 void add_routes(httplib::Server& server, Backend& backend, Metrics& metrics, const InputLimits& limits,
@@ -65,9 +97,16 @@ void add_routes(httplib::Server& server, Backend& backend, Metrics& metrics, con
   server.Post("/v1/adapters", [&backend](const httplib::Request& req, httplib::Response& res) {
     guarded(res, [&] {
       const auto body = parse_body(req);
+      if (body.is_object() && body.contains("compose") && body.contains("name") && body["name"].is_string()) {
+        const auto name = body["name"].get<std::string>();
+        if (!valid_name(name)) throw HttpError(400, "name: '" + name + "' is empty, reserved or contains '/'");
+        compose_from(backend, name, body);
+        return Json{{"composed", name}};
+      }
       if (!body.is_object() || !body.contains("name") || !body["name"].is_string() || !body.contains("path") ||
           !body["path"].is_string()) {
-        throw HttpError(400, "loading an adapter needs {\"name\": string, \"path\": string}");
+        throw HttpError(400, "loading an adapter needs {\"name\": string, \"path\": string} (or \"compose\" "
+                             "instead of \"path\")");
       }
       const auto name = body["name"].get<std::string>();
       if (!valid_name(name)) throw HttpError(400, "name: '" + name + "' is empty, reserved or contains '/'");

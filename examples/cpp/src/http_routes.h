@@ -1,6 +1,8 @@
 // The HTTP API of lora_server (cpp-httplib):
 //   POST   /v1/forward          {adapter?, scale?, input, dtype?} -> {adapter, shape, output}
 //   POST   /v1/adapters         {name, path}: loads a PEFT adapter folder
+//                                {name, compose: [{adapter, weight}, ...], combination_type, density, ...}:
+//                                registers a weighted composition of loaded adapters
 //   DELETE /v1/adapters/{name}
 //   GET    /v1/adapters         the backend's adapters and their slots
 //   GET    /health
