@@ -53,9 +53,13 @@ void check_factors(const at::Tensor& lora_A, const at::Tensor& lora_B, bool fan_
   const c10::SymInt r_per_group = lora_B.sym_size(1);
   bool unit_kernel = true;
   for (int64_t d = 2; d < lora_B.dim(); ++d) unit_kernel = unit_kernel && lora_B.sym_size(d) == 1;
-  TORCH_CHECK_VALUE(unit_kernel && r_per_group > 0 && r % r_per_group == 0, kOp,
-                    ": conv factors must be lora_A [r, in, *kernel] and lora_B [out, r / groups, 1, ...], got ",
-                    lora_A.sym_sizes(), " and ", lora_B.sym_sizes());
+  const int64_t kernel_dims = lora_A.dim() - 2;
+  const char* a_shape = kernel_dims == 1 ? "[r, in, k]" : kernel_dims == 2 ? "[r, in, kh, kw]" : "[r, in, kd, kh, kw]";
+  const char* b_shape = kernel_dims == 1   ? "[out, r / groups, 1]"
+                        : kernel_dims == 2 ? "[out, r / groups, 1, 1]"
+                                           : "[out, r / groups, 1, 1, 1]";
+  TORCH_CHECK_VALUE(unit_kernel && r_per_group > 0 && r % r_per_group == 0, kOp, ": conv factors must be lora_A ",
+                    a_shape, " and lora_B ", b_shape, ", got ", lora_A.sym_sizes(), " and ", lora_B.sym_sizes());
   TORCH_CHECK_NOT_IMPLEMENTED(r_per_group == r, kOp, ": a conv adapter with groups=", r / r_per_group,
                               " has no delta in the layout of its grouped base weight (PEFT cannot merge it either)");
 }
