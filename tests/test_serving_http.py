@@ -405,6 +405,34 @@ def test_sigterm_finishes_requests_in_flight(served: Served, server_binary: Path
         assert any("SIGTERM" in line for line in server.log)
 
 
+def test_composed_adapter_over_http_matches_peft(served: Served, server_binary: Path, package: Path) -> None:
+    """POST /v1/adapters with a "compose" body registers PEFT's add_weighted_adapter of loaded
+    adapters; requests then name it like any adapter. Bad compositions answer 404 / 400."""
+    parts = [(ADAPTERS[1], 0.6), (ADAPTERS[3], -0.4)]  # ranks 2 + 4: cat fits the pool's rank 8
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(served.base), str(served.folders[parts[0][0]]),
+                                         adapter_name=parts[0][0])
+    ref.load_adapter(str(served.folders[parts[1][0]]), adapter_name=parts[1][0])
+    ref.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], "mix", combination_type="cat")
+    ref.set_adapter("mix")
+    with torch.no_grad():
+        want = ref.eval()(served.inputs[0])
+    with Server(server_binary, package, {n: served.folders[n] for n, _ in parts}) as server:
+        body = {"name": "mix", "compose": [{"adapter": n, "weight": w} for n, w in parts], "combination_type": "cat"}
+        assert server.request("POST", "/v1/adapters", body) == (200, {"composed": "mix"})
+        status, response = server.request("POST", "/v1/forward", forward_body(served, "mix", 0))
+        assert status == 200 and output_error(response, want) is None, response
+        status, response = server.request("POST", "/v1/adapters",
+                                          {"name": "bad", "compose": [{"adapter": "nope", "weight": 1.0}]})
+        assert status == 404 and "'nope' is not loaded" in response["error"], response
+        status, response = server.request("POST", "/v1/adapters", dict(body, name="bad", combination_type="ties"))
+        assert status == 400 and "same r value" in response["error"], response  # ties needs one rank
+        status, response = server.request("POST", "/v1/adapters", {"name": "bad", "compose": [{"adapter": 1}]})
+        assert status == 400 and "weight" in response["error"], response
+        _, listing = server.request("GET", "/v1/adapters")
+        assert sorted(a["name"] for a in listing["adapters"]) == sorted([n for n, _ in parts] + ["mix"])
+        assert server.terminate() == 0
+
+
 def test_torchscript_backend_over_http(served: Served, server_binary: Path) -> None:
     """The merge-swap backend behind the same routes, with its own limits and errors."""
     with Server(server_binary, served.script_model, {ADAPTERS[0]: served.folders[ADAPTERS[0]]},
