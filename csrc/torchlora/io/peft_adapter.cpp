@@ -61,10 +61,11 @@ void check_magnitude(const LoraConfig& config, const std::string& path, const Pa
 LoraModuleWeights check_module(const LoraConfig& config, const std::string& path, const Parts& p,
                                const std::string& source) {
   // PEFT's MultiheadAttention adapters keep out_proj's factors under "<mha>.base_layer.out_proj"
-  const bool in_base_layer = path.starts_with("base_layer.") || path.find(".base_layer.") != std::string::npos;
-  TORCH_CHECK_NOT_IMPLEMENTED(!in_base_layer, "torchlora: ", source, ": module '", path,
-                              "' lies inside a LoRA layer's base_layer, as PEFT writes MultiheadAttention adapters; "
-                              "the C++ loader does not support MultiheadAttention adapters");
+  // (nested target_parameters wrappers end in ".base_layer" instead, and are read)
+  const bool mha_out_proj = path == "base_layer.out_proj" || path.ends_with(".base_layer.out_proj");
+  TORCH_CHECK_NOT_IMPLEMENTED(!mha_out_proj, "torchlora: ", source, ": module '", path,
+                              "' is the out_proj inside a LoRA layer's base_layer, as PEFT writes MultiheadAttention "
+                              "adapters; the C++ loader does not support MultiheadAttention adapters");
   TORCH_CHECK_VALUE(p.A.defined() || p.B.defined(), "torchlora: ", source, ": module '", path,
                     "' has a lora_magnitude_vector but no LoRA factors");
   TORCH_CHECK_VALUE(!p.other_kind, "torchlora: ", source, ": module '", path,
