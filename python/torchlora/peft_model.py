@@ -19,8 +19,8 @@ from .tuners import LoraModel, ModulesToSaveWrapper
 from .tuners.modules_to_save import set_trainable_modules
 from .tuners.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuners.weight_conversion import check_loadable, prepare_for_saving
-from .utils.distributed import gather_full_tensors
 from .hub import HUB_KWARGS, push_to_hub, resolve_adapter_folder, split_hub_kwargs
+from .utils.distributed import gather_full_tensors
 
 if TYPE_CHECKING:
     from .serving import AdapterServer

@@ -17,8 +17,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .nn import LoraLayer
 from .peft_format import PEFT_KEY_PREFIX, from_peft_key, to_peft_key
 from .tuners import LoraModel, ModulesToSaveWrapper
-from .utils.distributed import is_dtensor, shard_like
 from .tuners.trainable_tokens import TrainableTokensWrapper
+from .utils.distributed import is_dtensor, shard_like
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 

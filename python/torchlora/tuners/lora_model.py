@@ -17,11 +17,11 @@ from .dispatch import cast_adapter_dtype, create_lora_module
 from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
 from .mixed_batch import adapter_names_hooks
 from .modules_to_save import ModulesToSaveWrapper, get_submodules, set_trainable_modules
-from ..utils.distributed import check_adapter_synchronised
 from .parameter_targets import (check_same_target_parameters, find_target_parameters, inject_parameters,
                                 unload_param_wrappers)
 from .trainable_tokens import TrainableTokensWrapper, reject_untied_adapters, set_trainable_tokens
 from ..nn.param_wrapper import ParamWrapper
+from ..utils.distributed import check_adapter_synchronised
 
 
 class NoMatchingModuleError(ValueError):
