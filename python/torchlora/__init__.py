@@ -34,7 +34,11 @@ from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .tuners import LoraModel, ModulesToSaveWrapper
 from .export import export_for_serving
 from .serving import AdapterServer
-from .utils import prepare_model_for_kbit_training
+from .utils import cast_mixed_precision_params, load_peft_weights, prepare_model_for_kbit_training
+from .tuners.lora import (ArrowConfig, BdLoraConfig, EvaConfig, KasaConfig, LoftQConfig, LoraGAConfig,
+                          LoraRuntimeConfig, MontecloraConfig, VeloraConfig, convert_to_lora, create_arrow_model,
+                          get_eva_state_dict, initialize_lora_eva_weights, preprocess_loraga,
+                          replace_lora_weights_loftq, save_as_lora)
 
 __version__ = build_info()["version"]
 
@@ -78,4 +82,22 @@ __all__ = [
     "export_for_serving",
     "AdapterServer",
     "prepare_model_for_kbit_training",
+    "cast_mixed_precision_params",
+    "load_peft_weights",
+    "ArrowConfig",
+    "BdLoraConfig",
+    "EvaConfig",
+    "KasaConfig",
+    "LoftQConfig",
+    "LoraGAConfig",
+    "LoraRuntimeConfig",
+    "MontecloraConfig",
+    "VeloraConfig",
+    "convert_to_lora",
+    "create_arrow_model",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_loraga",
+    "replace_lora_weights_loftq",
+    "save_as_lora",
 ]
