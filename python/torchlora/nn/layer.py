@@ -134,6 +134,85 @@ class LoraLayer(AdapterScales, nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.get_base_layer(), "bias", None)
 
+    # PEFT's names of adapter weights that stay frozen when their adapter is trained: no torchlora
+    # adapter has any (PEFT fills it for variants torchlora does not implement)
+    frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def quantization_backend(self) -> str | None:
+        """How the base weight is quantized ("bnb-4bit", "bnb-8bit", "torchao"), None for a
+        plain weight. (PEFT holds a backend object here; torchlora's quantized weights are read
+        and written by ``torchlora.nn.quantized_weight``.)"""
+        return quantized_weight.quantization_kind(self.get_base_layer())
+
+    def get_base_weight(self) -> Tensor:
+        """The base layer's weight data, dequantized when it is stored quantized."""
+        return quantized_weight.dequantized_weight(self.get_base_layer())
+
+    def set_base_weight(self, weight_data: Tensor) -> None:
+        """Make ``weight_data`` the base layer's weight data; a quantized weight is quantized
+        again with the layer's own settings."""
+        if not isinstance(weight_data, Tensor):
+            raise TypeError(f"set_base_weight takes a tensor, got {type(weight_data).__name__}")
+        base = self.get_base_layer()
+        if quantized_weight.is_quantized(base):
+            quantized_weight.write_weight(base, weight_data)
+        else:
+            base.weight.data = weight_data
+        self.refresh_adapter_stack()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapter is additive (``W + delta``) and so convertible to plain LoRA: always
+        true here, DoRA included (as in PEFT); the variants PEFT refuses are not in torchlora."""
+        return True
+
+    @property
+    def lora_variants(self) -> dict[tuple[str, ...], None]:
+        """PEFT's registry of LoRA variant classes per config field. torchlora has no variant
+        classes (DoRA is part of every layer), so only plain LoRA, ``()``, is listed."""
+        return {(): None}
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> None:
+        """PEFT's variant lookup: None (plain LoRA, DoRA built in) for every config torchlora
+        accepts; the config schema has already rejected the variants torchlora lacks."""
+        from ..config import LoraConfig
+
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a torchlora LoraConfig, got {type(config).__name__}")
+        return None
+
+    def _unsupported_init(self, what: str) -> None:
+        raise NotImplementedError(f"torchlora does not implement {what} for {type(self).__name__}: the config "
+                                  "schema rejects it, so no layer has this initialisation")
+
+    def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:
+        """PiSSA initialisation; implemented by layers with a 2-D weight (``LoraLinear``)."""
+        self._unsupported_init("PiSSA initialisation (init_lora_weights='pissa')")
+
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA initialisation; implemented by layers with a 2-D weight (``LoraLinear``)."""
+        self._unsupported_init("OLoRA initialisation (init_lora_weights='olora')")
+
+    def corda_init(self, adapter_name: str, init_lora_weights: Any) -> None:
+        """PEFT's CorDA initialisation: not implemented."""
+        self._unsupported_init("CorDA initialisation (init_lora_weights='corda')")
+
+    def loftq_init(self, adapter_name: str, config: Any = None) -> None:
+        """PEFT's LoftQ initialisation: not implemented."""
+        self._unsupported_init("LoftQ initialisation (init_lora_weights='loftq')")
+
+    def lora_ga_init(self, adapter_name: str, lora_ga_config: Any = None) -> None:
+        """PEFT's LoRA-GA initialisation: not implemented."""
+        self._unsupported_init("LoRA-GA initialisation (init_lora_weights='lora_ga')")
+
+    def mica_init(self, adapter_name: str) -> None:
+        """PEFT's MiCA initialisation: not implemented."""
+        self._unsupported_init("MiCA initialisation (init_lora_weights='mica')")
+
+    def orthogonal_init(self, adapter_name: str) -> None:
+        """PEFT's orthogonal initialisation: not implemented."""
+        self._unsupported_init("orthogonal initialisation (init_lora_weights='orthogonal')")
+
     @property
     def active_adapter(self) -> str | list[str]:
         return self._active_adapter

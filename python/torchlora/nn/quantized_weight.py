@@ -36,6 +36,11 @@ def _kind(base_layer: nn.Module) -> str | None:
     return None
 
 
+def quantization_kind(base_layer: nn.Module) -> str | None:
+    """How ``base_layer``'s weight is stored: "bnb-4bit", "bnb-8bit", "torchao", or None (plain)."""
+    return _kind(base_layer)
+
+
 def is_quantized(base_layer: nn.Module) -> bool:
     """Whether ``base_layer``'s weight is stored quantized."""
     return _kind(base_layer) is not None
