@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import peft_format
@@ -93,6 +94,45 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The adapted model (with its LoRA layers)."""
         return self.base_model.model
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """The base model's ``dtype`` (transformers models have one), None otherwise."""
+        return getattr(self.base_model, "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False only while the adapters are disabled (``disable_adapter``) and some are active."""
+        return not self._adapters_disabled or not self.active_adapters
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapters are additive (``W + delta``), see ``LoraModel.supports_lora_conversion``."""
+        return self.base_model.supports_lora_conversion()
+
+    def get_prompt(self, batch_size: int, task_ids: Optional[Tensor] = None,
+                   max_cache_len: Optional[int] = None) -> Tensor:
+        """Prompt learning only; LoRA models have no prompt encoder, so this raises AttributeError
+        (the error PEFT gives for a LoRA model)."""
+        raise AttributeError("get_prompt is for prompt learning only; LoRA models have no prompt encoder")
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> Tensor:
+        """Prompt learning only; LoRA models have no prompt encoder, so this raises AttributeError
+        (the error PEFT gives for a LoRA model)."""
+        raise AttributeError("get_prompt_embedding_to_save is for prompt learning only; LoRA models have no "
+                             "prompt encoder")
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Make the inputs of checkpointed blocks require grad when the embeddings are frozen
+        (not for quantized models), as ``PeftModel`` does at construction."""
+        self._prepare_model_for_gradient_checkpointing(model)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write (or update) ``<output_dir>/README.md`` as PEFT does: ``library_name: peft`` (the
+        files are PEFT's format), the tags and base model, and the framework versions. Not
+        called by ``save_pretrained``; needs ``huggingface_hub``."""
+        from .model_card import update_model_card
+
+        update_model_card(self, output_dir)
 
     @staticmethod
     def _prepare_model_for_gradient_checkpointing(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@ model-wide adapter lifecycle (activate, disable, merge, unload, delete), as PEFT
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..nn import LoraLayer, quantized_weight
-from ..target_defaults import default_target_modules
+from ..target_defaults import DEFAULT_TARGET_MODULES, default_target_modules
 from .dispatch import cast_adapter_dtype, create_lora_module
 from .matching import Excluded, expand_all_linear, is_target, pattern_matches, rules_for
 from .mixed_batch import adapter_names_hooks
@@ -33,13 +34,25 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
         return {"model_type": "custom"}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return dict(config)
 
 
 class LoraModel(nn.Module):
     """Holds the adapted model (``self.model``) and the configs of its adapters (``peft_config``)."""
 
     prefix = "lora_"
+    # PEFT's tuner attributes: the layer class, the per-architecture default targets (lists, or
+    # a regex string), and whether adapters share state across layers (LoRA's do not)
+    tuner_layer_cls = LoraLayer
+    target_module_mapping: dict[str, Union[list[str], str]] = {
+        model_type: (targets if isinstance(targets, str) else list(targets))
+        for model_type, targets in DEFAULT_TARGET_MODULES.items()
+    }
+    uses_shared_state: bool = False
 
     def __init__(self, model: nn.Module, peft_config: Union[LoraConfig, dict[str, LoraConfig]],
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True,
@@ -69,6 +82,47 @@ class LoraModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict[str, Any]:
+        """``model.config`` as a dict (``{"model_type": "custom"}`` for a model without one)."""
+        return model_config_dict(model)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer is additive (``W + delta``), as PEFT decides it: LoRA
+        layers are, trainable-token layers are not."""
+        if any(True for _ in self._token_wrappers()):
+            return False
+        return all(layer.supports_lora_conversion(adapter_name) for layer in self._lora_layers())
+
+    def subtract_mutated_init(self, output_state_dict: dict[str, torch.Tensor], adapter_name: str,
+                              kwargs: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
+        """PEFT's conversion of a trained PiSSA / OLoRA adapter (``output_state_dict``, PEFT's
+        keys) to a plain LoRA adapter for the original base weights, given the initial adapter
+        loaded into this model as ``adapter_name``: ``A' = cat(A, A0)``, ``B' = cat(B, -B0)``
+        per module (the core's rule). Returns the ``lora_A`` / ``lora_B`` tensors only, as PEFT."""
+        from .._native import _C
+        from ..state_dict import get_peft_model_state_dict
+
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found; the model has {list(self.peft_config)}")
+        initial = get_peft_model_state_dict(self, state_dict=(kwargs or {}).get("state_dict"),
+                                            adapter_name=adapter_name)
+        converted: dict[str, torch.Tensor] = {}
+        for key_A in output_state_dict:
+            if not key_A.endswith(".lora_A.weight"):
+                continue
+            key_B = key_A[: -len(".lora_A.weight")] + ".lora_B.weight"
+            local_A, local_B = (".".join(k.split(".")[1:]) for k in (key_A, key_B))
+            missing = [k for k in (local_A, local_B) if k not in initial] + [k for k in (key_B,)
+                                                                            if k not in output_state_dict]
+            if missing:
+                raise ValueError(f"subtract_mutated_init: no {missing} for {key_A!r} in the adapter "
+                                 f"{adapter_name!r} or in output_state_dict")
+            A, B = output_state_dict[key_A], output_state_dict[key_B]
+            converted[key_A], converted[key_B] = _C.peft.factors_for_original_weights(
+                A, B, initial[local_A].to(A.device, A.dtype), initial[local_B].to(B.device, B.dtype))
+        return converted
 
     # ------------------------------------------------------------------ injection
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
