@@ -329,3 +329,27 @@ def test_default_runtime_config_is_accepted_as_in_peft():
     config = torchlora.LoraConfig(runtime_config=ours_lora.LoraRuntimeConfig())
     assert config.runtime_config is None and "runtime_config" not in config.to_dict()
     assert peft.LoraConfig(runtime_config=peft_lora.LoraRuntimeConfig()).runtime_config.ephemeral_gpu_offload is False
+
+
+@pytest.mark.parametrize("bits,kind", [(4, "bnb-4bit"), (8, "bnb-8bit")])
+def test_base_weight_of_quantized_layers(bits, kind):
+    # PEFT needs a transformers-quantized model to pick its bitsandbytes layers; here the weights
+    # are checked against themselves: read dequantized, written quantized again
+    pytest.importorskip("bitsandbytes")
+    from torchlora.utils import quantize_linear_layers
+
+    model = tm.llama_for_quantization(0)
+    options = dict(quant_type="nf4", compute_dtype=torch.float32) if bits == 4 else dict(threshold=6.0)
+    quantize_linear_layers(model, bits, skip_modules=["lm_head"], **options)
+    ours = torchlora.get_peft_model(model, _llama_config(torchlora))
+    layer = ours.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert layer.quantization_backend == kind
+    weight_type = type(layer.get_base_layer().weight)
+    old = layer.get_base_weight()
+    assert old.dtype.is_floating_point and old.shape == (layer.out_features, layer.in_features)
+    new = torch.randn_like(old)
+    layer.set_base_weight(new.clone())
+    assert type(layer.get_base_layer().weight) is weight_type  # still quantized
+    stored = layer.get_base_weight()
+    assert (stored - new).norm() < 0.2 * new.norm()  # the new weight, up to quantization rounding
+    assert (stored - old).norm() > 0.5 * new.norm()
