@@ -139,7 +139,7 @@ def test_unsupported_fields_at_default_are_accepted(name):
     LoraConfig(**{name: UNSUPPORTED_FIELD_DEFAULTS[name]})
 
 
-@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "lora_ga", "orthogonal"])
+@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "lora_ga", "orthogonal", "mica"])
 def test_peft_inits_we_lack_raise_not_implemented(init):
     with pytest.raises(NotImplementedError, match=init):
         LoraConfig(init_lora_weights=init)

@@ -98,7 +98,7 @@ constexpr Spec kSpecs[] = {
 };
 
 // init_lora_weights values PEFT knows that torchlora does not implement.
-constexpr const char* kUnsupportedInits[] = {"loftq", "eva", "corda", "lora_ga", "orthogonal"};
+constexpr const char* kUnsupportedInits[] = {"loftq", "eva", "corda", "lora_ga", "orthogonal", "mica"};
 
 const Spec* find_spec(const std::string& name) {
   for (const auto& s : kSpecs) {
