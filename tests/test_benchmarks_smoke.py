@@ -104,3 +104,30 @@ def test_quick_qlora_step_benchmark_writes_table_and_json(tmp_path):
         assert memory["measure"].startswith("peak RSS") and memory["peak_rss_mb"] >= memory["rss_before_steps_mb"] > 0
     assert "| step time (ms, median) |" in (tmp_path / "qlora_step.md").read_text()
     assert "PEFT / torchlora" in proc.stdout
+
+
+def test_roofline_benchmark_reports_every_pass_against_its_floor(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "roofline.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--threads", "1", "--tokens", "64", "--dim", "48",
+         "--r", "4", "--rounds", "2", "--stream-mib", "4", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["read_bandwidth_gb_s"] > 0 and result["gemm_gflop_s"] > 0
+    names = [row["name"] for row in result["passes"]]
+    assert names[0] == "base fwd GEMM x W^T" and "grad_A = grad_h^T x" in names
+    for row in result["passes"]:
+        assert row["bytes_moved"] > 0 and row["measured_ms"] > 0
+        assert row["floor_ms"] == max(row["bandwidth_ms"], row["compute_ms"])
+    assert set(result["fused"]) == {"torchlora fwd+bwd (dropout 0.0)", "torchlora fwd+bwd (dropout 0.05)"}
+    assert all(total["ratio_to_base"] > 0 for total in result["fused"].values())
+    assert "| pass | MiB moved |" in proc.stdout
+
+
+def test_roofline_benchmark_rejects_bad_sizes():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--r", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--r must be positive" in proc.stderr
