@@ -131,3 +131,20 @@ def test_roofline_benchmark_rejects_bad_sizes():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--r", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--r must be positive" in proc.stderr
+
+
+def test_model_step_benchmark_compares_both_libraries_with_the_frozen_model(tmp_path):
+    pytest.importorskip("peft")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "model_step.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "model_step.py"), "--threads", "1", "--hidden", "64", "--layers", "1",
+         "--batch", "2", "--seq", "8", "--r", "4", "--dropout", "0.05", "--rounds", "2", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"frozen", "peft", "torchlora"}
+    assert all(ms > 0 for ms in result["ms"].values())
+    assert set(result["ratio_to_frozen"]) == {"peft", "torchlora"}
+    assert "| torchlora get_peft_model |" in proc.stdout
