@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import ensure_torchlora_importable  # noqa: E402
+from report import print_and_save, require_positive  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 ensure_torchlora_importable()
@@ -107,9 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = p.parse_args(argv)
-    for name in ("threads", "hidden", "layers", "batch", "seq", "r", "rounds"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    require_positive(p, args, ("threads", "hidden", "layers", "batch", "seq", "r", "rounds"))
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
@@ -118,10 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    print(markdown(result), end="")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+    return print_and_save(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

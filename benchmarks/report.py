@@ -105,3 +105,20 @@ def chart(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def require_positive(parser, args, names: tuple[str, ...]) -> None:
+    """``parser.error`` (exit 2) naming the first option in ``names`` that is not positive."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def print_and_save(result: dict, table: str, json_path: Path | None) -> dict:
+    """Print a benchmark's markdown table and, when asked, write its raw numbers as JSON."""
+    import json
+
+    print(table, end="")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1))
+    return result

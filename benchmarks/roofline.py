@@ -14,7 +14,6 @@ forward+backward, interleaved in the same rounds, so their ratio is the overhead
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import ensure_torchlora_importable  # noqa: E402
+from report import print_and_save, require_positive  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 ensure_torchlora_importable()
@@ -163,19 +163,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-mib", type=int, default=256, help="size of the bandwidth probe's buffer")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = p.parse_args(argv)
-    for name in ("threads", "tokens", "dim", "r", "rounds", "stream_mib"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    require_positive(p, args, ("threads", "tokens", "dim", "r", "rounds", "stream_mib"))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    print(markdown(result), end="")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+    return print_and_save(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":
