@@ -248,8 +248,9 @@ class LoraLinear(LoraLayer):
         x2 = x.reshape(-1, x.shape[-1])
         first, rest = names[0], names[1:]
         dora_first = self._uses_dora(first)
-        if x2.dtype == base.weight.dtype == self.lora_A[first].weight.dtype and not (
-                dora_first and self.dropout_p(first)):
+        same_dtype = x2.dtype == base.weight.dtype == self.lora_A[first].weight.dtype
+        # Under autocast the op casts its inputs itself (csrc/torchlora/autocast.cpp).
+        if (same_dtype or torch.is_autocast_enabled(x2.device.type)) and not (dora_first and self.dropout_p(first)):
             # The base layer and the first adapter in one op: they share their passes over memory.
             lora_B = self.lora_B[first]
             lora_B, lora_bias, scaling = self._operator_factors(first, lora_B.weight, lora_B.bias)
