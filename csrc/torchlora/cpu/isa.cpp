@@ -15,7 +15,10 @@ Isa detect() {
   __builtin_cpu_init();
   // Both vector paths use BMI2 (pdep) next to the vector ISA.
   if (!__builtin_cpu_supports("bmi2")) return Isa::kScalar;
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  // The 16-bit rows of the masked kernels load and store through AVX-512 BW/VL.
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx512;
+  }
   if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
 #endif
   return Isa::kScalar;

@@ -1,4 +1,4 @@
-// CPU kernels of linear_with_lora for float32 and float64 (other dtypes take the generic path).
+// CPU kernels of linear_with_lora for float32, float64 and, with AVX-512, bfloat16 and float16.
 //
 // The base GEMM and the low-rank path share their passes over memory:
 // - with dropout the expand lands in the output before the base GEMM accumulates into it
@@ -13,6 +13,10 @@
 // bits (masked_lowrank.h); otherwise the GEMMs run on the full x and the dropped elements'
 // terms are subtracted (about p * in per row). No masked copy of x exists either way; the
 // [T, r] shrink and the bits are all that is saved beyond F.linear's x.
+// bfloat16/float16 (autocast's dtypes): the kernels read the 16-bit rows and keep the low-rank
+// path in float32 (the [T, r] intermediates, the factors, the sums), rounding each result once;
+// the base GEMMs are ATen's 16-bit ones, accumulating into the low-rank term. The adapter is not
+// folded into a 16-bit weight: that would round scaling * B @ A to the weight's precision.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../detail/checks.h"
@@ -36,12 +41,48 @@
 namespace torchlora::cpu {
 namespace {
 
+bool is_16bit(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+
 bool use_masked_kernels(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && masked::available();
+  return (x.scalar_type() == at::kFloat || is_16bit(x)) && masked::available();
 }
 
 bool has_fused_kernel(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || (is_16bit(x) && masked::available());
+}
+
+// Calls fn with a null pointer of the kernels' element type for x's dtype.
+template <typename Fn>
+decltype(auto) with_row_type(const at::Tensor& x, Fn&& fn) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      return fn(static_cast<c10::BFloat16*>(nullptr));
+    case at::kHalf:
+      return fn(static_cast<c10::Half*>(nullptr));
+    default:
+      return fn(static_cast<float*>(nullptr));
+  }
+}
+
+template <typename Row>
+const Row* rows(const at::Tensor& t) {
+  return reinterpret_cast<const Row*>(t.const_data_ptr());
+}
+
+template <typename Row>
+Row* mutable_rows(at::Tensor& t) {
+  return reinterpret_cast<Row*>(t.mutable_data_ptr());
+}
+
+constexpr int64_t kBlock = 64;  // rows whose [T, r] values stay in L1 across the kernels
+
+// The [r, kBlock] transpose of rows [t, e) of a [T, r] matrix: expand reads its coefficients so.
+void transpose_block(const float* s, int64_t rank, int64_t t, int64_t e, float* sT) {
+  for (int64_t i = t; i < e; ++i) {
+    for (int64_t k = 0; k < rank; ++k) sT[k * kBlock + (i - t)] = s[i * rank + k];
+  }
 }
 
 bool defined(const std::optional<at::Tensor>& t) {
@@ -88,7 +129,7 @@ at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t 
   at::Tensor s = at::empty({tokens, rank}, x.options());
   const masked::Factor M = factor_view(padded, rank, in);
   at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-    masked::shrink(M, x.const_data_ptr<float>(), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
+    masked::shrink<float>(M, x.const_data_ptr<float>(), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
   });
   return s;
 }
@@ -151,7 +192,8 @@ at::Tensor fold_scratch(const at::Tensor& weight) {
 // copies W into the result first and then reads and writes it again).
 at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
                          double scaling) {
-  if (!use_masked_kernels(weight) || !weight.is_contiguous() || weight.numel() == 0) {
+  if (weight.scalar_type() != at::kFloat || !use_masked_kernels(weight) || !weight.is_contiguous() ||
+      weight.numel() == 0) {
     return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
   }
   const int64_t out_features = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
@@ -160,10 +202,38 @@ at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, con
   const at::Tensor Bt = lora_B.t().contiguous();  // [r, out]: the coefficients of each row of W
   at::Tensor merged = fold_scratch(weight);
   at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
-    masked::expand(A, Bt.const_data_ptr<float>() + o0, out_features, weight.const_data_ptr<float>(), no_mask(),
-                   static_cast<float>(scaling), merged.mutable_data_ptr<float>(), o0, o1);
+    masked::expand<float>(A, Bt.const_data_ptr<float>() + o0, out_features, weight.const_data_ptr<float>(), nullptr,
+                          no_mask(), static_cast<float>(scaling), merged.mutable_data_ptr<float>(), o0, o1);
   });
   return merged;
+}
+
+// 16-bit rows: per block of rows the shrink of x (under the mask) into the float32 [T, r]
+// intermediate, then its expand with the bias into the output, rounded once; the base GEMM then
+// accumulates into the output.
+template <typename Row>
+at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& fused_bias,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, const masked::Mask& mask,
+                         double keep_scale, at::Tensor& shrunk) {
+  const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
+  const at::Tensor xc = x2.contiguous();
+  const at::Tensor A_pad = pad_factor(lora_A), Bt_pad = pad_factor(lora_B.t());
+  const masked::Factor A = factor_view(A_pad, rank, in), Bt = factor_view(Bt_pad, rank, out_features);
+  const at::Tensor bias = fused_bias.defined() ? fused_bias.to(at::kFloat).contiguous() : at::Tensor();
+  shrunk = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({tokens, out_features}, x2.options());
+  at::parallel_for(0, tokens, kBlock, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sT(static_cast<size_t>(rank * kBlock));
+    float* s = shrunk.mutable_data_ptr<float>();
+    for (int64_t t = r0; t < r1; t += kBlock) {
+      const int64_t e = std::min(t + kBlock, r1);
+      masked::shrink<Row>(A, rows<Row>(xc), mask, static_cast<float>(keep_scale), s, t, e);
+      transpose_block(s, rank, t, e, sT.data());
+      masked::expand<Row>(Bt, sT.data(), kBlock, nullptr, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                          no_mask(), static_cast<float>(scaling), mutable_rows<Row>(out), t, e);
+    }
+  });
+  return out.addmm_(x2, weight.t());
 }
 
 detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
@@ -180,15 +250,32 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   const at::Tensor x2 = x.reshape({tokens, in});
 
   // bias + scaling * lora_bias, both optional
+  // (in float32 for 16-bit x, whose kernels add it before rounding)
+  const at::ScalarType bias_dtype = is_16bit(x) ? at::kFloat : x.scalar_type();
   at::Tensor fused_bias;
-  if (defined(bias)) fused_bias = *bias;
-  if (defined(lora_bias)) fused_bias = fused_bias.defined() ? fused_bias.add(*lora_bias, scaling) : lora_bias->mul(scaling);
+  if (defined(bias)) fused_bias = bias->to(bias_dtype);
+  if (defined(lora_bias)) {
+    const at::Tensor term = lora_bias->to(bias_dtype);
+    fused_bias = fused_bias.defined() ? fused_bias.add(term, scaling) : term.mul(scaling);
+  }
 
   at::Tensor shrunk, out, bits;
   // Without dropout the adapter can be folded into the weight for one GEMM; training still
   // needs the shrink for backward, which then costs T x in x r on top of the fold.
   const int64_t lowrank_features = keep_shrunk ? out_features : in + out_features;
-  if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
+  if (is_16bit(x)) {
+    std::optional<DropoutDraw> d;
+    if (dropout_p > 0.0) {
+      d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
+      bits = draw_dropped_bits(tokens, in, *d);
+    }
+    const masked::Mask mask = d ? mask_view(bits) : no_mask();
+    const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
+    out = with_row_type(x, [&](auto* row) {
+      using Row = std::remove_pointer_t<decltype(row)>;
+      return forward_16bit<Row>(x2, weight, fused_bias, lora_A, lora_B, scaling, mask, keep_scale, shrunk);
+    });
+  } else if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
     const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
     if (keep_shrunk) shrunk = at::mm(x2, lora_A.t());
@@ -231,16 +318,19 @@ struct ThreadSlots {
   }
 };
 
-// Backward with the masked kernels (float32, AVX-512). grad_s = scaling * g @ B is BLAS's (no
-// mask applies to g); then one parallel pass over row blocks computes grad_B and grad_A (x read
-// under the keep bits) and, with dropout, the low-rank part of grad_x while grad_s's rows are
-// in cache.
+// Backward with the masked kernels (AVX-512; float32 or 16-bit rows). One parallel pass over
+// row blocks computes grad_B and grad_A (x read under the keep bits) and, where grad_x is not
+// taken from the folded weight, the low-rank part of grad_x while grad_s's rows are in cache.
+// grad_s = scaling * g @ B is BLAS's for float32; for 16-bit rows it is the first kernel of the
+// block, so grad_out is read from memory once (grad_B re-reads the block from L2).
+template <typename Row>
 detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at::Tensor& x2,
                                                   const at::Tensor& weight, const at::Tensor& shrunk,
                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                   const at::Tensor& bits, double scaling, double dropout_p,
                                                   const std::optional<at::Tensor>& seed,
                                                   std::array<bool, 4> output_mask) {
+  constexpr bool kGradSInBlocks = !std::is_same_v<Row, float>;
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
@@ -252,13 +342,22 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   if (dropout_p > 0.0) d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const masked::Mask mask = d ? mask_view(bits) : no_mask();
   const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
-  // Without dropout, folding the adapter into the weight is cheaper for grad_x when out < T.
-  const bool fold_x = want_x && !d && fold_into_weight(tokens, out_features, in, in);
+  // Without dropout, folding the adapter into a float32 weight is cheaper for grad_x when out < T.
+  const bool fold_x = want_x && !kGradSInBlocks && !d && fold_into_weight(tokens, out_features, in, in);
   const bool expand_x = want_x && !fold_x;
   const bool need_s = want_A || expand_x;
 
-  const at::Tensor gc = want_B ? g2.contiguous() : at::Tensor(), xc = want_A ? x2.contiguous() : at::Tensor();
-  const at::Tensor grad_s = need_s ? at::mm(g2, lora_B.mul(scaling)) : at::Tensor();  // [T, r]
+  const at::Tensor gc = want_B || (kGradSInBlocks && need_s) ? g2.contiguous() : at::Tensor();
+  const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
+  at::Tensor grad_s;  // [T, r] float32, d(loss)/d(shrunk)
+  at::Tensor Bt_pad;
+  if (need_s && kGradSInBlocks) {
+    grad_s = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
+    Bt_pad = pad_factor(lora_B.t());
+  } else if (need_s) {
+    grad_s = at::mm(g2, lora_B.mul(scaling));
+  }
+  const masked::Factor Bt = Bt_pad.defined() ? factor_view(Bt_pad, rank, out_features) : masked::Factor{};
   const at::Tensor A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
   const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
   const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank),
@@ -266,37 +365,40 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   const masked::Factor A_shape{nullptr, rank, in, masked::accumulate_ranks(rank), masked::round16(in),
                                masked::accumulate_stride(in)};
   const ThreadSlots slots;
-  at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, x2.options()) : at::Tensor();
-  at::Tensor partial_A = want_A ? at::zeros({slots.count, A_shape.rank_pad, A_shape.stride}, x2.options()) : at::Tensor();
+  const auto f32 = x2.options().dtype(at::kFloat);
+  at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, f32) : at::Tensor();
+  at::Tensor partial_A = want_A ? at::zeros({slots.count, A_shape.rank_pad, A_shape.stride}, f32) : at::Tensor();
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
-  constexpr int64_t kBlock = 64;  // rows whose grad_s stays in L1 across the kernels
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
     const int64_t slot = slots.current();
-    const float* gs = need_s ? grad_s.const_data_ptr<float>() : nullptr;
+    float* gs = need_s ? grad_s.mutable_data_ptr<float>() : nullptr;
     std::vector<float> gs_t(expand_x ? static_cast<size_t>(rank * kBlock) : 0);
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
+      if (need_s && kGradSInBlocks) {
+        masked::shrink<Row>(Bt, rows<Row>(gc), no_mask(), static_cast<float>(scaling), gs, t, e);
+      }
       if (want_B) {
-        masked::accumulate(B_shape, shrunk.const_data_ptr<float>(), gc.const_data_ptr<float>(), no_mask(),
-                           partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
+        masked::accumulate<Row>(B_shape, shrunk.const_data_ptr<float>(), rows<Row>(gc), no_mask(),
+                                partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
       }
       if (want_A) {
-        masked::accumulate(A_shape, gs, xc.const_data_ptr<float>(), mask,
-                           partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
+        masked::accumulate<Row>(A_shape, gs, rows<Row>(xc), mask,
+                                partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
       }
       if (expand_x) {
-        // expand reads the coefficients transposed: the block's grad_s as [r, kBlock]
-        for (int64_t i = t; i < e; ++i) {
-          for (int64_t k = 0; k < rank; ++k) gs_t[k * kBlock + (i - t)] = gs[i * rank + k];
-        }
-        masked::expand(A, gs_t.data(), kBlock, nullptr, mask, static_cast<float>(keep_scale),
-                       grad_x.mutable_data_ptr<float>(), t, e);
+        transpose_block(gs, rank, t, e, gs_t.data());
+        masked::expand<Row>(A, gs_t.data(), kBlock, nullptr, nullptr, mask, static_cast<float>(keep_scale),
+                            mutable_rows<Row>(grad_x), t, e);
       }
     }
   });
-  if (want_B) grad_B = partial_B.sum(0).narrow(0, 0, rank).narrow(1, 0, out_features).t().mul(scaling).contiguous();
-  if (want_A) grad_A = partial_A.sum(0).narrow(0, 0, rank).narrow(1, 0, in).mul(keep_scale);
+  const auto dtype = x2.scalar_type();
+  if (want_B) {
+    grad_B = partial_B.sum(0).narrow(0, 0, rank).narrow(1, 0, out_features).t().mul(scaling).to(dtype).contiguous();
+  }
+  if (want_A) grad_A = partial_A.sum(0).narrow(0, 0, rank).narrow(1, 0, in).mul(keep_scale).to(dtype);
   if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling));
   if (expand_x) grad_x.addmm_(g2, weight);
   return {grad_x, none(), grad_A, grad_B, none(), none()};
@@ -391,18 +493,22 @@ detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
   const at::Tensor bits = dropped_bits.contiguous();
   const at::Tensor g2 = grad_out.reshape({tokens, out_features});
   const at::Tensor x2 = x.reshape({tokens, in});
-  auto grads = use_masked_kernels(x) && tokens > 0
-                   ? backward_with_kernels(g2, x2, weight, shrunk, lora_A, lora_B, bits, scaling, dropout_p, seed,
-                                           output_mask)
+  auto grads = use_masked_kernels(x) && (tokens > 0 || is_16bit(x))
+                   ? with_row_type(x, [&](auto* row) {
+                       using Row = std::remove_pointer_t<decltype(row)>;
+                       return backward_with_kernels<Row>(g2, x2, weight, shrunk, lora_A, lora_B, bits, scaling,
+                                                         dropout_p, seed, output_mask);
+                     })
                    : backward_with_corrections(g2, x2, weight, shrunk, lora_A, lora_B, bits, scaling, dropout_p,
                                                seed, output_mask);
   auto& [grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias] = grads;
   if (output_mask[0]) grad_x = grad_x.view(x.sizes());
   if (output_mask[1]) grad_w = at::mm(g2.t(), x2);
   if (needs_bias_grad || needs_lora_bias_grad) {
-    const at::Tensor column_sum = at::sum(g2, {0});
-    if (needs_bias_grad) grad_bias = column_sum;
-    if (needs_lora_bias_grad) grad_lora_bias = column_sum.mul(scaling);
+    // summed in float32 for 16-bit grad_out, rounded once
+    const at::Tensor column_sum = at::sum(g2, {0}, false, is_16bit(x) ? at::kFloat : x.scalar_type());
+    if (needs_bias_grad) grad_bias = column_sum.to(x.scalar_type());
+    if (needs_lora_bias_grad) grad_lora_bias = column_sum.mul(scaling).to(x.scalar_type());
   }
   return grads;
 }

@@ -8,10 +8,10 @@
 
 namespace torchlora::cpu {
 
-// A float32 [rank, in] factor zero-padded to [round16(rank), padded_stride(in)].
+// A [rank, in] factor as float32, zero-padded to [round16(rank), padded_stride(in)].
 inline at::Tensor pad_factor(const at::Tensor& factor) {
   const int64_t rank = factor.size(0), in = factor.size(1);
-  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options());
+  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options().dtype(at::kFloat));
   padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
   return padded;
 }

@@ -8,7 +8,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define TORCHLORA_MASKED_AVX512 1
-#define TORCHLORA_AVX512 __attribute__((target("avx512f")))
+#define TORCHLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #endif
 
 #include <c10/util/Exception.h>
@@ -62,24 +62,62 @@ TORCHLORA_AVX512 inline __m512 sum_each(const __m512 (&v)[16]) {
   return _mm512_permutexvar_ps(order, sums);
 }
 
+// 16 elements of a row as float32, zero where a lane is off.
+TORCHLORA_AVX512 inline __m512 load_lanes(const float* p, __mmask16 lanes) {
+  return _mm512_maskz_loadu_ps(lanes, p);
+}
+TORCHLORA_AVX512 inline __m512 load_lanes(const c10::BFloat16* p, __mmask16 lanes) {
+  const __m256i h = _mm256_maskz_loadu_epi16(lanes, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bfloat16 is float32's high half
+}
+TORCHLORA_AVX512 inline __m512 load_lanes(const c10::Half* p, __mmask16 lanes) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, p));
+}
+TORCHLORA_AVX512 inline __m512 load_whole(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+TORCHLORA_AVX512 inline __m512 load_whole(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TORCHLORA_AVX512 inline __m512 load_whole(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Stores the lanes of v rounded to the row's type (to nearest even, as c10's conversions).
+TORCHLORA_AVX512 inline void store_lanes(float* p, __mmask16 lanes, __m512 v) {
+  _mm512_mask_storeu_ps(p, lanes, v);
+}
+TORCHLORA_AVX512 inline void store_lanes(c10::BFloat16* p, __mmask16 lanes, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+TORCHLORA_AVX512 inline void store_lanes(c10::Half* p, __mmask16 lanes, __m512 v) {
+  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // Loads 16 columns of x: under the precomputed keep lanes when there is a mask, plainly when
 // the chunk is whole and there is none (no mask register to read).
-template <bool kMasked>
-TORCHLORA_AVX512 inline __m512 load_x(const float* p, __mmask16 lanes) {
+template <bool kMasked, typename Row>
+TORCHLORA_AVX512 inline __m512 load_x(const Row* p, __mmask16 lanes) {
   if constexpr (kMasked) {
-    return _mm512_maskz_loadu_ps(lanes, p);
+    return load_lanes(p, lanes);
   } else {
-    return _mm512_loadu_ps(p);
+    return load_whole(p);
   }
 }
 
-template <int R, int KR>
-TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const float* const (&xr)[R],
+template <int R, int KR, typename Row>
+TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const Row* const (&xr)[R],
                                          const __mmask16* lanes, int64_t chunks, int64_t c, __m512 (&acc)[16],
-                                         const float* prefetch_row) {
+                                         const Row* prefetch_row) {
   if (prefetch_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(prefetch_row + 16 * c), _MM_HINT_T0);
   __m512 xv[R];
-  for (int i = 0; i < R; ++i) xv[i] = _mm512_maskz_loadu_ps(lanes[i * chunks + c], xr[i] + 16 * c);
+  for (int i = 0; i < R; ++i) xv[i] = load_lanes(xr[i] + 16 * c, lanes[i * chunks + c]);
   for (int k = 0; k < KR; ++k) {
     const __m512 av = _mm512_loadu_ps(a0 + k * A.stride + 16 * c);
     for (int i = 0; i < R; ++i) acc[i * KR + k] = _mm512_fmadd_ps(xv[i], av, acc[i * KR + k]);
@@ -88,11 +126,11 @@ TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const
 
 // One register tile of shrink: R rows x KR ranks (R * KR = 16 accumulators), reduced with
 // sum_each. The rows' x stays in L1 across the rank tiles; each loaded vector of A serves R rows.
-template <int R, int KR>
-TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask16* lanes, int64_t chunks,
+template <int R, int KR, typename Row>
+TORCHLORA_AVX512 void shrink_tile(const Factor& A, const Row* x, const __mmask16* lanes, int64_t chunks,
                                   float scale, float* s, int64_t t, int64_t t_end) {
   static_assert(R * KR == 16);
-  const float* xr[R];
+  const Row* xr[R];
   for (int i = 0; i < R; ++i) xr[i] = x + (t + i) * A.in;
   for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
     __m512 acc[16];
@@ -100,8 +138,8 @@ TORCHLORA_AVX512 void shrink_tile(const Factor& A, const float* x, const __mmask
     const float* a0 = A.A_pad + k0 * A.stride;
     // The rank passes over these rows prefetch the next tile's rows, one row per pass.
     const int64_t next = t + R + k0 / KR;
-    const float* prefetch_row = k0 / KR < R && next < t_end ? x + next * A.in : nullptr;
-    for (int64_t c = 0; c < chunks; ++c) shrink_step<R, KR>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
+    const Row* prefetch_row = k0 / KR < R && next < t_end ? x + next * A.in : nullptr;
+    for (int64_t c = 0; c < chunks; ++c) shrink_step<R, KR, Row>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
     alignas(64) float sums[16];
     _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
     const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
@@ -117,9 +155,9 @@ bool available() {
   return cpu_isa() == Isa::kAvx512;
 }
 
-// Only the masked shrink is used (without dropout BLAS's GEMM is as fast), so there is one
-// path: without a mask the lanes are the valid columns.
-TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0,
+// One path with and without a mask: without one the lanes are the valid columns.
+template <typename Row>
+TORCHLORA_AVX512 void shrink(const Factor& A, const Row* x, const Mask& mask, float scale, float* s, int64_t t0,
                              int64_t t1) {
   constexpr int64_t kRows = 4;
   const int64_t chunks = A.in_pad / 16;
@@ -127,11 +165,11 @@ TORCHLORA_AVX512 void shrink(const Factor& A, const float* x, const Mask& mask, 
   int64_t t = t0;
   for (; t + kRows <= t1; t += kRows) {
     fill_lanes(lanes.data(), mask, t, kRows, chunks, A.in);
-    shrink_tile<4, 4>(A, x, lanes.data(), chunks, scale, s, t, t1);
+    shrink_tile<4, 4, Row>(A, x, lanes.data(), chunks, scale, s, t, t1);
   }
   for (; t < t1; ++t) {
     fill_lanes(lanes.data(), mask, t, 1, chunks, A.in);
-    shrink_tile<1, 16>(A, x, lanes.data(), chunks, scale, s, t, t1);
+    shrink_tile<1, 16, Row>(A, x, lanes.data(), chunks, scale, s, t, t1);
   }
 }
 
@@ -139,9 +177,10 @@ namespace {
 
 // One register tile of expand: R rows x CV column chunks, summed over the ranks; per rank CV
 // loads of A and R broadcasts from the transposed coefficients (constant offsets).
-template <int R, int CV>
-TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const float* init,
-                                         const Mask& mask, float scale, float* out, int64_t t, int64_t c0) {
+template <int R, int CV, typename Row>
+TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const Row* init,
+                                         const float* bias, const Mask& mask, float scale, Row* out, int64_t t,
+                                         int64_t c0) {
   __m512 acc[R * CV];
   for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < A.rank; ++k) {
@@ -161,41 +200,43 @@ TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int6
       const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
       const int64_t at = (t + i) * A.in + 16 * c;
       __m512 v = _mm512_maskz_mul_ps(keep_lanes(mask, t + i, c, A.in), acc[i * CV + q], sc);
-      if (init != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, init + at));
-      _mm512_mask_storeu_ps(out + at, lanes, v);
+      if (init != nullptr) v = _mm512_add_ps(v, load_lanes(init + at, lanes));
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + 16 * c));
+      store_lanes(out + at, lanes, v);
     }
   }
 }
 
-template <int R>
-TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const float* init,
-                                         const Mask& mask, float scale, float* out, int64_t t) {
+template <int R, typename Row>
+TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const Row* init,
+                                         const float* bias, const Mask& mask, float scale, Row* out, int64_t t) {
   const int64_t chunks = (A.in + 15) / 16;
   int64_t c = 0;
-  for (; c + 3 <= chunks; c += 3) expand_tile<R, 3>(A, gsT, ldg, init, mask, scale, out, t, c);
-  for (; c < chunks; ++c) expand_tile<R, 1>(A, gsT, ldg, init, mask, scale, out, t, c);
+  for (; c + 3 <= chunks; c += 3) expand_tile<R, 3, Row>(A, gsT, ldg, init, bias, mask, scale, out, t, c);
+  for (; c < chunks; ++c) expand_tile<R, 1, Row>(A, gsT, ldg, init, bias, mask, scale, out, t, c);
 }
 
 }  // namespace
 
-void expand(const Factor& A, const float* gsT, int64_t ldg, const float* init, const Mask& mask, float scale,
-            float* out, int64_t t0, int64_t t1) {
+template <typename Row>
+void expand(const Factor& A, const float* gsT, int64_t ldg, const Row* init, const float* bias, const Mask& mask,
+            float scale, Row* out, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  for (; t + 8 <= t1; t += 8) expand_rows<8>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
-  for (; t < t1; ++t) expand_rows<1>(A, gsT + (t - t0), ldg, init, mask, scale, out, t);
+  for (; t + 8 <= t1; t += 8) expand_rows<8, Row>(A, gsT + (t - t0), ldg, init, bias, mask, scale, out, t);
+  for (; t < t1; ++t) expand_rows<1, Row>(A, gsT + (t - t0), ldg, init, bias, mask, scale, out, t);
 }
 
 namespace {
 
 // tile[CV * k + q] += sum over rows [tb, te) of gs[t, k0 + k] * x[t, chunk c0 + q]; the last
 // rank tile (kFull false) reads only the nk valid ranks of gs.
-template <int KR, int CV, bool kMasked, bool kFull>
-TORCHLORA_AVX512 inline void accumulate_sweep(const float* gs, int64_t rank, const float* x, int64_t in,
+template <int KR, int CV, bool kMasked, bool kFull, typename Row>
+TORCHLORA_AVX512 inline void accumulate_sweep(const float* gs, int64_t rank, const Row* x, int64_t in,
                                               const __mmask16* lanes, int64_t chunks, int64_t rows, int64_t nk,
                                               __m512 (&tile)[KR * CV]) {
   for (int64_t t = 0; t < rows; ++t, x += in, gs += rank, lanes += chunks) {
     __m512 xv[CV];
-    for (int q = 0; q < CV; ++q) xv[q] = load_x<kMasked>(x + 16 * q, lanes[q]);
+    for (int q = 0; q < CV; ++q) xv[q] = load_x<kMasked, Row>(x + 16 * q, lanes[q]);
     for (int k = 0; k < KR; ++k) {
       const __m512 gv = kFull || k < nk ? _mm512_set1_ps(gs[k]) : _mm512_setzero_ps();
       for (int q = 0; q < CV; ++q) tile[CV * k + q] = _mm512_fmadd_ps(gv, xv[q], tile[CV * k + q]);
@@ -206,8 +247,8 @@ TORCHLORA_AVX512 inline void accumulate_sweep(const float* gs, int64_t rank, con
 // Register tiles of 8 ranks x 3 column chunks, loaded once and stored once per block of up to
 // 64 rows (whose x stays in L2 while the tiles sweep it): 3 loads of x and 8 broadcasts of gs
 // per 24 FMAs. Ranks past `rank` multiply by zero into the padding rows of acc.
-template <bool kMasked>
-TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc,
+template <bool kMasked, typename Row>
+TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const Row* x, const Mask& mask, float* acc,
                                       int64_t t0, int64_t t1) {
   constexpr int64_t kRows = 64;
   constexpr int KR = 8, CV = 3;
@@ -227,15 +268,15 @@ TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const fl
           for (int q = 0; q < CV; ++q) tile[CV * k + q] = _mm512_loadu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q));
         }
         const float* g = gs + tb * A.rank + k0;
-        const float* xr = x + tb * A.in + 16 * c0;
+        const Row* xr = x + tb * A.in + 16 * c0;
         const __mmask16* ln = lanes.data() + c0;
         const int64_t rows = te - tb;
         if (whole && nk == KR) {
-          accumulate_sweep<KR, CV, false, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
+          accumulate_sweep<KR, CV, false, true, Row>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         } else if (nk == KR) {
-          accumulate_sweep<KR, CV, true, true>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
+          accumulate_sweep<KR, CV, true, true, Row>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         } else {
-          accumulate_sweep<KR, CV, true, false>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
+          accumulate_sweep<KR, CV, true, false, Row>(g, A.rank, xr, A.in, ln, chunks, rows, nk, tile);
         }
         for (int k = 0; k < KR; ++k) {
           for (int q = 0; q < CV; ++q) _mm512_storeu_ps(acc + (k0 + k) * A.stride + 16 * (c0 + q), tile[CV * k + q]);
@@ -247,12 +288,13 @@ TORCHLORA_AVX512 void accumulate_rows(const Factor& A, const float* gs, const fl
 
 }  // namespace
 
-void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,
+template <typename Row>
+void accumulate(const Factor& A, const float* gs, const Row* x, const Mask& mask, float* acc, int64_t t0,
                 int64_t t1) {
   if (mask.words != nullptr) {
-    accumulate_rows<true>(A, gs, x, mask, acc, t0, t1);
+    accumulate_rows<true, Row>(A, gs, x, mask, acc, t0, t1);
   } else {
-    accumulate_rows<false>(A, gs, x, mask, acc, t0, t1);
+    accumulate_rows<false, Row>(A, gs, x, mask, acc, t0, t1);
   }
 }
 
@@ -262,16 +304,30 @@ bool available() {
   return false;
 }
 
-void shrink(const Factor&, const float*, const Mask&, float, float*, int64_t, int64_t) {
+template <typename Row>
+void shrink(const Factor&, const Row*, const Mask&, float, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-void expand(const Factor&, const float*, int64_t, const float*, const Mask&, float, float*, int64_t, int64_t) {
+template <typename Row>
+void expand(const Factor&, const float*, int64_t, const Row*, const float*, const Mask&, float, Row*, int64_t,
+            int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-void accumulate(const Factor&, const float*, const float*, const Mask&, float*, int64_t, int64_t) {
+template <typename Row>
+void accumulate(const Factor&, const float*, const Row*, const Mask&, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 
 #endif
+
+#define TORCHLORA_MASKED_INSTANTIATE(Row)                                                                       \
+  template void shrink<Row>(const Factor&, const Row*, const Mask&, float, float*, int64_t, int64_t);        \
+  template void expand<Row>(const Factor&, const float*, int64_t, const Row*, const float*, const Mask&, float, \
+                            Row*, int64_t, int64_t);                                                            \
+  template void accumulate<Row>(const Factor&, const float*, const Row*, const Mask&, float*, int64_t, int64_t);
+TORCHLORA_MASKED_INSTANTIATE(float)
+TORCHLORA_MASKED_INSTANTIATE(c10::BFloat16)
+TORCHLORA_MASKED_INSTANTIATE(c10::Half)
+#undef TORCHLORA_MASKED_INSTANTIATE
 
 }  // namespace torchlora::cpu::masked

@@ -1,4 +1,5 @@
-// AVX-512 kernels of the low-rank path for float32 rows, optionally under a dropout mask. The
+// AVX-512 kernels of the low-rank path for float32, bfloat16 or float16 rows (x, grad_out,
+// the output; factors, coefficients and sums are float32), optionally under a dropout mask. The
 // mask comes as packed bits (dropped_bits.h) and serves as the lane mask of the loads of x:
 // dropout costs no masked copy and no extra pass, only the bits. Without a mask BLAS is as fast
 // for shrink; accumulate (the T-long reductions of grad_A and grad_B) beats it by keeping the
@@ -6,13 +7,16 @@
 // weight in one pass.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #include "dropped_bits.h"
 
 namespace torchlora::cpu::masked {
 
-// Whether this CPU runs the kernels (AVX-512F); callers fall back to BLAS and corrections.
+// Whether this CPU runs the kernels (AVX-512 F, BW and VL); callers fall back to BLAS and corrections.
 bool available();
 
 // A [rank, in] factor zero-padded to [round16(rank), round16(in)] so every load is a full
@@ -48,19 +52,22 @@ struct Mask {
   int64_t n_words;
 };
 
-// Rows t in [t0, t1) of x [T, in] (row-major):
+// Rows t in [t0, t1) of x [T, in] (row-major, of element type Row):
 //   shrink:     s[t, :]    = scale * sum_j keep[t, j] * x[t, j] * A[:, j]        (s [T, rank])
-//   expand:     out[t, j]  = init[t, j] + (keep[t, j] ? scale * sum_k g[k, t] * A[k, j] : 0)
-//               (out, init [T, in]; init may be null for 0; g the coefficients transposed:
-//               g[k, t] at gT[k * ldg + t - t0], so their broadcasts have constant offsets)
+//   expand:     out[t, j]  = init[t, j] + bias[j] + (keep[t, j] ? scale * sum_k g[k, t] * A[k, j] : 0)
+//               (out, init [T, in]; init and bias (float32 [in]) may be null for 0; g the
+//               coefficients transposed: g[k, t] at gT[k * ldg + t - t0], so their broadcasts
+//               have constant offsets; the sum is rounded to Row once)
 //   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]
 //               (acc [accumulate_ranks(rank), accumulate_stride(in)], zero-initialised by the caller)
 // expand also folds an adapter into a weight: out = W + scale * B @ A with rows = W's rows,
 // gT = B^T and init = W.
-void shrink(const Factor& A, const float* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
-void expand(const Factor& A, const float* gT, int64_t ldg, const float* init, const Mask& mask, float scale,
-            float* out, int64_t t0, int64_t t1);
-void accumulate(const Factor& A, const float* gs, const float* x, const Mask& mask, float* acc, int64_t t0,
-                int64_t t1);
+template <typename Row>
+void shrink(const Factor& A, const Row* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
+template <typename Row>
+void expand(const Factor& A, const float* gT, int64_t ldg, const Row* init, const float* bias, const Mask& mask,
+            float scale, Row* out, int64_t t0, int64_t t1);
+template <typename Row>
+void accumulate(const Factor& A, const float* gs, const Row* x, const Mask& mask, float* acc, int64_t t0, int64_t t1);
 
 }  // namespace torchlora::cpu::masked
