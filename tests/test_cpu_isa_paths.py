@@ -1,6 +1,7 @@
-"""The CPU kernels' lower vector paths (AVX2 and scalar Philox; BLAS with corrections instead of
-the AVX-512 low-rank kernels), forced with TORCHLORA_CPU_ISA in a subprocess, against this
-CPU's best path: identical dropout masks and bits, the same numbers. A forced path that is
+"""The CPU kernels' lower vector paths (AVX-512 without the bfloat16 dot product; AVX2 and scalar
+Philox; BLAS with corrections instead of the AVX-512 low-rank kernels), forced with
+TORCHLORA_CPU_ISA in a subprocess, against this CPU's best path: identical dropout masks and
+bits, the same numbers. A forced path that is
 this CPU's best path already is skipped (it would compare a path with itself)."""
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ for p in (0.0, 0.1):
     grads = torch.autograd.grad(out, (x, W, b, A, B), torch.ones_like(out))
     results[f"out{p}"] = out.detach()
     results[f"grads{p}"] = [g.detach() for g in grads]
+for p in (0.0, 0.1):
+    leaves = [t.detach().bfloat16().requires_grad_() for t in (x, W, b, A, B)]
+    out = ops.linear_with_lora(*leaves[:3], leaves[3], leaves[4], None, 0.7, p, seed if p else None)
+    results[f"bf16_out{p}"] = out.detach()
+    results[f"bf16_grads{p}"] = [g.detach() for g in torch.autograd.grad(out, leaves, torch.ones_like(out))]
 forward = torch.ops.torchlora._linear_with_lora_forward
 results["bits"] = forward(x.detach(), W.detach(), b.detach(), A.detach(), B.detach(), None, 0.7, 0.1, seed, True)[2]
 torch.save(results, sys.argv[1])
@@ -52,7 +58,7 @@ def run(tmp_path, isa: str | None) -> dict:
     return torch.load(path)
 
 
-ISA_ORDER = ["scalar", "avx2", "avx512"]
+ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
 
 
 def best_isa() -> str:
@@ -65,7 +71,11 @@ def best_isa() -> str:
     return done.stdout.strip()
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_lower_isa_paths_give_the_same_masks_and_numbers(tmp_path, isa):
     best = best_isa()
     if ISA_ORDER.index(best) <= ISA_ORDER.index(isa):
@@ -78,6 +88,10 @@ def test_lower_isa_paths_give_the_same_masks_and_numbers(tmp_path, isa):
         torch.testing.assert_close(got[f"out{p}"], want[f"out{p}"], rtol=1e-4, atol=1e-4)
         for g, w in zip(got[f"grads{p}"], want[f"grads{p}"]):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+        # bfloat16: the paths round at different points (the fused kernels once per result).
+        assert relative_error(got[f"bf16_out{p}"], want[f"bf16_out{p}"]) < 1e-2
+        for g, w in zip(got[f"bf16_grads{p}"], want[f"bf16_grads{p}"]):
+            assert g.dtype == w.dtype == torch.bfloat16 and relative_error(g, w) < 2e-2
 
 
 def test_the_mask_is_philox_of_the_element_index():
@@ -108,4 +122,4 @@ def test_a_bad_isa_setting_is_an_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": PYTHON_DIR, "TORCHLORA_CPU_ISA": "sse9"}
     code = "import torch, torchlora; torchlora.ops.dropout_apply(torch.ones(8), 0.5, torch.tensor([1]))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode != 0 and "TORCHLORA_CPU_ISA must be avx512, avx2 or scalar" in done.stderr
+    assert done.returncode != 0 and "TORCHLORA_CPU_ISA must be avx512_bf16, avx512, avx2 or scalar" in done.stderr

@@ -122,6 +122,7 @@ using DroppedWordFn = uint64_t (*)(uint64_t, uint64_t, uint32_t);
 DroppedWordFn dropped_word() {
 #ifdef TORCHLORA_X86_SIMD
   switch (cpu_isa()) {
+    case Isa::kAvx512Bf16:
     case Isa::kAvx512:
       return &dropped_word_avx512;
     case Isa::kAvx2:

@@ -1,11 +1,12 @@
 // Which vector paths the CPU kernels take: the CPU's own ISA, capped by the environment
-// variable TORCHLORA_CPU_ISA ("avx512", "avx2" or "scalar") so that every path can be tested
+// variable TORCHLORA_CPU_ISA ("avx512_bf16", "avx512", "avx2" or "scalar") so that every path can be tested
 // on one machine. Read once, at first use.
 #pragma once
 
 namespace torchlora::cpu {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16: AVX-512 with the bfloat16 dot product (vdpbf16ps) as well.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 Isa cpu_isa();
 

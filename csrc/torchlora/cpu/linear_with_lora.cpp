@@ -16,7 +16,8 @@
 // bfloat16/float16 (autocast's dtypes): the kernels read the 16-bit rows and keep the low-rank
 // path in float32 (the [T, r] intermediates, the factors, the sums), rounding each result once;
 // the base GEMMs are ATen's 16-bit ones, accumulating into the low-rank term. The adapter is not
-// folded into a 16-bit weight: that would round scaling * B @ A to the weight's precision.
+// folded into a 16-bit weight in training (that would round scaling * B @ A to the weight's
+// precision in the gradients too); inference folds it as merging does, rounding the sum once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -77,6 +78,39 @@ Row* mutable_rows(at::Tensor& t) {
 }
 
 constexpr int64_t kBlock = 64;  // rows whose [T, r] values stay in L1 across the kernels
+
+// The shrink of Row rows by a [rank, features] factor: vdpbf16ps on bfloat16 rows where the CPU
+// has it (the same products, twice per instruction), else the float32 kernel.
+template <typename Row>
+class RowShrink {
+ public:
+  explicit RowShrink(const at::Tensor& factor) : rank_(factor.size(0)), features_(factor.size(1)) {
+    if (use_pairs()) {
+      padded_ = pad_factor_bf16(factor);
+      pairs_ = masked::PairFactor{padded_.const_data_ptr<c10::BFloat16>(), rank_, features_, padded_.size(0),
+                                  padded_.size(1)};
+    } else {
+      padded_ = pad_factor(factor);
+      floats_ = factor_view(padded_, rank_, features_);
+    }
+  }
+
+  void operator()(const Row* x, const masked::Mask& mask, float scale, float* s, int64_t t0, int64_t t1) const {
+    if constexpr (std::is_same_v<Row, c10::BFloat16>) {
+      if (use_pairs()) return masked::shrink_bf16_pairs(pairs_, x, mask, scale, s, t0, t1);
+    }
+    masked::shrink<Row>(floats_, x, mask, scale, s, t0, t1);
+  }
+
+ private:
+  static bool use_pairs() {
+    return std::is_same_v<Row, c10::BFloat16> && masked::bf16_dot_available();
+  }
+  int64_t rank_, features_;
+  at::Tensor padded_;
+  masked::Factor floats_{};
+  masked::PairFactor pairs_{};
+};
 
 // The [r, kBlock] transpose of rows [t, e) of a [T, r] matrix: expand reads its coefficients so.
 void transpose_block(const float* s, int64_t rank, int64_t t, int64_t e, float* sT) {
@@ -182,7 +216,8 @@ at::Tensor fold_scratch(const at::Tensor& weight) {
   constexpr int64_t kMaxCachedElements = int64_t{4} << 20;
   if (weight.numel() > kMaxCachedElements) return at::empty(weight.sizes(), weight.options());
   static thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.use_count() != 1) {
+  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.scalar_type() != weight.scalar_type() ||
+      buffer.use_count() != 1) {
     buffer = at::empty(weight.sizes(), weight.options());
   }
   return buffer;
@@ -192,18 +227,20 @@ at::Tensor fold_scratch(const at::Tensor& weight) {
 // copies W into the result first and then reads and writes it again).
 at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
                          double scaling) {
-  if (weight.scalar_type() != at::kFloat || !use_masked_kernels(weight) || !weight.is_contiguous() ||
-      weight.numel() == 0) {
+  if (!use_masked_kernels(weight) || !weight.is_contiguous() || weight.numel() == 0) {
     return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
   }
   const int64_t out_features = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
   const at::Tensor A_pad = pad_factor(lora_A);
   const masked::Factor A = factor_view(A_pad, rank, in);
-  const at::Tensor Bt = lora_B.t().contiguous();  // [r, out]: the coefficients of each row of W
+  const at::Tensor Bt = lora_B.t().to(at::kFloat).contiguous();  // [r, out]: the coefficients of each row of W
   at::Tensor merged = fold_scratch(weight);
-  at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
-    masked::expand<float>(A, Bt.const_data_ptr<float>() + o0, out_features, weight.const_data_ptr<float>(), nullptr,
-                          no_mask(), static_cast<float>(scaling), merged.mutable_data_ptr<float>(), o0, o1);
+  with_row_type(weight, [&](auto* row) {
+    using Row = std::remove_pointer_t<decltype(row)>;
+    at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
+      masked::expand<Row>(A, Bt.const_data_ptr<float>() + o0, out_features, rows<Row>(weight), nullptr, no_mask(),
+                          static_cast<float>(scaling), mutable_rows<Row>(merged), o0, o1);
+    });
   });
   return merged;
 }
@@ -217,8 +254,9 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
                          double keep_scale, at::Tensor& shrunk) {
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const at::Tensor xc = x2.contiguous();
-  const at::Tensor A_pad = pad_factor(lora_A), Bt_pad = pad_factor(lora_B.t());
-  const masked::Factor A = factor_view(A_pad, rank, in), Bt = factor_view(Bt_pad, rank, out_features);
+  const RowShrink<Row> shrink_by_A(lora_A);
+  const at::Tensor Bt_pad = pad_factor(lora_B.t());
+  const masked::Factor Bt = factor_view(Bt_pad, rank, out_features);
   const at::Tensor bias = fused_bias.defined() ? fused_bias.to(at::kFloat).contiguous() : at::Tensor();
   shrunk = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
   at::Tensor out = at::empty({tokens, out_features}, x2.options());
@@ -227,7 +265,7 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
     float* s = shrunk.mutable_data_ptr<float>();
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
-      masked::shrink<Row>(A, rows<Row>(xc), mask, static_cast<float>(keep_scale), s, t, e);
+      shrink_by_A(rows<Row>(xc), mask, static_cast<float>(keep_scale), s, t, e);
       transpose_block(s, rank, t, e, sT.data());
       masked::expand<Row>(Bt, sT.data(), kBlock, nullptr, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                           no_mask(), static_cast<float>(scaling), mutable_rows<Row>(out), t, e);
@@ -263,7 +301,11 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   // Without dropout the adapter can be folded into the weight for one GEMM; training still
   // needs the shrink for backward, which then costs T x in x r on top of the fold.
   const int64_t lowrank_features = keep_shrunk ? out_features : in + out_features;
-  if (is_16bit(x)) {
+  if (is_16bit(x) && !keep_shrunk && dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
+    // Inference only: W + scaling * B @ A summed in float32 and rounded once, as merging does.
+    const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
+    out = fused_bias.defined() ? at::addmm(fused_bias.to(x.scalar_type()), x2, merged.t()) : at::mm(x2, merged.t());
+  } else if (is_16bit(x)) {
     std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
       d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
@@ -350,14 +392,13 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   const at::Tensor gc = want_B || (kGradSInBlocks && need_s) ? g2.contiguous() : at::Tensor();
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
   at::Tensor grad_s;  // [T, r] float32, d(loss)/d(shrunk)
-  at::Tensor Bt_pad;
+  std::optional<RowShrink<Row>> shrink_by_Bt;
   if (need_s && kGradSInBlocks) {
     grad_s = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
-    Bt_pad = pad_factor(lora_B.t());
+    shrink_by_Bt.emplace(lora_B.t());
   } else if (need_s) {
     grad_s = at::mm(g2, lora_B.mul(scaling));
   }
-  const masked::Factor Bt = Bt_pad.defined() ? factor_view(Bt_pad, rank, out_features) : masked::Factor{};
   const at::Tensor A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
   const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
   const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank),
@@ -377,7 +418,7 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
       if (need_s && kGradSInBlocks) {
-        masked::shrink<Row>(Bt, rows<Row>(gc), no_mask(), static_cast<float>(scaling), gs, t, e);
+        (*shrink_by_Bt)(rows<Row>(gc), no_mask(), static_cast<float>(scaling), gs, t, e);
       }
       if (want_B) {
         masked::accumulate<Row>(B_shape, shrunk.const_data_ptr<float>(), rows<Row>(gc), no_mask(),

@@ -20,6 +20,15 @@ inline masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_
   return masked::Factor{padded.const_data_ptr<float>(), rank, in, padded.size(0), masked::round16(in), padded.size(1)};
 }
 
+// A [rank, in] factor as bfloat16, zero-padded to [round16(rank), pair_stride(in)] (shrink_bf16_pairs).
+inline at::Tensor pad_factor_bf16(const at::Tensor& factor) {
+  const int64_t rank = factor.size(0), in = factor.size(1);
+  at::Tensor padded =
+      at::zeros({masked::round16(rank), masked::pair_stride(in)}, factor.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
+  return padded;
+}
+
 inline masked::Mask no_mask() {
   return masked::Mask{nullptr, 0};
 }

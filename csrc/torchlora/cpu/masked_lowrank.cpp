@@ -152,7 +152,11 @@ TORCHLORA_AVX512 void shrink_tile(const Factor& A, const Row* x, const __mmask16
 }  // namespace
 
 bool available() {
-  return cpu_isa() == Isa::kAvx512;
+  return cpu_isa() >= Isa::kAvx512;
+}
+
+bool bf16_dot_available() {
+  return cpu_isa() == Isa::kAvx512Bf16;
 }
 
 // One path with and without a mask: without one the lanes are the valid columns.
@@ -170,6 +174,69 @@ TORCHLORA_AVX512 void shrink(const Factor& A, const Row* x, const Mask& mask, fl
   for (; t < t1; ++t) {
     fill_lanes(lanes.data(), mask, t, 1, chunks, A.in);
     shrink_tile<1, 16, Row>(A, x, lanes.data(), chunks, scale, s, t, t1);
+  }
+}
+
+namespace {
+
+#define TORCHLORA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Keep lanes of the 32 columns starting at 32 * pair_chunk of row t.
+inline __mmask32 keep_lanes32(const Mask& mask, int64_t t, int64_t pair_chunk, int64_t in) {
+  return static_cast<__mmask32>(keep_lanes(mask, t, 2 * pair_chunk, in)) |
+         (static_cast<__mmask32>(keep_lanes(mask, t, 2 * pair_chunk + 1, in)) << 16);
+}
+
+// shrink_tile with vdpbf16ps: R rows x KR ranks, 32 columns per step.
+template <int R, int KR>
+TORCHLORA_AVX512_BF16 void shrink_pairs_tile(const PairFactor& A, const c10::BFloat16* x, const __mmask32* lanes,
+                                             int64_t chunks, float scale, float* s, int64_t t) {
+  static_assert(R * KR == 16);
+  const c10::BFloat16* xr[R];
+  for (int i = 0; i < R; ++i) xr[i] = x + (t + i) * A.in;
+  for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    const c10::BFloat16* a0 = A.A_pad + k0 * A.stride;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i xv[R];
+      for (int i = 0; i < R; ++i) xv[i] = _mm512_maskz_loadu_epi16(lanes[i * chunks + c], xr[i] + 32 * c);
+      for (int k = 0; k < KR; ++k) {
+        const __m512i av = _mm512_loadu_si512(a0 + k * A.stride + 32 * c);
+        for (int i = 0; i < R; ++i) {
+          acc[i * KR + k] = _mm512_dpbf16_ps(acc[i * KR + k], (__m512bh)xv[i], (__m512bh)av);
+        }
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+    const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
+    for (int i = 0; i < R; ++i) {
+      for (int64_t k = 0; k < n; ++k) s[(t + i) * A.rank + k0 + k] = sums[i * KR + k];
+    }
+  }
+}
+
+}  // namespace
+
+void shrink_bf16_pairs(const PairFactor& A, const c10::BFloat16* x, const Mask& mask, float scale, float* s,
+                       int64_t t0, int64_t t1) {
+  constexpr int64_t kRows = 4;
+  const int64_t chunks = (A.in + 31) / 32;
+  std::vector<__mmask32> lanes(static_cast<size_t>(kRows * chunks));
+  auto fill = [&](int64_t t, int64_t rows) {
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t c = 0; c < chunks; ++c) lanes[i * chunks + c] = keep_lanes32(mask, t + i, c, A.in);
+    }
+  };
+  int64_t t = t0;
+  for (; t + kRows <= t1; t += kRows) {
+    fill(t, kRows);
+    shrink_pairs_tile<4, 4>(A, x, lanes.data(), chunks, scale, s, t);
+  }
+  for (; t < t1; ++t) {
+    fill(t, 1);
+    shrink_pairs_tile<1, 16>(A, x, lanes.data(), chunks, scale, s, t);
   }
 }
 
@@ -302,6 +369,14 @@ void accumulate(const Factor& A, const float* gs, const Row* x, const Mask& mask
 
 bool available() {
   return false;
+}
+
+bool bf16_dot_available() {
+  return false;
+}
+
+void shrink_bf16_pairs(const PairFactor&, const c10::BFloat16*, const Mask&, float, float*, int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 
 template <typename Row>

@@ -70,4 +70,22 @@ void expand(const Factor& A, const float* gT, int64_t ldg, const Row* init, cons
 template <typename Row>
 void accumulate(const Factor& A, const float* gs, const Row* x, const Mask& mask, float* acc, int64_t t0, int64_t t1);
 
+// bfloat16 rows and a bfloat16 factor on CPUs with AVX512_BF16: vdpbf16ps multiplies pairs of
+// columns, twice the products per instruction of float32 FMAs; the products are exact in
+// float32 and the sums float32, so the result is that of shrink on the same bfloat16 values.
+bool bf16_dot_available();
+
+// A [rank, in] bfloat16 factor zero-padded to [round16(rank), stride] with stride a multiple of 32.
+struct PairFactor {
+  const c10::BFloat16* A_pad;
+  int64_t rank, in, rank_pad, stride;
+};
+
+inline int64_t pair_stride(int64_t in) {
+  return (in + 31) / 32 * 32 + 32;
+}
+
+void shrink_bf16_pairs(const PairFactor& A, const c10::BFloat16* x, const Mask& mask, float scale, float* s,
+                       int64_t t0, int64_t t1);
+
 }  // namespace torchlora::cpu::masked
