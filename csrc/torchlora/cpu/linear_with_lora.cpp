@@ -112,6 +112,50 @@ class RowShrink {
   masked::PairFactor pairs_{};
 };
 
+// expand of Row rows by a [rank, features] factor: vdpbf16ps over pairs of ranks on bfloat16
+// rows where the CPU has it, else the float32 kernel.
+template <typename Row>
+class RowExpand {
+ public:
+  explicit RowExpand(const at::Tensor& factor) : rank_(factor.size(0)), features_(factor.size(1)) {
+    if (use_pairs()) {
+      padded_ = pack_rank_pairs(factor);
+      pairs_ = masked::RankPairFactor{reinterpret_cast<const uint32_t*>(padded_.const_data_ptr<int32_t>()), rank_,
+                                      features_, padded_.size(1)};
+    } else {
+      padded_ = pad_factor(factor);
+      floats_ = factor_view(padded_, rank_, features_);
+    }
+  }
+
+  void operator()(const float* gT, int64_t ldg, const float* bias, const masked::Mask& mask, float scale, Row* out,
+                  int64_t t0, int64_t t1) const {
+    if constexpr (std::is_same_v<Row, c10::BFloat16>) {
+      if (use_pairs()) return masked::expand_bf16_pairs(pairs_, gT, ldg, nullptr, bias, mask, scale, out, t0, t1);
+    }
+    masked::expand<Row>(floats_, gT, ldg, nullptr, bias, mask, scale, out, t0, t1);
+  }
+
+ private:
+  static bool use_pairs() {
+    return std::is_same_v<Row, c10::BFloat16> && masked::bf16_dot_available();
+  }
+  int64_t rank_, features_;
+  at::Tensor padded_;
+  masked::Factor floats_{};
+  masked::RankPairFactor pairs_{};
+};
+
+// accumulate of Row rows: vdpbf16ps over pairs of rows on bfloat16 rows where the CPU has it.
+template <typename Row>
+void accumulate_rows(const masked::Factor& shape, const float* gs, const Row* x, const masked::Mask& mask, float* acc,
+                     int64_t t0, int64_t t1) {
+  if constexpr (std::is_same_v<Row, c10::BFloat16>) {
+    if (masked::bf16_dot_available()) return masked::accumulate_bf16_pairs(shape, gs, x, mask, acc, t0, t1);
+  }
+  masked::accumulate<Row>(shape, gs, x, mask, acc, t0, t1);
+}
+
 // The [r, kBlock] transpose of rows [t, e) of a [T, r] matrix: expand reads its coefficients so.
 void transpose_block(const float* s, int64_t rank, int64_t t, int64_t e, float* sT) {
   for (int64_t i = t; i < e; ++i) {
@@ -255,8 +299,7 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const at::Tensor xc = x2.contiguous();
   const RowShrink<Row> shrink_by_A(lora_A);
-  const at::Tensor Bt_pad = pad_factor(lora_B.t());
-  const masked::Factor Bt = factor_view(Bt_pad, rank, out_features);
+  const RowExpand<Row> expand_by_Bt(lora_B.t());
   const at::Tensor bias = fused_bias.defined() ? fused_bias.to(at::kFloat).contiguous() : at::Tensor();
   shrunk = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
   at::Tensor out = at::empty({tokens, out_features}, x2.options());
@@ -267,8 +310,8 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
       const int64_t e = std::min(t + kBlock, r1);
       shrink_by_A(rows<Row>(xc), mask, static_cast<float>(keep_scale), s, t, e);
       transpose_block(s, rank, t, e, sT.data());
-      masked::expand<Row>(Bt, sT.data(), kBlock, nullptr, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                          no_mask(), static_cast<float>(scaling), mutable_rows<Row>(out), t, e);
+      expand_by_Bt(sT.data(), kBlock, bias.defined() ? bias.const_data_ptr<float>() : nullptr, no_mask(),
+                   static_cast<float>(scaling), mutable_rows<Row>(out), t, e);
     }
   });
   return out.addmm_(x2, weight.t());
@@ -399,8 +442,8 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   } else if (need_s) {
     grad_s = at::mm(g2, lora_B.mul(scaling));
   }
-  const at::Tensor A_pad = expand_x ? pad_factor(lora_A) : at::Tensor();
-  const masked::Factor A = expand_x ? factor_view(A_pad, rank, in) : masked::Factor{};
+  std::optional<RowExpand<Row>> expand_by_A;
+  if (expand_x) expand_by_A.emplace(lora_A);
   const masked::Factor B_shape{nullptr, rank, out_features, masked::accumulate_ranks(rank),
                                masked::round16(out_features), masked::accumulate_stride(out_features)};
   const masked::Factor A_shape{nullptr, rank, in, masked::accumulate_ranks(rank), masked::round16(in),
@@ -421,17 +464,17 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
         (*shrink_by_Bt)(rows<Row>(gc), no_mask(), static_cast<float>(scaling), gs, t, e);
       }
       if (want_B) {
-        masked::accumulate<Row>(B_shape, shrunk.const_data_ptr<float>(), rows<Row>(gc), no_mask(),
-                                partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
+        accumulate_rows<Row>(B_shape, shrunk.const_data_ptr<float>(), rows<Row>(gc), no_mask(),
+                             partial_B.mutable_data_ptr<float>() + slot * B_shape.rank_pad * B_shape.stride, t, e);
       }
       if (want_A) {
-        masked::accumulate<Row>(A_shape, gs, rows<Row>(xc), mask,
-                                partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
+        accumulate_rows<Row>(A_shape, gs, rows<Row>(xc), mask,
+                             partial_A.mutable_data_ptr<float>() + slot * A_shape.rank_pad * A_shape.stride, t, e);
       }
       if (expand_x) {
         transpose_block(gs, rank, t, e, gs_t.data());
-        masked::expand<Row>(A, gs_t.data(), kBlock, nullptr, nullptr, mask, static_cast<float>(keep_scale),
-                            mutable_rows<Row>(grad_x), t, e);
+        (*expand_by_A)(gs_t.data(), kBlock, nullptr, mask, static_cast<float>(keep_scale), mutable_rows<Row>(grad_x),
+                       t, e);
       }
     }
   });

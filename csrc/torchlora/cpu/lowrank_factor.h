@@ -29,6 +29,18 @@ inline at::Tensor pad_factor_bf16(const at::Tensor& factor) {
   return padded;
 }
 
+// A [rank, in] factor as bfloat16 pairs of ranks (masked::RankPairFactor): 32-bit words
+// [ceil(rank / 2), rank_pair_stride(in)], zero-padded.
+inline at::Tensor pack_rank_pairs(const at::Tensor& factor) {
+  const int64_t rank = factor.size(0), in = factor.size(1), pairs = (rank + 1) / 2;
+  at::Tensor even = at::zeros({2 * pairs, in}, factor.options().dtype(at::kBFloat16));
+  even.narrow(0, 0, rank).copy_(factor);
+  const at::Tensor words = even.view({pairs, 2, in}).transpose(1, 2).contiguous().view({pairs, 2 * in}).view(at::kInt);
+  at::Tensor padded = at::zeros({pairs, masked::rank_pair_stride(in)}, factor.options().dtype(at::kInt));
+  padded.narrow(1, 0, in).copy_(words);
+  return padded;
+}
+
 inline masked::Mask no_mask() {
   return masked::Mask{nullptr, 0};
 }

@@ -242,6 +242,134 @@ void shrink_bf16_pairs(const PairFactor& A, const c10::BFloat16* x, const Mask& 
 
 namespace {
 
+// Two float32 values rounded to bfloat16 (nearest even) in one 32-bit word, lo first.
+inline uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(c10::BFloat16(lo).x) | (static_cast<uint32_t>(c10::BFloat16(hi).x) << 16);
+}
+
+// acc += the tile, with the column order of unpacklo/unpackhi undone: lo holds columns
+// 8L + 0..3 and hi columns 8L + 4..7 of 128-bit lane L (L = 0..3) of 32 columns.
+TORCHLORA_AVX512 inline void add_unpacked(float* acc, int64_t valid, __m512 lo, __m512 hi) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 halves[2] = {_mm512_permutex2var_ps(lo, first, hi), _mm512_permutex2var_ps(lo, second, hi)};
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = valid - 16 * h;
+    if (n <= 0) return;
+    const __mmask16 lanes = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u);
+    float* p = acc + 16 * h;
+    _mm512_mask_storeu_ps(p, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, p), halves[h]));
+  }
+}
+
+}  // namespace
+
+TORCHLORA_AVX512_BF16 void accumulate_bf16_pairs(const Factor& A, const float* gs, const c10::BFloat16* x,
+                                                 const Mask& mask, float* acc, int64_t t0, int64_t t1) {
+  constexpr int64_t kRows = 64;
+  constexpr int KR = 8;
+  const int64_t chunks = (A.in + 31) / 32, ranks = A.rank_pad;
+  std::vector<__mmask32> lanes(static_cast<size_t>(kRows * chunks));
+  std::vector<uint32_t> pairs(static_cast<size_t>(kRows / 2 * ranks));  // [row pair, rank]
+  for (int64_t tb = t0; tb < t1; tb += kRows) {
+    const int64_t te = tb + kRows < t1 ? tb + kRows : t1, rows = te - tb, row_pairs = (rows + 1) / 2;
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t c = 0; c < chunks; ++c) lanes[i * chunks + c] = keep_lanes32(mask, tb + i, c, A.in);
+    }
+    for (int64_t q = 0; q < row_pairs; ++q) {
+      const float* g0 = gs + (tb + 2 * q) * A.rank;
+      const bool second = 2 * q + 1 < rows;
+      for (int64_t k = 0; k < ranks; ++k) {
+        pairs[q * ranks + k] = k < A.rank ? bf16_pair(g0[k], second ? g0[A.rank + k] : 0.0f) : 0u;
+      }
+    }
+    for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        __m512 lo[KR], hi[KR];
+        for (int k = 0; k < KR; ++k) lo[k] = hi[k] = _mm512_setzero_ps();
+        for (int64_t q = 0; q < row_pairs; ++q) {
+          const int64_t i = 2 * q;
+          const __m512i a = _mm512_maskz_loadu_epi16(lanes[i * chunks + c], x + (tb + i) * A.in + 32 * c);
+          const __m512i b = i + 1 < rows ? _mm512_maskz_loadu_epi16(lanes[(i + 1) * chunks + c],
+                                                                       x + (tb + i + 1) * A.in + 32 * c)
+                                         : _mm512_setzero_si512();
+          const __m512bh xlo = (__m512bh)_mm512_unpacklo_epi16(a, b), xhi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+          const uint32_t* g = pairs.data() + q * ranks + k0;
+          for (int k = 0; k < KR; ++k) {
+            const __m512bh gv = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[k]));
+            lo[k] = _mm512_dpbf16_ps(lo[k], xlo, gv);
+            hi[k] = _mm512_dpbf16_ps(hi[k], xhi, gv);
+          }
+        }
+        for (int k = 0; k < KR; ++k) add_unpacked(acc + (k0 + k) * A.stride + 32 * c, A.in - 32 * c, lo[k], hi[k]);
+      }
+    }
+  }
+}
+
+namespace {
+
+// One register tile of expand_bf16_pairs: R rows x CV chunks of 16 columns, over rank pairs.
+template <int R, int CV>
+TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, const uint32_t* gp, int64_t ldp,
+                                                    const c10::BFloat16* init, const float* bias, const Mask& mask,
+                                                    float scale, c10::BFloat16* out, int64_t t, int64_t c0) {
+  __m512 acc[R * CV];
+  for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t rank_pairs = (A.rank + 1) / 2;
+  for (int64_t kp = 0; kp < rank_pairs; ++kp) {
+    const uint32_t* a = A.pairs + kp * A.stride + 16 * c0;
+    const uint32_t* g = gp + kp * ldp;
+    __m512bh av[CV];
+    for (int q = 0; q < CV; ++q) av[q] = (__m512bh)_mm512_loadu_si512(a + 16 * q);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh gv = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i]));
+      for (int q = 0; q < CV; ++q) acc[i * CV + q] = _mm512_dpbf16_ps(acc[i * CV + q], av[q], gv);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int i = 0; i < R; ++i) {
+    for (int q = 0; q < CV; ++q) {
+      const int64_t c = c0 + q, valid = A.in - 16 * c;
+      const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
+      const int64_t at = (t + i) * A.in + 16 * c;
+      __m512 v = _mm512_maskz_mul_ps(keep_lanes(mask, t + i, c, A.in), acc[i * CV + q], sc);
+      if (init != nullptr) v = _mm512_add_ps(v, load_lanes(init + at, lanes));
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + 16 * c));
+      store_lanes(out + at, lanes, v);
+    }
+  }
+}
+
+template <int R>
+TORCHLORA_AVX512_BF16 inline void expand_pairs_rows(const RankPairFactor& A, const uint32_t* gp, int64_t ldp,
+                                                    const c10::BFloat16* init, const float* bias, const Mask& mask,
+                                                    float scale, c10::BFloat16* out, int64_t t) {
+  const int64_t chunks = (A.in + 15) / 16;
+  int64_t c = 0;
+  for (; c + 3 <= chunks; c += 3) expand_pairs_tile<R, 3>(A, gp, ldp, init, bias, mask, scale, out, t, c);
+  for (; c < chunks; ++c) expand_pairs_tile<R, 1>(A, gp, ldp, init, bias, mask, scale, out, t, c);
+}
+
+}  // namespace
+
+void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const c10::BFloat16* init,
+                       const float* bias, const Mask& mask, float scale, c10::BFloat16* out, int64_t t0, int64_t t1) {
+  // The coefficients of the rows as bfloat16 rank pairs: gp[kp, i] = (g[2kp, t0 + i], g[2kp + 1, t0 + i]).
+  const int64_t rows = t1 - t0, rank_pairs = (A.rank + 1) / 2;
+  std::vector<uint32_t> gp(static_cast<size_t>(rank_pairs * rows));
+  for (int64_t kp = 0; kp < rank_pairs; ++kp) {
+    const float* g0 = gT + 2 * kp * ldg;
+    const bool second = 2 * kp + 1 < A.rank;
+    for (int64_t i = 0; i < rows; ++i) gp[kp * rows + i] = bf16_pair(g0[i], second ? g0[ldg + i] : 0.0f);
+  }
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) expand_pairs_rows<8>(A, gp.data() + (t - t0), rows, init, bias, mask, scale, out, t);
+  for (; t < t1; ++t) expand_pairs_rows<1>(A, gp.data() + (t - t0), rows, init, bias, mask, scale, out, t);
+}
+
+namespace {
+
 // One register tile of expand: R rows x CV column chunks, summed over the ranks; per rank CV
 // loads of A and R broadcasts from the transposed coefficients (constant offsets).
 template <int R, int CV, typename Row>
@@ -376,6 +504,13 @@ bool bf16_dot_available() {
 }
 
 void shrink_bf16_pairs(const PairFactor&, const c10::BFloat16*, const Mask&, float, float*, int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+}
+void accumulate_bf16_pairs(const Factor&, const float*, const c10::BFloat16*, const Mask&, float*, int64_t, int64_t) {
+  TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
+}
+void expand_bf16_pairs(const RankPairFactor&, const float*, int64_t, const c10::BFloat16*, const float*, const Mask&,
+                       float, c10::BFloat16*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 

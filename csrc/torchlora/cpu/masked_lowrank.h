@@ -88,4 +88,25 @@ inline int64_t pair_stride(int64_t in) {
 void shrink_bf16_pairs(const PairFactor& A, const c10::BFloat16* x, const Mask& mask, float scale, float* s,
                        int64_t t0, int64_t t1);
 
+// accumulate<c10::BFloat16> with vdpbf16ps over pairs of rows; the coefficients gs are rounded
+// to bfloat16 (as the bfloat16 [T, r] intermediates of an unfused bfloat16 LoRA are).
+void accumulate_bf16_pairs(const Factor& A, const float* gs, const c10::BFloat16* x, const Mask& mask, float* acc,
+                           int64_t t0, int64_t t1);
+
+// A [rank, in] bfloat16 factor as pairs of ranks: word [kp, j] = (A[2kp, j], A[2kp + 1, j]),
+// [ceil(rank / 2), stride] 32-bit words, zero-padded, stride a multiple of 16.
+struct RankPairFactor {
+  const uint32_t* pairs;
+  int64_t rank, in, stride;
+};
+
+inline int64_t rank_pair_stride(int64_t in) {
+  return (in + 15) / 16 * 16 + 16;
+}
+
+// expand<c10::BFloat16> with vdpbf16ps over pairs of ranks; the coefficients are rounded to
+// bfloat16 (as above).
+void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const c10::BFloat16* init,
+                       const float* bias, const Mask& mask, float scale, c10::BFloat16* out, int64_t t0, int64_t t1);
+
 }  // namespace torchlora::cpu::masked
