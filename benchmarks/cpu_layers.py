@@ -1,9 +1,11 @@
 """Per-layer benchmarks: the bare frozen base layer, PEFT's LoRA layer and torchlora's, side by
 side in one process: eval forward, training forward+backward (dropout 0 and 0.05), and the
-activation memory each one saves for backward beyond what the base layer saves."""
+activation memory each one saves for backward beyond what the base layer saves. A case may run
+under ``torch.autocast`` (bfloat16), all three contenders alike."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +28,19 @@ class LayerCase:
     make_input: Callable[[], Tensor]
     r: int
     dropouts: tuple[float, ...] = (0.0, 0.05)
+    autocast: torch.dtype | None = None  # run every contender under torch.autocast("cpu", dtype)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.autocast)
 
 
-def linear_case(tokens: int, dim: int, r: int) -> LayerCase:
+def linear_case(tokens: int, dim: int, r: int, autocast: torch.dtype | None = None) -> LayerCase:
+    suffix = f" {str(autocast).removeprefix('torch.')} autocast" if autocast is not None else ""
     return LayerCase(
-        "linear", f"linear T={tokens} d={dim} r={r}",
-        lambda: nn.Linear(dim, dim), lambda: torch.randn(tokens, dim), r,
+        "linear", f"linear T={tokens} d={dim} r={r}{suffix}",
+        lambda: nn.Linear(dim, dim), lambda: torch.randn(tokens, dim), r, autocast=autocast,
     )
 
 
@@ -52,9 +61,11 @@ def conv2d_case(batch: int, channels: int, size: int, r: int) -> LayerCase:
 
 def default_cases(quick: bool) -> list[LayerCase]:
     if quick:
-        return [linear_case(64, 32, 4), embedding_case(64, 100, 16, 4), conv2d_case(2, 8, 8, 4)]
+        return [linear_case(64, 32, 4), linear_case(64, 32, 4, torch.bfloat16), embedding_case(64, 100, 16, 4),
+                conv2d_case(2, 8, 8, 4)]
     return [
         linear_case(2048, 1024, 16),
+        linear_case(2048, 1024, 16, torch.bfloat16),
         linear_case(512, 1024, 16),
         linear_case(2048, 768, 8),
         linear_case(2048, 1024, 64),
@@ -99,22 +110,23 @@ def build_layers(case: LayerCase, dropout: float) -> dict[str, nn.Module]:
     return layers
 
 
-def _eval_step(layer: nn.Module, x: Tensor) -> Callable[[], object]:
+def _eval_step(case: LayerCase, layer: nn.Module, x: Tensor) -> Callable[[], object]:
     def run() -> object:
-        with torch.no_grad():
+        with torch.no_grad(), case.context():
             return layer(x)
 
     return run
 
 
-def _train_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
+def _train_step(case: LayerCase, layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], object]:
     params = [p for p in layer.parameters() if p.requires_grad]
 
     def run() -> object:
         for p in params:
             p.grad = None
         x.grad = None
-        out = layer(x)
+        with case.context():
+            out = layer(x)
         if out.requires_grad:  # a frozen embedding has nothing to differentiate
             out.backward(grad)
         return None
@@ -127,7 +139,7 @@ def _input_for_training(case: LayerCase, x: Tensor) -> Tensor:
     return x.clone().requires_grad_(x.is_floating_point())
 
 
-def saved_activation_bytes(layer: nn.Module, x: Tensor) -> int:
+def saved_activation_bytes(layer: nn.Module, x: Tensor, case: LayerCase | None = None) -> int:
     """Bytes of distinct storages the forward saves for backward, excluding parameters and the
     layer's input (grad_A needs the input in every LoRA implementation, and it is the previous
     layer's output: what a LoRA layer adds is what it creates and keeps)."""
@@ -144,7 +156,8 @@ def saved_activation_bytes(layer: nn.Module, x: Tensor) -> int:
         return t
 
     layer.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    context = case.context() if case is not None else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
         out = layer(x)
     del out
     return sum(seen.values())
@@ -160,20 +173,22 @@ def run_case(case: LayerCase, rounds: int) -> list[dict]:
         for mode, training in modes:
             if training:
                 xs = {name: _input_for_training(case, x) for name in layers}
-                grad = torch.randn_like(layers[BASE](x).detach())
-                steps = {name: _train_step(layer.train(), xs[name], grad) for name, layer in layers.items()}
+                with case.context():
+                    grad = torch.randn_like(layers[BASE](x).detach())
+                steps = {name: _train_step(case, layer.train(), xs[name], grad) for name, layer in layers.items()}
             else:
-                steps = {name: _eval_step(layer.eval(), x) for name, layer in layers.items()}
+                steps = {name: _eval_step(case, layer.eval(), x) for name, layer in layers.items()}
             timings = interleaved(steps, rounds)
             row = {
                 "kind": case.kind, "case": case.label, "mode": mode, "dropout": dropout,
+                "autocast": str(case.autocast).removeprefix("torch.") if case.autocast is not None else None,
                 **{f"{name}_ms": 1e3 * timings.median(name) for name in layers},
                 "peft_ratio": timings.ratio(PEFT, BASE), "torchlora_ratio": timings.ratio(TORCHLORA, BASE),
             }
             if training:
-                base_bytes = saved_activation_bytes(layers[BASE], _input_for_training(case, x))
+                base_bytes = saved_activation_bytes(layers[BASE], _input_for_training(case, x), case)
                 for name in (PEFT, TORCHLORA):
-                    extra = saved_activation_bytes(layers[name], _input_for_training(case, x)) - base_bytes
+                    extra = saved_activation_bytes(layers[name], _input_for_training(case, x), case) - base_bytes
                     row[f"{name}_saved_extra_bytes"] = extra
             rows.append(row)
     return rows

@@ -20,6 +20,46 @@ def e2e_line(e2e: dict) -> str:
             f"({e2e['peft_ratio']:.3f}x) | torchlora {e2e['torchlora_s']:.3f} s ({e2e['torchlora_ratio']:.3f}x)")
 
 
+# The targets of the CPU path (linear T=2048 d=1024 r=16; medians of interleaved rounds).
+TARGET_CASE = "linear T=2048 d=1024 r=16"
+LAYER_TARGETS = [  # (case suffix, mode, dropout, goal)
+    ("", "eval fwd", 0.0, 1.03),
+    ("", "train fwd+bwd", 0.0, 1.08),
+    ("", "train fwd+bwd", 0.05, 1.12),
+    (" bfloat16 autocast", "eval fwd", 0.0, 1.03),
+    (" bfloat16 autocast", "train fwd+bwd", 0.0, 1.08),
+    (" bfloat16 autocast", "train fwd+bwd", 0.05, 1.12),
+]
+MINILM_GOAL = 1.10
+
+
+def target_rows(results: dict) -> list[tuple[str, float, float, float]]:
+    """(what, goal, torchlora / base, PEFT / base) for every measured row that has a target."""
+    rows = []
+    for suffix, mode, dropout, goal in LAYER_TARGETS:
+        for row in results["layers"]:
+            if row["case"] == TARGET_CASE + suffix and row["mode"] == mode and row["dropout"] == dropout:
+                what = f"{row['case']} {mode}, dropout {dropout}"
+                rows.append((what, goal, row["torchlora_ratio"], row["peft_ratio"]))
+    e2e = results.get("minilm")
+    if e2e:
+        rows.append(("all-MiniLM-L6-v2 step / frozen", MINILM_GOAL, e2e["torchlora_ratio"], e2e["peft_ratio"]))
+    return rows
+
+
+def targets_table(results: dict) -> str:
+    lines = [f"Against the targets ({results['machine']['threads']} threads):", "",
+             "| row | goal | torchlora | PEFT | met |", "|---|---:|---:|---:|---|"]
+    for what, goal, ours, peft in target_rows(results):
+        lines.append(f"| {what} | <= {goal:.2f} | {ours:.3f} | {peft:.3f} | {'yes' if ours <= goal else 'no'} |")
+    model = results.get("model_step")
+    if model:
+        ratios = model["ratio_to_frozen"]
+        lines.append(f"| model step (get_peft_model, Llama hidden {model['hidden']}, {model['layers']} layers) "
+                     f"/ frozen | | {ratios['torchlora']:.3f} | {ratios['peft']:.3f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     info = results["machine"]
     lines = [
@@ -71,6 +111,11 @@ def markdown(results: dict) -> str:
             "",
             f"PEFT step / torchlora step: {e2e['peft_over_torchlora']:.2f}x.",
         ]
+    if results.get("model_step"):
+        from model_step import markdown as model_markdown
+
+        lines += ["", "## Model step (`model_step.py`)", "", model_markdown(results["model_step"]).rstrip()]
+    lines += ["", "## Against the targets", "", targets_table(results).rstrip()]
     return "\n".join(lines) + "\n"
 
 

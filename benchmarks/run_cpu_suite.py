@@ -3,7 +3,9 @@
     python benchmarks/run_cpu_suite.py --out benchmarks/results          # full suite
     python benchmarks/run_cpu_suite.py --quick --out /tmp/lora-bench     # smoke test
 
-Writes ``cpu.md`` (tables), ``cpu.json`` (raw numbers) and ``cpu.png`` (chart) into --out.
+Layers (float32 and under bfloat16 autocast), a model step (``get_peft_model`` on a small Llama,
+dense upstream gradient) and the all-MiniLM-L6-v2 step; then every row that has a target, against
+it. Writes ``cpu.md`` (tables), ``cpu.json`` (raw numbers) and ``cpu.png`` (chart) into --out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch  # noqa: E402
 
 import cpu_layers  # noqa: E402
 import minilm_step  # noqa: E402
+import model_step  # noqa: E402
 import report  # noqa: E402
 
 
@@ -37,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
     parser.add_argument("--layer-rounds", type=int, default=2 if quick else 15)
     parser.add_argument("--skip-e2e", action="store_true", help="skip the all-MiniLM-L6-v2 step")
+    parser.add_argument("--skip-model", action="store_true", help="skip the get_peft_model Llama step")
     minilm_step.add_arguments(parser, quick=quick)
     return parser.parse_args(argv)
 
@@ -60,13 +64,19 @@ def main(argv: list[str] | None = None) -> dict:
         for row in rows:
             print(report.layer_line(row), flush=True)
         layer_rows.extend(rows)
+    model = None
+    if not args.skip_model:
+        sizes = ["--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "16", "--rounds", "2"] if args.quick else []
+        model = model_step.run(model_step.parse_args(["--threads", str(args.threads), *sizes]))
+        print(model_step.markdown(model), flush=True)
     e2e = None
     if not args.skip_e2e:
         e2e = minilm_step.run(args)
         print(report.e2e_line(e2e), flush=True)
     info["load_avg_end"] = os.getloadavg()[0]
     info["seconds"] = time.perf_counter() - started
-    results = {"machine": info, "layers": layer_rows, "minilm": e2e, "quick": args.quick}
+    results = {"machine": info, "layers": layer_rows, "model_step": model, "minilm": e2e, "quick": args.quick}
+    print(report.targets_table(results), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu.json").write_text(json.dumps(results, indent=2))
     (args.out / "cpu.md").write_text(report.markdown(results))

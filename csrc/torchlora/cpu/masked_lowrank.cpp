@@ -336,7 +336,8 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, con
       __m512 v = _mm512_maskz_mul_ps(keep_lanes(mask, t + i, c, A.in), acc[i * CV + q], sc);
       if (init != nullptr) v = _mm512_add_ps(v, load_lanes(init + at, lanes));
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, bias + 16 * c));
-      store_lanes(out + at, lanes, v);
+      // vcvtneps2bf16: one instruction for store_lanes' rounding to nearest even
+      _mm256_mask_storeu_epi16(out + at, lanes, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }
