@@ -60,15 +60,17 @@ def read_bandwidth(threads: int, mib: int = 256, rounds: int = 7) -> float:
     return buffer.numel() * FLOAT_BYTES / statistics.median(timings.samples["read"])
 
 
-def step_passes(T: int, d_in: int, d_out: int, r: int) -> dict[str, tuple[Callable[[], object], int, int]]:
+def step_passes(T: int, d_in: int, d_out: int, r: int,
+                dtype: torch.dtype = torch.float32) -> dict[str, tuple[Callable[[], object], int, int]]:
     """The passes of one training step of ``y = x W^T + s (x A^T) B^T`` with a dense upstream
-    gradient g: name -> (callable, minimal bytes moved, flops)."""
-    x, g = torch.randn(T, d_in), torch.randn(T, d_out)
-    W, A, B = torch.randn(d_out, d_in), torch.randn(r, d_in), torch.randn(d_out, r)
-    h, gh = torch.randn(T, r), torch.randn(T, r)
-    y = torch.empty(T, d_out)
-    dx = torch.empty(T, d_in)
-    f = FLOAT_BYTES
+    gradient g, in ``dtype``: name -> (callable, minimal bytes moved, flops)."""
+    x, g = torch.randn(T, d_in, dtype=dtype), torch.randn(T, d_out, dtype=dtype)
+    W, A, B = (torch.randn(d_out, d_in, dtype=dtype), torch.randn(r, d_in, dtype=dtype),
+               torch.randn(d_out, r, dtype=dtype))
+    h, gh = torch.randn(T, r, dtype=dtype), torch.randn(T, r, dtype=dtype)
+    y = torch.empty(T, d_out, dtype=dtype)
+    dx = torch.empty(T, d_in, dtype=dtype)
+    f = dtype.itemsize
     return {
         # the frozen layer's own passes (its floor is the base's cost)
         "base fwd GEMM x W^T": (lambda: torch.mm(x, W.t(), out=y),
@@ -89,15 +91,16 @@ def step_passes(T: int, d_in: int, d_out: int, r: int) -> dict[str, tuple[Callab
     }
 
 
-def fused_step(T: int, d_in: int, d_out: int, r: int, dropout: float) -> dict[str, Callable[[], object]]:
+def fused_step(T: int, d_in: int, d_out: int, r: int, dropout: float,
+               dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], object]]:
     """The frozen base layer's forward+backward and torchlora's ``linear_with_lora`` forward+backward."""
     import torchlora
 
-    x = torch.randn(T, d_in, requires_grad=True)
-    g = torch.randn(T, d_out)
-    W = torch.randn(d_out, d_in) / d_in**0.5
-    A = (torch.randn(r, d_in) / d_in**0.5).requires_grad_()
-    B = (torch.randn(d_out, r) / r**0.5).requires_grad_()
+    x = torch.randn(T, d_in, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, d_out, dtype=dtype)
+    W = torch.randn(d_out, d_in, dtype=dtype) / d_in**0.5
+    A = (torch.randn(r, d_in, dtype=dtype) / d_in**0.5).requires_grad_()
+    B = (torch.randn(d_out, r, dtype=dtype) / r**0.5).requires_grad_()
 
     def base() -> None:
         torch.nn.functional.linear(x, W).backward(g)
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth(args.threads, mib=args.stream_mib)
-    passes = step_passes(args.tokens, args.dim, args.dim, args.r)
+    dtype = getattr(torch, args.dtype)
+    passes = step_passes(args.tokens, args.dim, args.dim, args.r, dtype)
     timings = interleaved({name: fn for name, (fn, _, _) in passes.items()}, rounds=args.rounds)
     gemm_name = "base fwd GEMM x W^T"
     flop_rate = passes[gemm_name][2] / timings.median(gemm_name)  # this machine's practical peak
@@ -123,12 +127,12 @@ def run(args: argparse.Namespace) -> dict:
                             1e3 * flops / flop_rate))
     totals = {}
     for dropout in (0.0, 0.05):
-        steps = fused_step(args.tokens, args.dim, args.dim, args.r, dropout)
+        steps = fused_step(args.tokens, args.dim, args.dim, args.r, dropout, dtype)
         t = interleaved(steps, rounds=args.rounds)
         name = f"torchlora fwd+bwd (dropout {dropout})"
         totals[name] = {"ms": 1e3 * t.median(name), "base_ms": 1e3 * t.median("base fwd+bwd"),
                         "ratio_to_base": t.ratio(name, "base fwd+bwd")}
-    return {"threads": args.threads, "tokens": args.tokens, "dim": args.dim, "r": args.r,
+    return {"threads": args.threads, "tokens": args.tokens, "dim": args.dim, "r": args.r, "dtype": args.dtype,
             "read_bandwidth_gb_s": bandwidth / 1e9, "gemm_gflop_s": flop_rate / 1e9,
             "passes": [asdict(row) | {"floor_ms": row.floor_ms, "over_floor": row.over_floor} for row in rows],
             "fused": totals}
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"T={result['tokens']} d={result['dim']} r={result['r']}, float32, {result['threads']} threads, "
+        f"T={result['tokens']} d={result['dim']} r={result['r']}, {result['dtype']}, {result['threads']} threads, "
         f"measured read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, "
         f"base GEMM {result['gemm_gflop_s']:.0f} GFLOP/s",
         "",
@@ -160,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 times the passes and the op as bfloat16 autocast runs them")
     p.add_argument("--stream-mib", type=int, default=256, help="size of the bandwidth probe's buffer")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = p.parse_args(argv)

@@ -42,7 +42,31 @@ def test_quick_suite_writes_table_chart_and_json(tmp_path):
     assert set(e2e["memory"]) == {"frozen", "peft", "torchlora"}
     table = (tmp_path / "cpu.md").read_text()
     assert "| linear T=64 d=32 r=4 | eval fwd |" in table and "all-MiniLM-L6-v2" in table
+    assert {row["autocast"] for row in results["layers"] if row["kind"] == "linear"} == {None, "bfloat16"}
+    assert "| linear T=64 d=32 r=4 bfloat16 autocast | train fwd+bwd | 0.05 |" in table
+    assert results["model_step"]["ratio_to_frozen"]["torchlora"] > 0
+    assert "| all-MiniLM-L6-v2 step / frozen | <= 1.10 |" in table and "## Model step" in table
+    assert "Against the targets (1 threads):" in proc.stdout
     assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_table_finds_every_target_row_and_says_whether_it_is_met():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    layers = [{"case": report.TARGET_CASE + suffix, "mode": mode, "dropout": dropout,
+               "torchlora_ratio": goal - 0.01 if suffix else goal + 0.01, "peft_ratio": 1.5}
+              for suffix, mode, dropout, goal in report.LAYER_TARGETS]
+    layers.append({"case": "linear T=512 d=1024 r=16", "mode": "eval fwd", "dropout": 0.0,
+                   "torchlora_ratio": 9.0, "peft_ratio": 9.0})
+    results = {"machine": {"threads": 2}, "layers": layers,
+               "minilm": {"torchlora_ratio": 1.2, "peft_ratio": 1.6}, "model_step": None}
+    rows = report.target_rows(results)
+    assert len(rows) == len(report.LAYER_TARGETS) + 1
+    table = report.targets_table(results)
+    met = [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| linear")]
+    assert met == ["no", "no", "no", "yes", "yes", "yes"]
+    assert "| all-MiniLM-L6-v2 step / frozen | <= 1.10 | 1.200 | 1.600 | no |" in table
 
 
 def test_quick_mixed_batch_benchmark_writes_table_and_json(tmp_path):
@@ -106,16 +130,20 @@ def test_quick_qlora_step_benchmark_writes_table_and_json(tmp_path):
     assert "PEFT / torchlora" in proc.stdout
 
 
-def test_roofline_benchmark_reports_every_pass_against_its_floor(tmp_path):
+@pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_roofline_benchmark_reports_every_pass_against_its_floor(tmp_path, dtype, itemsize):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TORCHLORA_HOME, os.environ.get("PYTHONPATH")])))
     out = tmp_path / "roofline.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--threads", "1", "--tokens", "64", "--dim", "48",
-         "--r", "4", "--rounds", "2", "--stream-mib", "4", "--json", str(out)],
+         "--r", "4", "--rounds", "2", "--stream-mib", "4", "--dtype", dtype, "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["dtype"] == dtype
+    shrink = next(row for row in result["passes"] if row["name"] == "shrink h = x A^T")
+    assert shrink["bytes_moved"] == itemsize * (64 * 48 + 64 * 4)
     assert result["read_bandwidth_gb_s"] > 0 and result["gemm_gflop_s"] > 0
     names = [row["name"] for row in result["passes"]]
     assert names[0] == "base fwd GEMM x W^T" and "grad_A = grad_h^T x" in names
