@@ -1,6 +1,7 @@
 // The torchlora operators called from C++ (no Python): forward and backward against
 // reference formulas written with plain ATen, dropout mask regeneration, and input errors.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -117,6 +118,48 @@ TEST(LinearWithLora, ForwardAndBackwardMatchReference) {
         expect_close(got.grad(), want.grad(), tol, tol);
       }
     }
+  }
+}
+
+// torch.autocast("cpu", dtype) for a scope, as C++ callers enable it.
+class CpuAutocast {
+ public:
+  explicit CpuAutocast(at::ScalarType dtype)
+      : was_enabled_(at::autocast::is_autocast_enabled(at::kCPU)), was_dtype_(at::autocast::get_autocast_dtype(at::kCPU)) {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, dtype);
+  }
+  ~CpuAutocast() {
+    at::autocast::set_autocast_enabled(at::kCPU, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCPU, was_dtype_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool was_enabled_;
+  at::ScalarType was_dtype_;
+};
+
+// torch.autocast from C++: the op runs in the autocast dtype, with the numbers of the op called
+// on inputs cast by hand, and its gradients flow back to the float32 leaves.
+TEST(LinearWithLora, RunsUnderAutocastInTheAutocastDtype) {
+  at::manual_seed(3);
+  auto x = leaf(at::randn({6, 40}));
+  auto W = at::randn({24, 40}), bias = at::randn({24});
+  auto A = leaf(at::randn({4, 40})), B = leaf(at::randn({24, 4}));
+  at::Tensor out;
+  {
+    const CpuAutocast autocast(at::kBFloat16);
+    out = torchlora::linear_with_lora(x, W, bias, A, B, std::nullopt, 2.0);
+  }
+  ASSERT_EQ(out.scalar_type(), at::kBFloat16);
+  const auto bf = [](const at::Tensor& t) { return t.detach().to(at::kBFloat16); };
+  const auto want = torchlora::linear_with_lora(bf(x), bf(W), bf(bias), bf(A), bf(B), std::nullopt, 2.0);
+  EXPECT_TRUE(at::equal(out, want));
+  out.to(at::kFloat).sum().backward();
+  for (const auto& leaf_tensor : {x, A, B}) {
+    ASSERT_TRUE(leaf_tensor.grad().defined());
+    EXPECT_EQ(leaf_tensor.grad().scalar_type(), at::kFloat);
   }
 }
 
