@@ -79,6 +79,12 @@ Row* mutable_rows(at::Tensor& t) {
 
 constexpr int64_t kBlock = 64;  // rows whose [T, r] values stay in L1 across the kernels
 
+// Whether Row's kernels take the vdpbf16ps variants: bfloat16 rows on a CPU with AVX512_BF16.
+template <typename Row>
+bool bf16_pairs() {
+  return std::is_same_v<Row, c10::BFloat16> && masked::bf16_dot_available();
+}
+
 // The shrink of Row rows by a [rank, features] factor: vdpbf16ps on bfloat16 rows where the CPU
 // has it (the same products, twice per instruction), else the float32 kernel.
 template <typename Row>
@@ -104,7 +110,7 @@ class RowShrink {
 
  private:
   static bool use_pairs() {
-    return std::is_same_v<Row, c10::BFloat16> && masked::bf16_dot_available();
+    return bf16_pairs<Row>();
   }
   int64_t rank_, features_;
   at::Tensor padded_;
@@ -138,7 +144,7 @@ class RowExpand {
 
  private:
   static bool use_pairs() {
-    return std::is_same_v<Row, c10::BFloat16> && masked::bf16_dot_available();
+    return bf16_pairs<Row>();
   }
   int64_t rank_, features_;
   at::Tensor padded_;
@@ -151,7 +157,7 @@ template <typename Row>
 void accumulate_rows(const masked::Factor& shape, const float* gs, const Row* x, const masked::Mask& mask, float* acc,
                      int64_t t0, int64_t t1) {
   if constexpr (std::is_same_v<Row, c10::BFloat16>) {
-    if (masked::bf16_dot_available()) return masked::accumulate_bf16_pairs(shape, gs, x, mask, acc, t0, t1);
+    if (bf16_pairs<Row>()) return masked::accumulate_bf16_pairs(shape, gs, x, mask, acc, t0, t1);
   }
   masked::accumulate<Row>(shape, gs, x, mask, acc, t0, t1);
 }

@@ -111,6 +111,19 @@ TORCHLORA_AVX512 inline __m512 load_x(const Row* p, __mmask16 lanes) {
   }
 }
 
+// A shrink tile's R x KR accumulators, each summed over its lanes and scaled, into rows
+// [t, t + R) and ranks [k0, k0 + KR) of s [T, rank] (ranks past `rank` dropped).
+template <int R, int KR>
+TORCHLORA_AVX512 inline void store_shrink_tile(const __m512 (&acc)[16], float scale, int64_t rank, int64_t k0, float* s,
+                                               int64_t t) {
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
+  const int64_t n = rank - k0 < KR ? rank - k0 : KR;
+  for (int i = 0; i < R; ++i) {
+    for (int64_t k = 0; k < n; ++k) s[(t + i) * rank + k0 + k] = sums[i * KR + k];
+  }
+}
+
 template <int R, int KR, typename Row>
 TORCHLORA_AVX512 inline void shrink_step(const Factor& A, const float* a0, const Row* const (&xr)[R],
                                          const __mmask16* lanes, int64_t chunks, int64_t c, __m512 (&acc)[16],
@@ -140,12 +153,7 @@ TORCHLORA_AVX512 void shrink_tile(const Factor& A, const Row* x, const __mmask16
     const int64_t next = t + R + k0 / KR;
     const Row* prefetch_row = k0 / KR < R && next < t_end ? x + next * A.in : nullptr;
     for (int64_t c = 0; c < chunks; ++c) shrink_step<R, KR, Row>(A, a0, xr, lanes, chunks, c, acc, prefetch_row);
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
-    const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
-    for (int i = 0; i < R; ++i) {
-      for (int64_t k = 0; k < n; ++k) s[(t + i) * A.rank + k0 + k] = sums[i * KR + k];
-    }
+    store_shrink_tile<R, KR>(acc, scale, A.rank, k0, s, t);
   }
 }
 
@@ -208,12 +216,7 @@ TORCHLORA_AVX512_BF16 void shrink_pairs_tile(const PairFactor& A, const c10::BFl
         }
       }
     }
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, _mm512_mul_ps(sum_each(acc), _mm512_set1_ps(scale)));
-    const int64_t n = A.rank - k0 < KR ? A.rank - k0 : KR;
-    for (int i = 0; i < R; ++i) {
-      for (int64_t k = 0; k < n; ++k) s[(t + i) * A.rank + k0 + k] = sums[i * KR + k];
-    }
+    store_shrink_tile<R, KR>(acc, scale, A.rank, k0, s, t);
   }
 }
 
