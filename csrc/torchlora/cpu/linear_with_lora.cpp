@@ -15,9 +15,10 @@
 // [T, r] shrink and the bits are all that is saved beyond F.linear's x.
 // bfloat16/float16 (autocast's dtypes): the kernels read the 16-bit rows and keep the low-rank
 // path in float32 (the [T, r] intermediates, the factors, the sums), rounding each result once;
-// the base GEMMs are ATen's 16-bit ones, accumulating into the low-rank term. The adapter is not
-// folded into a 16-bit weight in training (that would round scaling * B @ A to the weight's
-// precision in the gradients too); inference folds it as merging does, rounding the sum once.
+// the base GEMMs are ATen's 16-bit ones. The folded weight W + scaling * B @ A is summed in
+// float32 and rounded once, as merging does: its rounding error is that of the 16-bit W itself,
+// and it saves the [T, out] expand in the forward and in grad_x. With dropout grad_x takes the
+// folded weight too, and the dropped elements' low-rank terms are subtracted afterwards.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -134,12 +136,12 @@ class RowExpand {
     }
   }
 
-  void operator()(const float* gT, int64_t ldg, const float* bias, const masked::Mask& mask, float scale, Row* out,
-                  int64_t t0, int64_t t1) const {
+  void operator()(const float* gT, int64_t ldg, const Row* init, const float* bias, const masked::Mask& mask,
+                  float scale, Row* out, int64_t t0, int64_t t1) const {
     if constexpr (std::is_same_v<Row, c10::BFloat16>) {
-      if (use_pairs()) return masked::expand_bf16_pairs(pairs_, gT, ldg, nullptr, bias, mask, scale, out, t0, t1);
+      if (use_pairs()) return masked::expand_bf16_pairs(pairs_, gT, ldg, init, bias, mask, scale, out, t0, t1);
     }
-    masked::expand<Row>(floats_, gT, ldg, nullptr, bias, mask, scale, out, t0, t1);
+    masked::expand<Row>(floats_, gT, ldg, init, bias, mask, scale, out, t0, t1);
   }
 
  private:
@@ -205,15 +207,17 @@ int64_t row_grain(int64_t in, int64_t rank) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in + rank));
 }
 
-// [T, r] = scale * (keep * x) @ M^T over rows in parallel; x contiguous float32 [T, in], M the
-// padded [r, in] factor.
-at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& padded, int64_t rank, const masked::Mask& mask,
-                         double scale) {
-  const int64_t tokens = x.size(0), in = x.size(1);
-  at::Tensor s = at::empty({tokens, rank}, x.options());
-  const masked::Factor M = factor_view(padded, rank, in);
-  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-    masked::shrink<float>(M, x.const_data_ptr<float>(), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
+// [T, r] float32 = scale * (keep * x) @ A^T over rows in parallel, x contiguous [T, in] of
+// float32 or (with AVX-512) a 16-bit type.
+at::Tensor kernel_shrink(const at::Tensor& x, const at::Tensor& lora_A, const masked::Mask& mask, double scale) {
+  const int64_t tokens = x.size(0), in = x.size(1), rank = lora_A.size(0);
+  at::Tensor s = at::empty({tokens, rank}, x.options().dtype(at::kFloat));
+  with_row_type(x, [&](auto* row) {
+    using Row = std::remove_pointer_t<decltype(row)>;
+    const RowShrink<Row> shrink_by_A(lora_A);
+    at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+      shrink_by_A(rows<Row>(x), mask, static_cast<float>(scale), s.mutable_data_ptr<float>(), r0, r1);
+    });
   });
   return s;
 }
@@ -281,15 +285,14 @@ at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, con
     return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
   }
   const int64_t out_features = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
-  const at::Tensor A_pad = pad_factor(lora_A);
-  const masked::Factor A = factor_view(A_pad, rank, in);
-  const at::Tensor Bt = lora_B.t().to(at::kFloat).contiguous();  // [r, out]: the coefficients of each row of W
+  const at::Tensor Bt = padded_floats(lora_B.t(), rank, out_features);  // [r, out]: each row of W's coefficients
   at::Tensor merged = fold_scratch(weight);
   with_row_type(weight, [&](auto* row) {
     using Row = std::remove_pointer_t<decltype(row)>;
+    const RowExpand<Row> expand_by_A(lora_A);
     at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
-      masked::expand<Row>(A, Bt.const_data_ptr<float>() + o0, out_features, rows<Row>(weight), nullptr, no_mask(),
-                          static_cast<float>(scaling), mutable_rows<Row>(merged), o0, o1);
+      expand_by_A(Bt.const_data_ptr<float>() + o0, out_features, rows<Row>(weight), nullptr, no_mask(),
+                  static_cast<float>(scaling), mutable_rows<Row>(merged), o0, o1);
     });
   });
   return merged;
@@ -302,7 +305,7 @@ template <typename Row>
 at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& fused_bias,
                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, const masked::Mask& mask,
                          double keep_scale, at::Tensor& shrunk) {
-  const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
+  const int64_t tokens = x2.size(0), rank = lora_A.size(0), out_features = weight.size(0);
   const at::Tensor xc = x2.contiguous();
   const RowShrink<Row> shrink_by_A(lora_A);
   const RowExpand<Row> expand_by_Bt(lora_B.t());
@@ -316,7 +319,7 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
       const int64_t e = std::min(t + kBlock, r1);
       shrink_by_A(rows<Row>(xc), mask, static_cast<float>(keep_scale), s, t, e);
       transpose_block(s, rank, t, e, sT.data());
-      expand_by_Bt(sT.data(), kBlock, bias.defined() ? bias.const_data_ptr<float>() : nullptr, no_mask(),
+      expand_by_Bt(sT.data(), kBlock, nullptr, bias.defined() ? bias.const_data_ptr<float>() : nullptr, no_mask(),
                    static_cast<float>(scaling), mutable_rows<Row>(out), t, e);
     }
   });
@@ -333,7 +336,7 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   }
   const auto dims = detail::check_linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   const int64_t tokens = dims.tokens.expect_int(), in = dims.in_features.expect_int();
-  const int64_t rank = dims.rank.expect_int(), out_features = dims.out_features.expect_int();
+  const int64_t out_features = dims.out_features.expect_int();
   const at::Tensor x2 = x.reshape({tokens, in});
 
   // bias + scaling * lora_bias, both optional
@@ -350,10 +353,10 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   // Without dropout the adapter can be folded into the weight for one GEMM; training still
   // needs the shrink for backward, which then costs T x in x r on top of the fold.
   const int64_t lowrank_features = keep_shrunk ? out_features : in + out_features;
-  if (is_16bit(x) && !keep_shrunk && dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
-    // Inference only: W + scaling * B @ A summed in float32 and rounded once, as merging does.
+  if (is_16bit(x) && dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
     const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias.to(x.scalar_type()), x2, merged.t()) : at::mm(x2, merged.t());
+    if (keep_shrunk) shrunk = kernel_shrink(x2.contiguous(), lora_A, no_mask(), 1.0);
   } else if (is_16bit(x)) {
     std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
@@ -381,7 +384,7 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
     if (!d) {
       shrunk = at::mm(x2, lora_A.t());
     } else if (use_masked_kernels(x) && tokens > 0) {
-      shrunk = kernel_shrink(x2.contiguous(), pad_factor(lora_A), rank, mask_view(bits), static_cast<double>(d->scale));
+      shrunk = kernel_shrink(x2.contiguous(), lora_A, mask_view(bits), static_cast<double>(d->scale));
     } else {
       shrunk = shrink_with_corrections(x2.contiguous(), lora_A, bits, *d);
     }
@@ -399,6 +402,66 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   return {out.view(out_shape), shrunk, bits};
 }
 
+// grad_x[t, j] -= keep_scale * grad_s[t, :] . A[:, j] at every dropped element (t, j): what a
+// GEMM with the adapter folded into the weight added there. Per row the dropped columns are
+// gathered first, so the rank loop's multiply-adds are independent of each other.
+template <typename Row>
+void subtract_dropped_terms(at::Tensor& grad_x, const at::Tensor& grad_s, const at::Tensor& lora_A,
+                            const at::Tensor& bits, double keep_scale) {
+  const int64_t tokens = grad_x.size(0), in = grad_x.size(1), rank = lora_A.size(0);
+  const at::Tensor A = lora_A.to(at::kFloat).contiguous();
+  const float* a = A.const_data_ptr<float>();
+  const float* gs = grad_s.const_data_ptr<float>();
+  Row* gx = mutable_rows<Row>(grad_x);
+  const auto ks = static_cast<float>(keep_scale);
+  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> cols;
+    std::vector<float> terms;
+    for (int64_t t = r0; t < r1; ++t) {
+      cols.clear();
+      for_each_dropped_in(bits_data(bits), t * in, (t + 1) * in, [&](int64_t j) { cols.push_back(j); });
+      terms.assign(cols.size(), 0.0f);
+      for (int64_t k = 0; k < rank; ++k) {
+        const float g = gs[t * rank + k];
+        const float* ak = a + k * in;
+        for (size_t i = 0; i < cols.size(); ++i) terms[i] += g * ak[cols[i]];
+      }
+      Row* row = gx + t * in;
+      for (size_t i = 0; i < cols.size(); ++i) {
+        row[cols[i]] = static_cast<Row>(static_cast<float>(row[cols[i]]) - ks * terms[i]);
+      }
+    }
+  });
+}
+
+// A float32 tensor of zeros (memset: at::zeros costs more than the kernels' small accumulators).
+at::Tensor zeroed_floats(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  std::memset(t.mutable_data_ptr<float>(), 0, static_cast<size_t>(t.numel()) * sizeof(float));
+  return t;
+}
+
+// scale * the sum over slots of per-thread accumulators [slots, rank_pad, stride], cut to
+// [rank, features] (or its transpose), rounded once to dtype.
+at::Tensor sum_of_slots(const at::Tensor& partial, int64_t rank, int64_t features, double scale,
+                        at::ScalarType dtype, bool transpose) {
+  const int64_t slots = partial.size(0), slot_size = partial.size(1) * partial.size(2), stride = partial.size(2);
+  at::Tensor sum = at::empty(transpose ? at::IntArrayRef{features, rank} : at::IntArrayRef{rank, features},
+                             partial.options().dtype(dtype));
+  const float* p = partial.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "torchlora_sum_of_slots", [&] {
+    scalar_t* o = sum.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < rank; ++k) {
+      for (int64_t j = 0; j < features; ++j) {
+        float v = 0;
+        for (int64_t s = 0; s < slots; ++s) v += p[s * slot_size + k * stride + j];
+        o[transpose ? j * rank + k : k * features + j] = static_cast<scalar_t>(v * static_cast<float>(scale));
+      }
+    }
+  });
+  return sum;
+}
+
 // Which per-thread accumulator a parallel_for chunk adds into. Inside another parallel region
 // parallel_for runs inline on the calling thread, so a single accumulator serves.
 struct ThreadSlots {
@@ -412,8 +475,8 @@ struct ThreadSlots {
 // Backward with the masked kernels (AVX-512; float32 or 16-bit rows). One parallel pass over
 // row blocks computes grad_B and grad_A (x read under the keep bits) and, where grad_x is not
 // taken from the folded weight, the low-rank part of grad_x while grad_s's rows are in cache.
-// grad_s = scaling * g @ B is BLAS's for float32; for 16-bit rows it is the first kernel of the
-// block, so grad_out is read from memory once (grad_B re-reads the block from L2).
+// grad_s = scaling * g @ B is the first kernel of the block, so grad_out is read from memory
+// once (grad_B re-reads the block from L2); a BLAS GEMM for it would be a pass of its own.
 template <typename Row>
 detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at::Tensor& x2,
                                                   const at::Tensor& weight, const at::Tensor& shrunk,
@@ -421,7 +484,6 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
                                                   const at::Tensor& bits, double scaling, double dropout_p,
                                                   const std::optional<at::Tensor>& seed,
                                                   std::array<bool, 4> output_mask) {
-  constexpr bool kGradSInBlocks = !std::is_same_v<Row, float>;
   const int64_t tokens = x2.size(0), in = x2.size(1), rank = lora_A.size(0), out_features = weight.size(0);
   const bool want_x = output_mask[0], want_A = output_mask[2], want_B = output_mask[3];
   // A fresh [0] tensor per output not asked for: outputs of an op must not alias.
@@ -433,20 +495,20 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   if (dropout_p > 0.0) d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const masked::Mask mask = d ? mask_view(bits) : no_mask();
   const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
-  // Without dropout, folding the adapter into a float32 weight is cheaper for grad_x when out < T.
-  const bool fold_x = want_x && !kGradSInBlocks && !d && fold_into_weight(tokens, out_features, in, in);
+  // Folding the adapter into the weight is cheaper for grad_x when out < T; with dropout the
+  // dropped elements' terms are then subtracted from the GEMM's result.
+  const bool fold_x = want_x && fold_into_weight(tokens, out_features, in, in);
   const bool expand_x = want_x && !fold_x;
-  const bool need_s = want_A || expand_x;
+  const bool correct_x = fold_x && d.has_value();
+  const bool need_s = want_A || expand_x || correct_x;
 
-  const at::Tensor gc = want_B || (kGradSInBlocks && need_s) ? g2.contiguous() : at::Tensor();
+  const at::Tensor gc = want_B || need_s ? g2.contiguous() : at::Tensor();
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
   at::Tensor grad_s;  // [T, r] float32, d(loss)/d(shrunk)
   std::optional<RowShrink<Row>> shrink_by_Bt;
-  if (need_s && kGradSInBlocks) {
+  if (need_s) {
     grad_s = at::empty({tokens, rank}, x2.options().dtype(at::kFloat));
     shrink_by_Bt.emplace(lora_B.t());
-  } else if (need_s) {
-    grad_s = at::mm(g2, lora_B.mul(scaling));
   }
   std::optional<RowExpand<Row>> expand_by_A;
   if (expand_x) expand_by_A.emplace(lora_A);
@@ -456,8 +518,8 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
                                masked::accumulate_stride(in)};
   const ThreadSlots slots;
   const auto f32 = x2.options().dtype(at::kFloat);
-  at::Tensor partial_B = want_B ? at::zeros({slots.count, B_shape.rank_pad, B_shape.stride}, f32) : at::Tensor();
-  at::Tensor partial_A = want_A ? at::zeros({slots.count, A_shape.rank_pad, A_shape.stride}, f32) : at::Tensor();
+  at::Tensor partial_B = want_B ? zeroed_floats({slots.count, B_shape.rank_pad, B_shape.stride}, f32) : at::Tensor();
+  at::Tensor partial_A = want_A ? zeroed_floats({slots.count, A_shape.rank_pad, A_shape.stride}, f32) : at::Tensor();
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {
@@ -466,7 +528,7 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
     std::vector<float> gs_t(expand_x ? static_cast<size_t>(rank * kBlock) : 0);
     for (int64_t t = r0; t < r1; t += kBlock) {
       const int64_t e = std::min(t + kBlock, r1);
-      if (need_s && kGradSInBlocks) {
+      if (need_s) {
         (*shrink_by_Bt)(rows<Row>(gc), no_mask(), static_cast<float>(scaling), gs, t, e);
       }
       if (want_B) {
@@ -479,17 +541,15 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
       }
       if (expand_x) {
         transpose_block(gs, rank, t, e, gs_t.data());
-        (*expand_by_A)(gs_t.data(), kBlock, nullptr, mask, static_cast<float>(keep_scale), mutable_rows<Row>(grad_x),
-                       t, e);
+        (*expand_by_A)(gs_t.data(), kBlock, nullptr, nullptr, mask, static_cast<float>(keep_scale),
+                       mutable_rows<Row>(grad_x), t, e);
       }
     }
   });
-  const auto dtype = x2.scalar_type();
-  if (want_B) {
-    grad_B = partial_B.sum(0).narrow(0, 0, rank).narrow(1, 0, out_features).t().mul(scaling).to(dtype).contiguous();
-  }
-  if (want_A) grad_A = partial_A.sum(0).narrow(0, 0, rank).narrow(1, 0, in).mul(keep_scale).to(dtype);
-  if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling));
+  if (want_B) grad_B = sum_of_slots(partial_B, rank, out_features, scaling, x2.scalar_type(), /*transpose=*/true);
+  if (want_A) grad_A = sum_of_slots(partial_A, rank, in, keep_scale, x2.scalar_type(), /*transpose=*/false);
+  if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling * keep_scale));
+  if (correct_x) subtract_dropped_terms<Row>(grad_x, grad_s, lora_A, bits, keep_scale);
   if (expand_x) grad_x.addmm_(g2, weight);
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }

@@ -1,19 +1,20 @@
-// Tensors in the layout of the masked low-rank kernels (masked_lowrank.h).
+// Tensors in the layout of the masked low-rank kernels (masked_lowrank.h), made by plain loops:
+// the factors are small, and ATen's zeros + narrow + copy_ cost tens of microseconds each per
+// call, a few percent of a layer's step.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
 
 #include "masked_lowrank.h"
 
 namespace torchlora::cpu {
 
+// A 2-D tensor of any floating dtype and strides as float32 [rows_pad, stride], zero-padded.
+at::Tensor padded_floats(const at::Tensor& src, int64_t rows_pad, int64_t stride);
+
 // A [rank, in] factor as float32, zero-padded to [round16(rank), padded_stride(in)].
 inline at::Tensor pad_factor(const at::Tensor& factor) {
-  const int64_t rank = factor.size(0), in = factor.size(1);
-  at::Tensor padded = at::zeros({masked::round16(rank), masked::padded_stride(in)}, factor.options().dtype(at::kFloat));
-  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
-  return padded;
+  return padded_floats(factor, masked::round16(factor.size(0)), masked::padded_stride(factor.size(1)));
 }
 
 inline masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_t in) {
@@ -21,25 +22,11 @@ inline masked::Factor factor_view(const at::Tensor& padded, int64_t rank, int64_
 }
 
 // A [rank, in] factor as bfloat16, zero-padded to [round16(rank), pair_stride(in)] (shrink_bf16_pairs).
-inline at::Tensor pad_factor_bf16(const at::Tensor& factor) {
-  const int64_t rank = factor.size(0), in = factor.size(1);
-  at::Tensor padded =
-      at::zeros({masked::round16(rank), masked::pair_stride(in)}, factor.options().dtype(at::kBFloat16));
-  padded.narrow(0, 0, rank).narrow(1, 0, in).copy_(factor);
-  return padded;
-}
+at::Tensor pad_factor_bf16(const at::Tensor& factor);
 
 // A [rank, in] factor as bfloat16 pairs of ranks (masked::RankPairFactor): 32-bit words
 // [ceil(rank / 2), rank_pair_stride(in)], zero-padded.
-inline at::Tensor pack_rank_pairs(const at::Tensor& factor) {
-  const int64_t rank = factor.size(0), in = factor.size(1), pairs = (rank + 1) / 2;
-  at::Tensor even = at::zeros({2 * pairs, in}, factor.options().dtype(at::kBFloat16));
-  even.narrow(0, 0, rank).copy_(factor);
-  const at::Tensor words = even.view({pairs, 2, in}).transpose(1, 2).contiguous().view({pairs, 2 * in}).view(at::kInt);
-  at::Tensor padded = at::zeros({pairs, masked::rank_pair_stride(in)}, factor.options().dtype(at::kInt));
-  padded.narrow(1, 0, in).copy_(words);
-  return padded;
-}
+at::Tensor pack_rank_pairs(const at::Tensor& factor);
 
 inline masked::Mask no_mask() {
   return masked::Mask{nullptr, 0};
