@@ -17,8 +17,7 @@
 // path in float32 (the [T, r] intermediates, the factors, the sums), rounding each result once;
 // the base GEMMs are ATen's 16-bit ones. The folded weight W + scaling * B @ A is summed in
 // float32 and rounded once, as merging does: its rounding error is that of the 16-bit W itself,
-// and it saves the [T, out] expand in the forward and in grad_x. With dropout grad_x takes the
-// folded weight too, and the dropped elements' low-rank terms are subtracted afterwards.
+// and it saves the [T, out] expand in the forward and in grad_x (without dropout, as for float32).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -402,38 +401,6 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   return {out.view(out_shape), shrunk, bits};
 }
 
-// grad_x[t, j] -= keep_scale * grad_s[t, :] . A[:, j] at every dropped element (t, j): what a
-// GEMM with the adapter folded into the weight added there. Per row the dropped columns are
-// gathered first, so the rank loop's multiply-adds are independent of each other.
-template <typename Row>
-void subtract_dropped_terms(at::Tensor& grad_x, const at::Tensor& grad_s, const at::Tensor& lora_A,
-                            const at::Tensor& bits, double keep_scale) {
-  const int64_t tokens = grad_x.size(0), in = grad_x.size(1), rank = lora_A.size(0);
-  const at::Tensor A = lora_A.to(at::kFloat).contiguous();
-  const float* a = A.const_data_ptr<float>();
-  const float* gs = grad_s.const_data_ptr<float>();
-  Row* gx = mutable_rows<Row>(grad_x);
-  const auto ks = static_cast<float>(keep_scale);
-  at::parallel_for(0, tokens, row_grain(in, rank), [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> cols;
-    std::vector<float> terms;
-    for (int64_t t = r0; t < r1; ++t) {
-      cols.clear();
-      for_each_dropped_in(bits_data(bits), t * in, (t + 1) * in, [&](int64_t j) { cols.push_back(j); });
-      terms.assign(cols.size(), 0.0f);
-      for (int64_t k = 0; k < rank; ++k) {
-        const float g = gs[t * rank + k];
-        const float* ak = a + k * in;
-        for (size_t i = 0; i < cols.size(); ++i) terms[i] += g * ak[cols[i]];
-      }
-      Row* row = gx + t * in;
-      for (size_t i = 0; i < cols.size(); ++i) {
-        row[cols[i]] = static_cast<Row>(static_cast<float>(row[cols[i]]) - ks * terms[i]);
-      }
-    }
-  });
-}
-
 // A float32 tensor of zeros (memset: at::zeros costs more than the kernels' small accumulators).
 at::Tensor zeroed_floats(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
@@ -495,12 +462,12 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   if (dropout_p > 0.0) d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const masked::Mask mask = d ? mask_view(bits) : no_mask();
   const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
-  // Folding the adapter into the weight is cheaper for grad_x when out < T; with dropout the
-  // dropped elements' terms are then subtracted from the GEMM's result.
-  const bool fold_x = want_x && fold_into_weight(tokens, out_features, in, in);
+  // Without dropout, folding the adapter into the weight is cheaper for grad_x when out < T.
+  // With dropout the masked expand measured faster than the folded weight followed by a
+  // subtraction at the dropped elements.
+  const bool fold_x = want_x && !d && fold_into_weight(tokens, out_features, in, in);
   const bool expand_x = want_x && !fold_x;
-  const bool correct_x = fold_x && d.has_value();
-  const bool need_s = want_A || expand_x || correct_x;
+  const bool need_s = want_A || expand_x;
 
   const at::Tensor gc = want_B || need_s ? g2.contiguous() : at::Tensor();
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
@@ -548,8 +515,7 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   });
   if (want_B) grad_B = sum_of_slots(partial_B, rank, out_features, scaling, x2.scalar_type(), /*transpose=*/true);
   if (want_A) grad_A = sum_of_slots(partial_A, rank, in, keep_scale, x2.scalar_type(), /*transpose=*/false);
-  if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling * keep_scale));
-  if (correct_x) subtract_dropped_terms<Row>(grad_x, grad_s, lora_A, bits, keep_scale);
+  if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling));
   if (expand_x) grad_x.addmm_(g2, weight);
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
