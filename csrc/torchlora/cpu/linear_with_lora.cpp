@@ -29,7 +29,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -352,44 +351,38 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   // Without dropout the adapter can be folded into the weight for one GEMM; training still
   // needs the shrink for backward, which then costs T x in x r on top of the fold.
   const int64_t lowrank_features = keep_shrunk ? out_features : in + out_features;
-  if (is_16bit(x) && dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
+  if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
     const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
     out = fused_bias.defined() ? at::addmm(fused_bias.to(x.scalar_type()), x2, merged.t()) : at::mm(x2, merged.t());
-    if (keep_shrunk) shrunk = kernel_shrink(x2.contiguous(), lora_A, no_mask(), 1.0);
-  } else if (is_16bit(x)) {
-    std::optional<DropoutDraw> d;
-    if (dropout_p > 0.0) {
-      d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
-      bits = draw_dropped_bits(tokens, in, *d);
-    }
-    const masked::Mask mask = d ? mask_view(bits) : no_mask();
-    const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
-    out = with_row_type(x, [&](auto* row) {
-      using Row = std::remove_pointer_t<decltype(row)>;
-      return forward_16bit<Row>(x2, weight, fused_bias, lora_A, lora_B, scaling, mask, keep_scale, shrunk);
-    });
-  } else if (dropout_p == 0.0 && fold_into_weight(tokens, out_features, in, lowrank_features)) {
-    const at::Tensor merged = folded_weight(weight, lora_B, lora_A, scaling);
-    out = fused_bias.defined() ? at::addmm(fused_bias, x2, merged.t()) : at::mm(x2, merged.t());
-    if (keep_shrunk) shrunk = at::mm(x2, lora_A.t());
+    // backward's float32 [T, r] shrink: the kernel's for 16-bit rows, BLAS's (as fast) for float32
+    if (keep_shrunk) shrunk = is_16bit(x) ? kernel_shrink(x2.contiguous(), lora_A, no_mask(), 1.0) : at::mm(x2, lora_A.t());
   } else {
     std::optional<DropoutDraw> d;
     if (dropout_p > 0.0) {
       d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
       bits = draw_dropped_bits(tokens, in, *d);
     }
-    // Without dropout BLAS's own GEMM is the fastest shrink; with it the kernels read x under
-    // the keep bits, and the generic fallback subtracts the dropped elements' terms.
-    if (!d) {
-      shrunk = at::mm(x2, lora_A.t());
-    } else if (use_masked_kernels(x) && tokens > 0) {
-      shrunk = kernel_shrink(x2.contiguous(), lora_A, mask_view(bits), static_cast<double>(d->scale));
+    if (is_16bit(x)) {
+      const masked::Mask mask = d ? mask_view(bits) : no_mask();
+      const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
+      out = with_row_type(x, [&](auto* row) {
+        using Row = std::remove_pointer_t<decltype(row)>;
+        return forward_16bit<Row>(x2, weight, fused_bias, lora_A, lora_B, scaling, mask, keep_scale, shrunk);
+      });
     } else {
-      shrunk = shrink_with_corrections(x2.contiguous(), lora_A, bits, *d);
+      // Without dropout BLAS's own GEMM is the fastest shrink; with it the kernels read x under
+      // the keep bits, and the generic fallback subtracts the dropped elements' terms.
+      if (!d) {
+        shrunk = at::mm(x2, lora_A.t());
+      } else if (use_masked_kernels(x) && tokens > 0) {
+        shrunk = kernel_shrink(x2.contiguous(), lora_A, mask_view(bits), static_cast<double>(d->scale));
+      } else {
+        shrunk = shrink_with_corrections(x2.contiguous(), lora_A, bits, *d);
+      }
+      out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
+                                 : at::mm(shrunk, lora_B.t().mul(scaling));
+      out.addmm_(x2, weight.t());
     }
-    out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
-                               : at::mm(shrunk, lora_B.t().mul(scaling));
-    out.addmm_(x2, weight.t());
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
@@ -399,13 +392,6 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
   }
   if (!bits.defined()) bits = at::empty({0}, x.options().dtype(at::kLong));
   return {out.view(out_shape), shrunk, bits};
-}
-
-// A float32 tensor of zeros (memset: at::zeros costs more than the kernels' small accumulators).
-at::Tensor zeroed_floats(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  std::memset(t.mutable_data_ptr<float>(), 0, static_cast<size_t>(t.numel()) * sizeof(float));
-  return t;
 }
 
 // scale * the sum over slots of per-thread accumulators [slots, rank_pad, stride], cut to
@@ -485,8 +471,8 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
                                masked::accumulate_stride(in)};
   const ThreadSlots slots;
   const auto f32 = x2.options().dtype(at::kFloat);
-  at::Tensor partial_B = want_B ? zeroed_floats({slots.count, B_shape.rank_pad, B_shape.stride}, f32) : at::Tensor();
-  at::Tensor partial_A = want_A ? zeroed_floats({slots.count, A_shape.rank_pad, A_shape.stride}, f32) : at::Tensor();
+  at::Tensor partial_B = want_B ? zeroed({slots.count, B_shape.rank_pad, B_shape.stride}, f32) : at::Tensor();
+  at::Tensor partial_A = want_A ? zeroed({slots.count, A_shape.rank_pad, A_shape.stride}, f32) : at::Tensor();
   if (expand_x) grad_x = at::empty({tokens, in}, x2.options());
 
   at::parallel_for(0, tokens, std::max<int64_t>(kBlock, row_grain(in + out_features, rank)), [&](int64_t r0, int64_t r1) {

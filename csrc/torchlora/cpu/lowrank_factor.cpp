@@ -21,11 +21,16 @@ void with_elements(const at::Tensor& src, Fn&& fn) {
 
 }  // namespace
 
+at::Tensor zeroed(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  std::memset(t.mutable_data_ptr(), 0, t.nbytes());
+  return t;
+}
+
 at::Tensor padded_floats(const at::Tensor& src, int64_t rows_pad, int64_t stride) {
   const int64_t rows = src.size(0), cols = src.size(1);
-  at::Tensor out = at::empty({rows_pad, stride}, src.options().dtype(at::kFloat));
+  at::Tensor out = zeroed({rows_pad, stride}, src.options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
-  std::memset(o, 0, static_cast<size_t>(rows_pad * stride) * sizeof(float));
   with_elements(src, [&](auto at) {
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) o[i * stride + j] = at(i, j);
@@ -37,9 +42,8 @@ at::Tensor padded_floats(const at::Tensor& src, int64_t rows_pad, int64_t stride
 at::Tensor pad_factor_bf16(const at::Tensor& factor) {
   const int64_t rank = factor.size(0), in = factor.size(1), stride = masked::pair_stride(in);
   const int64_t rows_pad = masked::round16(rank);
-  at::Tensor out = at::empty({rows_pad, stride}, factor.options().dtype(at::kBFloat16));
+  at::Tensor out = zeroed({rows_pad, stride}, factor.options().dtype(at::kBFloat16));
   auto* o = out.mutable_data_ptr<c10::BFloat16>();
-  std::memset(static_cast<void*>(o), 0, static_cast<size_t>(rows_pad * stride) * sizeof(c10::BFloat16));
   with_elements(factor, [&](auto at) {
     for (int64_t i = 0; i < rank; ++i) {
       for (int64_t j = 0; j < in; ++j) o[i * stride + j] = c10::BFloat16(at(i, j));
@@ -51,9 +55,8 @@ at::Tensor pad_factor_bf16(const at::Tensor& factor) {
 at::Tensor pack_rank_pairs(const at::Tensor& factor) {
   const int64_t rank = factor.size(0), in = factor.size(1), pairs = (rank + 1) / 2;
   const int64_t stride = masked::rank_pair_stride(in);
-  at::Tensor out = at::empty({pairs, stride}, factor.options().dtype(at::kInt));
+  at::Tensor out = zeroed({pairs, stride}, factor.options().dtype(at::kInt));
   auto* o = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
-  std::memset(o, 0, static_cast<size_t>(pairs * stride) * sizeof(uint32_t));
   with_elements(factor, [&](auto at) {
     for (int64_t kp = 0; kp < pairs; ++kp) {
       const bool second = 2 * kp + 1 < rank;

@@ -9,6 +9,9 @@
 
 namespace torchlora::cpu {
 
+// A tensor of zeros (at::empty + memset: at::zeros costs more than these small tensors' fill).
+at::Tensor zeroed(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // A 2-D tensor of any floating dtype and strides as float32 [rows_pad, stride], zero-padded.
 at::Tensor padded_floats(const at::Tensor& src, int64_t rows_pad, int64_t stride);
 
