@@ -4,6 +4,8 @@ layouts, gives the outputs and gradients of the same operator on the whole tenso
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -11,6 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import torchlora.distributed  # noqa: F401  (registers the sharding rules)
 from torchlora import ops
+from torchlora.utils.distributed import end_process_group
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64: only the order of the sums differs
 
@@ -210,4 +213,4 @@ if __name__ == "__main__":
     try:
         check_operators()
     finally:
-        dist.destroy_process_group()
+        end_process_group(completed=sys.exc_info()[0] is None)

@@ -13,6 +13,7 @@ import sys
 import torch.distributed as dist
 
 import distributed_tp_ops_worker
+from torchlora.utils.distributed import end_process_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +62,7 @@ def main() -> None:
             example.main(argv)
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

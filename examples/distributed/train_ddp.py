@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import training_setup as setup
+from torchlora.utils.distributed import end_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -60,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
         return losses
     finally:
         if started:
-            dist.destroy_process_group()
+            end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -34,6 +35,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 import training_setup as setup
 from torchlora import LoraLayer, PeftModel
+from torchlora.utils.distributed import end_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -93,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
         return losses
     finally:
         if started:
-            dist.destroy_process_group()
+            end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 import torchlora
+from torchlora.utils.distributed import end_process_group
 
 MLP_STYLES = {"up": "colwise", "down": "rowwise"}
 LLAMA_STYLES = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
@@ -244,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[float]:
         return losses
     finally:
         if started:
-            dist.destroy_process_group()
+            end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

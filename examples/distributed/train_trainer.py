@@ -34,6 +34,7 @@ from transformers import TrainingArguments
 
 from torchlora import LoraConfig, get_peft_model
 from torchlora.trainer import LoraTrainer
+from torchlora.utils.distributed import end_process_group
 
 TINY_VOCAB = 64
 
@@ -147,3 +148,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # the Trainer started the process group and leaves it to the script to end

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .utils.distributed import end_process_group
+
 
 def launched_world_size() -> int | None:
     """The process count of the ``torchrun`` (or ``accelerate launch``) that started this
@@ -63,8 +65,10 @@ def process_group() -> Iterator[None]:
     dist.init_process_group("gloo")
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        end_process_group(completed=False)
+        raise
+    end_process_group()
 
 
 @dataclass(frozen=True)

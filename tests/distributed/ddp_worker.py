@@ -14,6 +14,8 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "distributed"))
 
 import train_ddp  # noqa: E402
 
+from torchlora.utils.distributed import end_process_group  # noqa: E402
+
 # model and data options shared by every run; the tests build the single-process reference from them
 COMMON = ["--steps", "4", "--global-batch-size", "4", "--seq-len", "12",
           "--target-modules", "q_proj,k_proj,v_proj,out_proj,fc1,fc2"]
@@ -38,7 +40,7 @@ def main() -> None:
         for name, extra in RUNS.items():
             train_ddp.main(["--output-dir", os.path.join(out, name), *COMMON, *extra])
     finally:
-        dist.destroy_process_group()
+        end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

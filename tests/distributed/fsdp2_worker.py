@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "distributed"))
 import train_fsdp2  # noqa: E402
 import training_setup  # noqa: E402
 import torchlora  # noqa: E402
-from torchlora.utils.distributed import gather_full_tensors, is_dtensor  # noqa: E402
+from torchlora.utils.distributed import end_process_group, gather_full_tensors, is_dtensor  # noqa: E402
 
 # model and data options shared by every run (the tests build the single-process reference from
 # them); r=5 shards unevenly over 2 processes
@@ -168,7 +168,7 @@ def main() -> None:
             with open(os.path.join(out, "load_checks.json"), "w", encoding="utf-8") as f:
                 json.dump(checks, f, indent=1)
     finally:
-        dist.destroy_process_group()
+        end_process_group(completed=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":

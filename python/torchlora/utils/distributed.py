@@ -80,3 +80,24 @@ def gathered_by_fsdp(module: nn.Module) -> bool:
     tensors before every forward without moving their version counters, so a cache keyed on
     those tensors (identity, version) cannot see that the optimizer changed them."""
     return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
+def end_process_group(completed: bool = True) -> None:
+    """Destroy the default process group; after a ``completed`` run, once every process is there.
+
+    The barriers matter on gloo. Its worker threads drop a finished collective under a lock that
+    a barrier takes, and a barrier keeps the collectives that were still in flight when it began
+    until it is dropped itself. A tensor whose Python object those threads release while the
+    interpreter shuts down aborts the process with "terminate called without an active
+    exception" (pytorch/pytorch#190489; ``destroy_process_group`` does not join the threads).
+    The second barrier lets the first one, and what it kept, go while Python still runs. After a
+    failure the other processes may be gone, so there is no barrier then.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+        dist.barrier()
+    dist.destroy_process_group()
