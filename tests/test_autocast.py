@@ -48,10 +48,34 @@ def test_linear_with_lora_runs_in_the_autocast_dtype(dtype: torch.dtype, dropout
     seed = torch.tensor([7])
     with torch.autocast("cpu", dtype=dtype):
         got = ops.linear_with_lora(x, weight, bias, lora_A, lora_B, None, 1.5, dropout_p, seed)
-    cast = [t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
-    want = ops.linear_with_lora(*cast[:3], cast[3], cast[4], None, 1.5, dropout_p, seed)
+    # every operand cast but the frozen float32 weight, which the op rounds itself (with the
+    # adapter where it folds it into the weight)
+    x16, bias16, A16, B16 = (t.to(dtype) for t in (x, bias, lora_A, lora_B))
+    want = ops.linear_with_lora(x16, weight, bias16, A16, B16, None, 1.5, dropout_p, seed)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    all_cast = ops.linear_with_lora(x16, weight.to(dtype), bias16, A16, B16, None, 1.5, dropout_p, seed)
+    torch.testing.assert_close(got, all_cast, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_training_under_autocast_keeps_no_rounded_copy_of_the_weight(dropout_p: float) -> None:
+    # aten::linear under autocast saves a bfloat16 copy of every frozen weight for backward;
+    # linear_with_lora saves the float32 weight itself
+    x, weight, bias, lora_A, lora_B = _linear_inputs()
+    lora_A.requires_grad_()
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ops.linear_with_lora(x, weight, bias, lora_A, lora_B, None, 1.5, dropout_p, torch.tensor([7]))
+    assert any(t is weight for t in saved)
+    assert not any(t.shape == weight.shape and t.dtype == torch.bfloat16 for t in saved)
+    out.float().sum().backward()
+    assert lora_A.grad is not None and lora_A.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", LOW)

@@ -432,6 +432,57 @@ def test_gradcheck_float64(p, with_bias, with_lora_bias):
     assert torch.autograd.gradcheck(fn, tuple(tensors))
 
 
+# A float32 frozen weight with 16-bit x (what autocast passes on the CPU): the op computes with
+# the weight rounded to x's dtype; where it folds the adapter into the weight it rounds
+# W + scaling * B @ A once. Few tokens: no fold; many: the fold (forward and grad_x); dropout:
+# the masked kernels with the rounded weight.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,p", [(3, 0.0), (130, 0.0), (130, 0.2)])
+def test_float32_weight_with_16bit_x(dtype, tokens, p):
+    x, weight, bias, A, B, lb = make((tokens,), 40, 24, 6, dtype=dtype, requires_grad=True)
+    weight32 = (torch.randn(24, 40) / 40**0.5).requires_grad_()
+    seed = ops.make_seed() if p else None
+    out = ops.linear_with_lora(x, weight32, bias, A, B, lb, 1.3, p, seed)
+    rounded = weight32.detach().to(dtype).requires_grad_()
+    plain = ops.linear_with_lora(x, rounded, bias, A, B, lb, 1.3, p, seed)
+    assert out.dtype == dtype and out.shape == plain.shape
+    grad = torch.randn_like(out)
+    inputs = (x, bias, A, B, lb)
+    got = torch.autograd.grad(out, (*inputs, weight32), grad)
+    want = torch.autograd.grad(plain, (*inputs, rounded), grad)
+    leaves = as_double_leaves([x, weight32, bias, A, B, lb])
+    exact = reference(*leaves, 1.3, p, seed)
+    # no worse than the op on the rounded weight, against the float64 result on the float32 one
+    assert max_error(out, exact) <= max_error(plain, exact) + 4e-3 * max(exact.abs().max().item(), 1.0)
+    for name, ours, theirs in zip(("x", "bias", "lora_A", "lora_B", "lora_bias", "weight"), got, want):
+        assert ours.shape == theirs.shape, name
+        assert ours.dtype == (torch.float32 if name == "weight" else dtype), name
+        assert_close(ours.double(), theirs.double(), rtol=2e-2, atol=2e-2, what=name)
+
+
+def test_float32_weight_needs_16bit_x():
+    x, _, bias, A, B, lb = make((3,), 8, 5, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="weight has dtype Float but x has dtype Double"):
+        ops.linear_with_lora(x, torch.randn(5, 8), bias, A, B, lb, 1.0)
+    x, _, bias, A, B, lb = make((3,), 8, 5, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight has dtype Half but x has dtype BFloat16"):
+        ops.linear_with_lora(x, torch.randn(5, 8, dtype=torch.half), bias, A, B, lb, 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_float32_weight_with_bfloat16_x(p):
+    x, _, bias, A, B, lb = make((20,), 10, 6, 4, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(6, 10)
+    seed = ops.make_seed() if p else None
+    torch.library.opcheck(PUBLIC, (x, weight, bias, A, B, lb, 0.5, p, seed))
+    x, bias, A, B, lb = (t.detach() for t in (x, bias, A, B, lb))  # the private ops have no autograd
+    out, shrunk, bits = FORWARD(x, weight, bias, A, B, lb, 0.5, p, seed, True)
+    torch.library.opcheck(
+        BACKWARD.default,
+        (torch.randn_like(out), x, weight, shrunk, bits, A, B, True, True, 0.5, p, seed, [True, True, True, True]),
+    )
+
+
 # ----------------------------------------------------------------------------- 7. opcheck
 
 

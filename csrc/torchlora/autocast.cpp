@@ -19,7 +19,10 @@
 namespace torchlora {
 namespace {
 
-enum class Policy { kLowerPrecision, kLikeMutated, kKeep };
+// kLowerPrecisionButWeight: as kLowerPrecision, except that a float32 weight is passed as it is:
+// CPU linear_with_lora folds W + scaling * B @ A from it into the autocast dtype in one pass
+// (the cast would be a pass of its own, and a rounded copy of W kept for backward).
+enum class Policy { kLowerPrecision, kLowerPrecisionButWeight, kLikeMutated, kKeep };
 
 // The arguments of the linear/conv-like ops that autocast casts: activations and weights.
 bool is_cast_argument(std::string_view name) {
@@ -41,6 +44,10 @@ void cast_arguments(const c10::OperatorHandle& op, torch::jit::Stack* stack, Pol
     const bool is_mutated = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
     c10::IValue& value = (*stack)[first + i];
     if (is_mutated || !is_cast_argument(args[i].name()) || !value.isTensor()) continue;
+    if (policy == Policy::kLowerPrecisionButWeight && args[i].name() == "weight" &&
+        value.toTensor().scalar_type() == at::kFloat) {
+      continue;
+    }
     value = at::autocast::cached_cast(dtype, value.toTensor(), kDevice);
   }
 }
@@ -66,6 +73,11 @@ constexpr std::array<const char*, 20> kKeepDtypeOps{
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
   for (const char* name : kLowerPrecisionOps) {
+    if (kDevice == c10::DeviceType::CPU && std::string_view(name) == "linear_with_lora") {
+      m.impl(name,
+             torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<kDevice, Policy::kLowerPrecisionButWeight>>());
+      continue;
+    }
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autocast_kernel<kDevice, Policy::kLowerPrecision>>());
   }
   for (const char* name : kInPlaceOps) {

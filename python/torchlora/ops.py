@@ -108,6 +108,12 @@ def linear_with_lora(
     weight where that costs fewer flops, and dropout is applied as a correction at the dropped
     elements. It saves only the ``[T, r]`` shrink beyond what ``F.linear`` saves. Shapes as
     :func:`lora_linear`, with ``weight [out, in]`` and ``bias [out]``.
+
+    ``weight`` has ``x``'s dtype, or is float32 with bfloat16/float16 ``x``: the op then computes
+    with the weight rounded to ``x``'s dtype (where it folds the adapter into the weight it
+    rounds ``weight + scaling * lora_B @ lora_A`` once). CPU autocast passes a float32 frozen
+    weight so, which spares the cast's pass over the weight and the rounded copy that
+    ``F.linear`` under autocast keeps for backward.
     """
     return torch.ops.torchlora.linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed)
 

@@ -136,15 +136,25 @@ class RowExpand {
 
   void operator()(const float* gT, int64_t ldg, const Row* init, const float* bias, const masked::Mask& mask,
                   float scale, Row* out, int64_t t0, int64_t t1) const {
-    if constexpr (std::is_same_v<Row, c10::BFloat16>) {
-      if (use_pairs()) return masked::expand_bf16_pairs(pairs_, gT, ldg, init, bias, mask, scale, out, t0, t1);
-    }
-    masked::expand<Row>(floats_, gT, ldg, init, bias, mask, scale, out, t0, t1);
+    run(gT, ldg, init, bias, mask, scale, out, t0, t1);
+  }
+  // the same with float32 initial values: a float32 weight folded into 16-bit rows
+  void from_float32(const float* gT, int64_t ldg, const float* init, const float* bias, const masked::Mask& mask,
+                    float scale, Row* out, int64_t t0, int64_t t1) const {
+    run(gT, ldg, init, bias, mask, scale, out, t0, t1);
   }
 
  private:
   static bool use_pairs() {
     return bf16_pairs<Row>();
+  }
+  template <typename Init>
+  void run(const float* gT, int64_t ldg, const Init* init, const float* bias, const masked::Mask& mask, float scale,
+           Row* out, int64_t t0, int64_t t1) const {
+    if constexpr (std::is_same_v<Row, c10::BFloat16>) {
+      if (use_pairs()) return masked::expand_bf16_pairs<Init>(pairs_, gT, ldg, init, bias, mask, scale, out, t0, t1);
+    }
+    masked::expand<Row, Init>(floats_, gT, ldg, init, bias, mask, scale, out, t0, t1);
   }
   int64_t rank_, features_;
   at::Tensor padded_;
@@ -264,33 +274,43 @@ bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_featu
 // faults (the allocator hands large blocks back to the system and takes them again, about 3% of
 // an eval forward at d = 1024), so each thread keeps one buffer, up to 16 MiB, and reuses it
 // while no one else holds it.
-at::Tensor fold_scratch(const at::Tensor& weight) {
+at::Tensor fold_scratch(const at::Tensor& weight, at::ScalarType dtype) {
   constexpr int64_t kMaxCachedElements = int64_t{4} << 20;
-  if (weight.numel() > kMaxCachedElements) return at::empty(weight.sizes(), weight.options());
+  if (weight.numel() > kMaxCachedElements) return at::empty(weight.sizes(), weight.options().dtype(dtype));
   static thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.scalar_type() != weight.scalar_type() ||
+  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.scalar_type() != dtype ||
       buffer.use_count() != 1) {
-    buffer = at::empty(weight.sizes(), weight.options());
+    buffer = at::empty(weight.sizes(), weight.options().dtype(dtype));
   }
   return buffer;
 }
 
-// W + scaling * B @ A: with the kernels one pass that reads W and writes the sum (BLAS's addmm
-// copies W into the result first and then reads and writes it again).
+// W + scaling * B @ A in the factors' dtype: with the kernels one pass that reads W and writes
+// the sum (BLAS's addmm copies W into the result first and then reads and writes it again). A
+// float32 W with 16-bit factors (autocast's frozen weight) is read as it is and rounded once
+// with the adapter: no rounded copy of W is made.
 at::Tensor folded_weight(const at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
                          double scaling) {
-  if (!use_masked_kernels(weight) || !weight.is_contiguous() || weight.numel() == 0) {
-    return at::addmm(weight, lora_B, lora_A, 1.0, scaling);
+  const at::ScalarType dtype = lora_A.scalar_type();
+  if (!use_masked_kernels(lora_A) || !weight.is_contiguous() || weight.numel() == 0) {
+    return at::addmm(weight.to(dtype), lora_B, lora_A, 1.0, scaling);
   }
   const int64_t out_features = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
   const at::Tensor Bt = padded_floats(lora_B.t(), rank, out_features);  // [r, out]: each row of W's coefficients
-  at::Tensor merged = fold_scratch(weight);
-  with_row_type(weight, [&](auto* row) {
+  at::Tensor merged = fold_scratch(weight, dtype);
+  with_row_type(lora_A, [&](auto* row) {
     using Row = std::remove_pointer_t<decltype(row)>;
     const RowExpand<Row> expand_by_A(lora_A);
+    const bool same_dtype = weight.scalar_type() == dtype;
     at::parallel_for(0, out_features, row_grain(in, rank), [&](int64_t o0, int64_t o1) {
-      expand_by_A(Bt.const_data_ptr<float>() + o0, out_features, rows<Row>(weight), nullptr, no_mask(),
-                  static_cast<float>(scaling), mutable_rows<Row>(merged), o0, o1);
+      const float* coefficients = Bt.const_data_ptr<float>() + o0;
+      if (same_dtype) {
+        expand_by_A(coefficients, out_features, rows<Row>(weight), nullptr, no_mask(), static_cast<float>(scaling),
+                    mutable_rows<Row>(merged), o0, o1);
+      } else {
+        expand_by_A.from_float32(coefficients, out_features, rows<float>(weight), nullptr, no_mask(),
+                                 static_cast<float>(scaling), mutable_rows<Row>(merged), o0, o1);
+      }
     });
   });
   return merged;
@@ -362,12 +382,13 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
       d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
       bits = draw_dropped_bits(tokens, in, *d);
     }
+    const at::Tensor w = detail::weight_like_x(weight, x);
     if (is_16bit(x)) {
       const masked::Mask mask = d ? mask_view(bits) : no_mask();
       const double keep_scale = d ? static_cast<double>(d->scale) : 1.0;
       out = with_row_type(x, [&](auto* row) {
         using Row = std::remove_pointer_t<decltype(row)>;
-        return forward_16bit<Row>(x2, weight, fused_bias, lora_A, lora_B, scaling, mask, keep_scale, shrunk);
+        return forward_16bit<Row>(x2, w, fused_bias, lora_A, lora_B, scaling, mask, keep_scale, shrunk);
       });
     } else {
       // Without dropout BLAS's own GEMM is the fastest shrink; with it the kernels read x under
@@ -381,7 +402,7 @@ detail::LinearWithLoraOutputs linear_with_lora_forward_cpu(
       }
       out = fused_bias.defined() ? at::addmm(fused_bias, shrunk, lora_B.t(), 1.0, scaling)
                                  : at::mm(shrunk, lora_B.t().mul(scaling));
-      out.addmm_(x2, weight.t());
+      out.addmm_(x2, w.t());
     }
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -502,7 +523,7 @@ detail::LinearWithLoraGrads backward_with_kernels(const at::Tensor& g2, const at
   if (want_B) grad_B = sum_of_slots(partial_B, rank, out_features, scaling, x2.scalar_type(), /*transpose=*/true);
   if (want_A) grad_A = sum_of_slots(partial_A, rank, in, keep_scale, x2.scalar_type(), /*transpose=*/false);
   if (fold_x) grad_x = at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling));
-  if (expand_x) grad_x.addmm_(g2, weight);
+  if (expand_x) grad_x.addmm_(g2, detail::weight_like_x(weight, x2));
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
 
@@ -520,12 +541,13 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   at::Tensor grad_x = none(), grad_A = none(), grad_B = none();
   if (want_B) grad_B = at::mm(g2.t(), shrunk).mul_(scaling);
   if (!(want_x || want_A)) return {grad_x, none(), grad_A, grad_B, none(), none()};
+  const at::Tensor w = want_x ? detail::weight_like_x(weight, x2) : weight;
   const at::Tensor grad_s = at::mm(g2, lora_B.mul(scaling));  // [T, r], d(loss)/d(shrunk)
   if (dropout_p == 0.0) {
     if (want_A) grad_A = at::mm(grad_s.t(), x2);
     if (want_x) {
       grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling))
-                                                              : at::mm(grad_s, lora_A).addmm_(g2, weight);
+                                                              : at::mm(grad_s, lora_A).addmm_(g2, w);
     }
     return {grad_x, none(), grad_A, grad_B, none(), none()};
   }
@@ -535,7 +557,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   const DropoutDraw d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const bool folded = want_x && fold_into_weight(tokens, out_features, in, in);
   if (want_x) {
-    grad_x = folded ? at::mm(g2, at::addmm(weight, lora_B, lora_A, 1.0, scaling * static_cast<double>(d.scale)))
+    grad_x = folded ? at::mm(g2, at::addmm(w, lora_B, lora_A, 1.0, scaling * static_cast<double>(d.scale)))
                     : at::mm(grad_s, lora_A).mul_(static_cast<double>(d.scale));
   }
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
@@ -575,7 +597,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
       });
     });
   }
-  if (want_x && !folded) grad_x.addmm_(g2, weight);
+  if (want_x && !folded) grad_x.addmm_(g2, w);
   if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -static_cast<double>(d.scale), static_cast<double>(d.scale));
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
@@ -605,7 +627,7 @@ detail::LinearWithLoraGrads linear_with_lora_backward_cpu(
                                                seed, output_mask);
   auto& [grad_x, grad_w, grad_A, grad_B, grad_bias, grad_lora_bias] = grads;
   if (output_mask[0]) grad_x = grad_x.view(x.sizes());
-  if (output_mask[1]) grad_w = at::mm(g2.t(), x2);
+  if (output_mask[1]) grad_w = at::mm(g2.t(), x2).to(weight.scalar_type());
   if (needs_bias_grad || needs_lora_bias_grad) {
     // summed in float32 for 16-bit grad_out, rounded once
     const at::Tensor column_sum = at::sum(g2, {0}, false, is_16bit(x) ? at::kFloat : x.scalar_type());

@@ -313,9 +313,9 @@ TORCHLORA_AVX512_BF16 void accumulate_bf16_pairs(const Factor& A, const float* g
 namespace {
 
 // One register tile of expand_bf16_pairs: R rows x CV chunks of 16 columns, over rank pairs.
-template <int R, int CV>
+template <int R, int CV, typename Init>
 TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, const uint32_t* gp, int64_t ldp,
-                                                    const c10::BFloat16* init, const float* bias, const Mask& mask,
+                                                    const Init* init, const float* bias, const Mask& mask,
                                                     float scale, c10::BFloat16* out, int64_t t, int64_t c0) {
   __m512 acc[R * CV];
   for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
@@ -345,9 +345,9 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, con
   }
 }
 
-template <int R>
+template <int R, typename Init>
 TORCHLORA_AVX512_BF16 inline void expand_pairs_rows(const RankPairFactor& A, const uint32_t* gp, int64_t ldp,
-                                                    const c10::BFloat16* init, const float* bias, const Mask& mask,
+                                                    const Init* init, const float* bias, const Mask& mask,
                                                     float scale, c10::BFloat16* out, int64_t t) {
   const int64_t chunks = (A.in + 15) / 16;
   int64_t c = 0;
@@ -357,7 +357,8 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_rows(const RankPairFactor& A, con
 
 }  // namespace
 
-void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const c10::BFloat16* init,
+template <typename Init>
+void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const Init* init,
                        const float* bias, const Mask& mask, float scale, c10::BFloat16* out, int64_t t0, int64_t t1) {
   // The coefficients of the rows as bfloat16 rank pairs: gp[kp, i] = (g[2kp, t0 + i], g[2kp + 1, t0 + i]).
   const int64_t rows = t1 - t0, rank_pairs = (A.rank + 1) / 2;
@@ -376,8 +377,8 @@ namespace {
 
 // One register tile of expand: R rows x CV column chunks, summed over the ranks; per rank CV
 // loads of A and R broadcasts from the transposed coefficients (constant offsets).
-template <int R, int CV, typename Row>
-TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const Row* init,
+template <int R, int CV, typename Row, typename Init>
+TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int64_t ldg, const Init* init,
                                          const float* bias, const Mask& mask, float scale, Row* out, int64_t t,
                                          int64_t c0) {
   __m512 acc[R * CV];
@@ -406,8 +407,8 @@ TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int6
   }
 }
 
-template <int R, typename Row>
-TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const Row* init,
+template <int R, typename Row, typename Init>
+TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int64_t ldg, const Init* init,
                                          const float* bias, const Mask& mask, float scale, Row* out, int64_t t) {
   const int64_t chunks = (A.in + 15) / 16;
   int64_t c = 0;
@@ -417,8 +418,8 @@ TORCHLORA_AVX512 inline void expand_rows(const Factor& A, const float* gsT, int6
 
 }  // namespace
 
-template <typename Row>
-void expand(const Factor& A, const float* gsT, int64_t ldg, const Row* init, const float* bias, const Mask& mask,
+template <typename Row, typename Init>
+void expand(const Factor& A, const float* gsT, int64_t ldg, const Init* init, const float* bias, const Mask& mask,
             float scale, Row* out, int64_t t0, int64_t t1) {
   int64_t t = t0;
   for (; t + 8 <= t1; t += 8) expand_rows<8, Row>(A, gsT + (t - t0), ldg, init, bias, mask, scale, out, t);
@@ -513,7 +514,8 @@ void shrink_bf16_pairs(const PairFactor&, const c10::BFloat16*, const Mask&, flo
 void accumulate_bf16_pairs(const Factor&, const float*, const c10::BFloat16*, const Mask&, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-void expand_bf16_pairs(const RankPairFactor&, const float*, int64_t, const c10::BFloat16*, const float*, const Mask&,
+template <typename Init>
+void expand_bf16_pairs(const RankPairFactor&, const float*, int64_t, const Init*, const float*, const Mask&,
                        float, c10::BFloat16*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
@@ -522,8 +524,8 @@ template <typename Row>
 void shrink(const Factor&, const Row*, const Mask&, float, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-template <typename Row>
-void expand(const Factor&, const float*, int64_t, const Row*, const float*, const Mask&, float, Row*, int64_t,
+template <typename Row, typename Init>
+void expand(const Factor&, const float*, int64_t, const Init*, const float*, const Mask&, float, Row*, int64_t,
             int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
@@ -536,12 +538,21 @@ void accumulate(const Factor&, const float*, const Row*, const Mask&, float*, in
 
 #define TORCHLORA_MASKED_INSTANTIATE(Row)                                                                       \
   template void shrink<Row>(const Factor&, const Row*, const Mask&, float, float*, int64_t, int64_t);        \
-  template void expand<Row>(const Factor&, const float*, int64_t, const Row*, const float*, const Mask&, float, \
-                            Row*, int64_t, int64_t);                                                            \
+  template void expand<Row, Row>(const Factor&, const float*, int64_t, const Row*, const float*, const Mask&,  \
+                                 float, Row*, int64_t, int64_t);                                                \
   template void accumulate<Row>(const Factor&, const float*, const Row*, const Mask&, float*, int64_t, int64_t);
 TORCHLORA_MASKED_INSTANTIATE(float)
 TORCHLORA_MASKED_INSTANTIATE(c10::BFloat16)
 TORCHLORA_MASKED_INSTANTIATE(c10::Half)
 #undef TORCHLORA_MASKED_INSTANTIATE
+// 16-bit rows folded from a float32 weight
+template void expand<c10::BFloat16, float>(const Factor&, const float*, int64_t, const float*, const float*,
+                                           const Mask&, float, c10::BFloat16*, int64_t, int64_t);
+template void expand<c10::Half, float>(const Factor&, const float*, int64_t, const float*, const float*, const Mask&,
+                                       float, c10::Half*, int64_t, int64_t);
+template void expand_bf16_pairs<c10::BFloat16>(const RankPairFactor&, const float*, int64_t, const c10::BFloat16*,
+                                               const float*, const Mask&, float, c10::BFloat16*, int64_t, int64_t);
+template void expand_bf16_pairs<float>(const RankPairFactor&, const float*, int64_t, const float*, const float*,
+                                       const Mask&, float, c10::BFloat16*, int64_t, int64_t);
 
 }  // namespace torchlora::cpu::masked

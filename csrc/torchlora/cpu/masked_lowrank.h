@@ -61,11 +61,12 @@ struct Mask {
 //   accumulate: acc[k, j] += sum_t gs[t, k] * keep[t, j] * x[t, j]
 //               (acc [accumulate_ranks(rank), accumulate_stride(in)], zero-initialised by the caller)
 // expand also folds an adapter into a weight: out = W + scale * B @ A with rows = W's rows,
-// gT = B^T and init = W.
+// gT = B^T and init = W. init is of Row's type or float32 (a float32 W folded into 16-bit rows
+// is rounded once, with the adapter).
 template <typename Row>
 void shrink(const Factor& A, const Row* x, const Mask& mask, float scale, float* s, int64_t t0, int64_t t1);
-template <typename Row>
-void expand(const Factor& A, const float* gT, int64_t ldg, const Row* init, const float* bias, const Mask& mask,
+template <typename Row, typename Init = Row>
+void expand(const Factor& A, const float* gT, int64_t ldg, const Init* init, const float* bias, const Mask& mask,
             float scale, Row* out, int64_t t0, int64_t t1);
 template <typename Row>
 void accumulate(const Factor& A, const float* gs, const Row* x, const Mask& mask, float* acc, int64_t t0, int64_t t1);
@@ -105,8 +106,9 @@ inline int64_t rank_pair_stride(int64_t in) {
 }
 
 // expand<c10::BFloat16> with vdpbf16ps over pairs of ranks; the coefficients are rounded to
-// bfloat16 (as above).
-void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const c10::BFloat16* init,
+// bfloat16 (as above). init: bfloat16 or float32 (as expand's).
+template <typename Init>
+void expand_bf16_pairs(const RankPairFactor& A, const float* gT, int64_t ldg, const Init* init,
                        const float* bias, const Mask& mask, float scale, c10::BFloat16* out, int64_t t0, int64_t t1);
 
 }  // namespace torchlora::cpu::masked

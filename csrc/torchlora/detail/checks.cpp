@@ -50,6 +50,14 @@ void check_adapter_operands(const at::Tensor& x, const at::Tensor& base_out, con
   }
 }
 
+// linear_with_lora's frozen weight: x's dtype, or float32 with 16-bit x (see weight_like_x).
+void check_linear_weight_dtype(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  const bool x_16bit = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || (x_16bit && weight.scalar_type() == at::kFloat), op,
+              ": weight has dtype ", weight.scalar_type(), " but x has dtype ", x.scalar_type(),
+              " (the weight must have x's dtype, or be float32 with bfloat16 or float16 x)");
+}
+
 void check_floats(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
                   const at::Tensor& lora_B, const char* op) {
   check_float(x, op, "x");
@@ -150,7 +158,7 @@ LinearDims check_linear_with_lora(
   TORCH_CHECK(lora_B.sym_size(0) == out, op, ": lora_B has ", lora_B.sym_size(0),
               " rows but weight has ", out, " output features");
   check_same_device(x, weight, op, "x", "weight");
-  check_same_dtype(x, weight, op, "x", "weight");
+  check_linear_weight_dtype(x, weight, op);
   if (bias.has_value() && bias->defined()) {
     check_float(*bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == out, op, ": bias must be [", out, "], got shape ",
@@ -198,7 +206,7 @@ LinearBackwardDims check_linear_with_lora_backward(const at::Tensor& grad_out, c
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dims.out_features && weight.size(1) == dims.in_features, op,
               ": weight must be [", dims.out_features, ", ", dims.in_features, "], got ", weight.sizes());
   check_same_device(x, weight, op, "x", "weight");
-  check_same_dtype(x, weight, op, "x", "weight");
+  check_linear_weight_dtype(x, weight, op);
   if (dropout_p > 0.0) {
     const int64_t words = dropped_words(dims.tokens * dims.in_features);
     TORCH_CHECK(dropped_bits.defined() && dropped_bits.scalar_type() == at::kLong && dropped_bits.dim() == 1 &&

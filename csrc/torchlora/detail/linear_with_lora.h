@@ -20,6 +20,12 @@ using LinearWithLoraGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 // without dropout.
 using LinearWithLoraOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// The frozen weight in x's dtype. The op also takes a float32 weight with 16-bit x: autocast
+// leaves the frozen weight so on the CPU, whose fold reads it as it is and rounds
+// W + scaling * B @ A once (no rounded copy of W is made, or kept for backward); the paths
+// that do not fold round it here.
+at::Tensor weight_like_x(const at::Tensor& weight, const at::Tensor& x);
+
 LinearWithLoraOutputs linear_with_lora_forward_generic(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,

@@ -33,12 +33,16 @@ at::Tensor pack_dropped_bits(const at::Tensor& x, int64_t tokens, int64_t in, do
 
 }  // namespace
 
+at::Tensor weight_like_x(const at::Tensor& weight, const at::Tensor& x) {
+  return weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type());
+}
+
 LinearWithLoraOutputs linear_with_lora_forward_generic(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const std::optional<at::Tensor>& lora_bias,
     double scaling, double dropout_p, const std::optional<at::Tensor>& seed, bool keep_shrunk) {
   const auto dims = check_linear_with_lora(x, weight, bias, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
-  at::Tensor out = at::linear(x, weight, bias);
+  at::Tensor out = at::linear(x, weight_like_x(weight, x), bias);
   at::Tensor shrunk =
       lora_linear_forward_inplace_op().call(out, x, lora_A, lora_B, lora_bias, scaling, dropout_p, seed);
   at::Tensor bits = keep_shrunk && dropout_p > 0.0
@@ -63,9 +67,9 @@ LinearWithLoraGrads linear_with_lora_backward_generic(
   const at::Tensor g2 = grad_out.reshape({-1, out_features});
   if (output_mask[0]) {
     at::Tensor gx2 = grad_x.reshape({-1, in}).contiguous();  // a fresh tensor of this op's own
-    grad_x = gx2.addmm_(g2, weight).view(x.sizes());
+    grad_x = gx2.addmm_(g2, weight_like_x(weight, x)).view(x.sizes());
   }
-  at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})) : none();
+  at::Tensor grad_weight = output_mask[1] ? at::mm(g2.t(), x.reshape({-1, in})).to(weight.scalar_type()) : none();
   at::Tensor grad_bias = needs_bias_grad ? at::sum(g2, {0}) : none();
   return {grad_x, grad_weight, grad_A, grad_B, grad_bias, needs_lora_bias_grad ? grad_lora_bias : none()};
 }
