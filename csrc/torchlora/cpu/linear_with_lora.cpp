@@ -550,13 +550,14 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   at::Tensor grad_x = none(), grad_A = none(), grad_B = none();
   if (want_B) grad_B = at::mm(g2.t(), shrunk).mul_(scaling);
   if (!(want_x || want_A)) return {grad_x, none(), grad_A, grad_B, none(), none()};
-  const at::Tensor w = want_x ? rounded_weight(weight, x2) : weight;
+  // the weight in x's dtype, rounded only on the paths that do not fold the adapter into it
+  auto rounded = [&] { return rounded_weight(weight, x2); };
   const at::Tensor grad_s = at::mm(g2, lora_B.mul(scaling));  // [T, r], d(loss)/d(shrunk)
   if (dropout_p == 0.0) {
     if (want_A) grad_A = at::mm(grad_s.t(), x2);
     if (want_x) {
       grad_x = fold_into_weight(tokens, out_features, in, in) ? at::mm(g2, folded_weight(weight, lora_B, lora_A, scaling))
-                                                              : at::mm(grad_s, lora_A).addmm_(g2, w);
+                                                              : at::mm(grad_s, lora_A).addmm_(g2, rounded());
     }
     return {grad_x, none(), grad_A, grad_B, none(), none()};
   }
@@ -566,7 +567,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
   const DropoutDraw d = dropout_draw(dropout_p, *seed, "torchlora.linear_with_lora");
   const bool folded = want_x && fold_into_weight(tokens, out_features, in, in);
   if (want_x) {
-    grad_x = folded ? at::mm(g2, at::addmm(w, lora_B, lora_A, 1.0, scaling * static_cast<double>(d.scale)))
+    grad_x = folded ? at::mm(g2, at::addmm(rounded(), lora_B, lora_A, 1.0, scaling * static_cast<double>(d.scale)))
                     : at::mm(grad_s, lora_A).mul_(static_cast<double>(d.scale));
   }
   const at::Tensor xc = want_A ? x2.contiguous() : at::Tensor();
@@ -606,7 +607,7 @@ detail::LinearWithLoraGrads backward_with_corrections(const at::Tensor& g2, cons
       });
     });
   }
-  if (want_x && !folded) grad_x.addmm_(g2, w);
+  if (want_x && !folded) grad_x.addmm_(g2, rounded());
   if (want_A) grad_A = at::addmm(dropped_A.sum(0).t(), grad_s.t(), x2, -static_cast<double>(d.scale), static_cast<double>(d.scale));
   return {grad_x, none(), grad_A, grad_B, none(), none()};
 }
