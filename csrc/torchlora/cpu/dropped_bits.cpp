@@ -42,30 +42,54 @@ __attribute__((target("avx512f,bmi2"))) inline void mulhilo16(__m512i a, __m512i
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 
-__attribute__((target("avx512f,bmi2"))) uint64_t dropped_word_avx512(uint64_t q0, uint64_t key, uint32_t threshold) {
-  const __m512i lo_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0)));
-  __m512i c0 = _mm512_add_epi32(lo_base, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo_base);
-  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32))), carry,
-                                     _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32))),
-                                     _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier0)), m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier1));
+// Words w .. w + N - 1 (quads 16 w ..) into out[0 .. N): N independent 16-lane Philox chains
+// interleaved, so that one chain's multiplies run while another's wait on theirs (one chain
+// at a time is bound by the rounds' latency).
+template <int N>
+__attribute__((target("avx512f,bmi2"))) inline void dropped_words_avx512(uint64_t* out, uint64_t w, uint64_t key,
+                                                                       uint32_t threshold) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier1));
+  __m512i c0[N], c1[N], c2[N], c3[N];
+  for (int n = 0; n < N; ++n) {
+    const uint64_t q0 = 16 * (w + static_cast<uint64_t>(n));
+    const __m512i lo_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0)));
+    const __m512i hi_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0 >> 32)));
+    c0[n] = _mm512_add_epi32(lo_base, lanes);
+    c1[n] = _mm512_mask_add_epi32(hi_base, _mm512_cmplt_epu32_mask(c0[n], lo_base), hi_base, _mm512_set1_epi32(1));
+    c2[n] = c3[n] = _mm512_setzero_si512();
+  }
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo16(c0, m0, hi0, lo0);
-    mulhilo16(c2, m1, hi1, lo1);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-    c1 = lo1;
-    c3 = lo0;
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int n = 0; n < N; ++n) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0[n], m0, hi0, lo0);
+      mulhilo16(c2[n], m1, hi1, lo1);
+      c0[n] = _mm512_ternarylogic_epi32(hi1, c1[n], key0, 0x96);  // three-way xor
+      c2[n] = _mm512_ternarylogic_epi32(hi0, c3[n], key1, 0x96);
+      c1[n] = lo1;
+      c3[n] = lo0;
+    }
     k0 += kPhiloxWeyl0;
     k1 += kPhiloxWeyl1;
   }
   const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
-  return spread4(_mm512_cmplt_epu32_mask(c0, t), 0) | spread4(_mm512_cmplt_epu32_mask(c1, t), 1) |
-         spread4(_mm512_cmplt_epu32_mask(c2, t), 2) | spread4(_mm512_cmplt_epu32_mask(c3, t), 3);
+  for (int n = 0; n < N; ++n) {
+    out[n] = spread4(_mm512_cmplt_epu32_mask(c0[n], t), 0) | spread4(_mm512_cmplt_epu32_mask(c1[n], t), 1) |
+             spread4(_mm512_cmplt_epu32_mask(c2[n], t), 2) | spread4(_mm512_cmplt_epu32_mask(c3[n], t), 3);
+  }
+}
+
+__attribute__((target("avx512f,bmi2"))) void fill_words_avx512(uint64_t* out, int64_t w0, int64_t w1, uint64_t key,
+                                                              uint32_t threshold) {
+  constexpr int kChains = 4;
+  int64_t w = w0;
+  for (; w + kChains <= w1; w += kChains) {
+    dropped_words_avx512<kChains>(out + (w - w0), static_cast<uint64_t>(w), key, threshold);
+  }
+  for (; w < w1; ++w) dropped_words_avx512<1>(out + (w - w0), static_cast<uint64_t>(w), key, threshold);
 }
 
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
@@ -121,15 +145,7 @@ using DroppedWordFn = uint64_t (*)(uint64_t, uint64_t, uint32_t);
 
 DroppedWordFn dropped_word() {
 #ifdef TORCHLORA_X86_SIMD
-  switch (cpu_isa()) {
-    case Isa::kAvx512Bf16:
-    case Isa::kAvx512:
-      return &dropped_word_avx512;
-    case Isa::kAvx2:
-      return &dropped_word_avx2;
-    case Isa::kScalar:
-      break;
-  }
+  if (cpu_isa() == Isa::kAvx2) return &dropped_word_avx2;
 #endif
   return &dropped_word_scalar;
 }
@@ -137,8 +153,15 @@ DroppedWordFn dropped_word() {
 }  // namespace
 
 void fill_dropped_words(uint64_t* out, int64_t w0, int64_t w1, int64_t count, uint64_t key, uint32_t threshold) {
-  const DroppedWordFn word = dropped_word();
-  for (int64_t w = w0; w < w1; ++w) out[w - w0] = word(16 * static_cast<uint64_t>(w), key, threshold);
+#ifdef TORCHLORA_X86_SIMD
+  if (cpu_isa() >= Isa::kAvx512) {
+    fill_words_avx512(out, w0, w1, key, threshold);
+  } else
+#endif
+  {
+    const DroppedWordFn word = dropped_word();
+    for (int64_t w = w0; w < w1; ++w) out[w - w0] = word(16 * static_cast<uint64_t>(w), key, threshold);
+  }
   const int tail = static_cast<int>(count & 63);
   if (tail != 0 && w1 == dropped_words(count) && w1 > w0) out[w1 - 1 - w0] &= (uint64_t{1} << tail) - 1;
 }
