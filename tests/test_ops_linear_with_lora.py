@@ -269,7 +269,7 @@ def test_16bit_forward_and_gradients_match_reference(dtype, lead, d_in, d_out, r
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("tokens,d_in,d_out,r", [(300, 1000, 37, 35), (129, 48, 1030, 16), (0, 16, 8, 4)])
+@pytest.mark.parametrize("tokens,d_in,d_out,r", [(300, 1000, 37, 35), (129, 48, 1030, 16), (70, 96, 40, 16), (0, 16, 8, 4)])
 def test_16bit_wide_rows_block_edges_and_no_tokens(dtype, p, tokens, d_in, d_out, r):
     check_16bit_against_plain((tokens,), d_in, d_out, r, p, dtype)
 

@@ -13,6 +13,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -21,12 +22,22 @@ namespace torchlora::cpu::masked {
 #ifdef TORCHLORA_MASKED_AVX512
 namespace {
 
+// The mask's Bits bits from element e on, e a multiple of Bits: one load of the little-endian
+// words (rows whose width is a multiple of Bits start on such an element).
+template <typename Bits>
+inline Bits aligned_bits(const Mask& mask, int64_t e) {
+  Bits v;
+  std::memcpy(&v, reinterpret_cast<const char*>(mask.words) + e / 8, sizeof(Bits));
+  return v;
+}
+
 // Keep lanes of the 16 columns starting at 16 * chunk of row t (valid columns only).
 inline __mmask16 keep_lanes(const Mask& mask, int64_t t, int64_t chunk, int64_t in) {
   const int64_t valid = in - 16 * chunk;
   if (valid <= 0) return 0;
   const uint32_t lanes = valid >= 16 ? 0xFFFFu : ((1u << valid) - 1u);
   if (mask.words == nullptr) return static_cast<__mmask16>(lanes);
+  if (in % 16 == 0) return static_cast<__mmask16>(~aligned_bits<uint16_t>(mask, t * in + 16 * chunk));
   const uint32_t dropped = dropped16(mask.words, mask.n_words, t * in + 16 * chunk);
   return static_cast<__mmask16>(~dropped & lanes);
 }
@@ -194,6 +205,7 @@ namespace {
 
 // Keep lanes of the 32 columns starting at 32 * pair_chunk of row t.
 inline __mmask32 keep_lanes32(const Mask& mask, int64_t t, int64_t pair_chunk, int64_t in) {
+  if (mask.words != nullptr && in % 32 == 0) return ~aligned_bits<uint32_t>(mask, t * in + 32 * pair_chunk);
   return static_cast<__mmask32>(keep_lanes(mask, t, 2 * pair_chunk, in)) |
          (static_cast<__mmask32>(keep_lanes(mask, t, 2 * pair_chunk + 1, in)) << 16);
 }
