@@ -235,8 +235,7 @@ TORCHLORA_AVX512_BF16 void shrink_pairs_tile(const PairFactor& A, const c10::BFl
   const c10::BFloat16* xr[R];
   for (int i = 0; i < R; ++i) xr[i] = x + (t + i) * A.in;
   const int64_t full = lanes == nullptr ? A.in / 32 : 0;
-  __mmask32 tail[R];
-  for (int i = 0; i < R; ++i) tail[i] = static_cast<__mmask32>((uint64_t{1} << (A.in - 32 * (A.in / 32))) - 1u);
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (A.in - 32 * (A.in / 32))) - 1u);  // the same in every row
   for (int64_t k0 = 0; k0 < A.rank; k0 += KR) {
     __m512 acc[16];
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
@@ -247,7 +246,7 @@ TORCHLORA_AVX512_BF16 void shrink_pairs_tile(const PairFactor& A, const c10::BFl
       if (lanes != nullptr) {
         shrink_pairs_step<R, KR, false>(a0, A.stride, xr, lanes + c, chunks, c, acc);
       } else {
-        shrink_pairs_step<R, KR, false>(a0, A.stride, xr, tail, 1, c, acc);
+        shrink_pairs_step<R, KR, false>(a0, A.stride, xr, &tail, 0, c, acc);
       }
     }
     store_shrink_tile<R, KR>(acc, scale, A.rank, k0, s, t);
