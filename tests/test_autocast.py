@@ -58,6 +58,27 @@ def test_linear_with_lora_runs_in_the_autocast_dtype(dtype: torch.dtype, dropout
     torch.testing.assert_close(got, all_cast, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_input_cast_without_autograd_is_private_to_each_call(context: str, dropout_p: float) -> None:
+    # without autograd the op casts x into a buffer it reuses (autocast.cpp): calls one after
+    # another, on inputs of other shapes and strides, each get their own exact result
+    x, weight, bias, lora_A, lora_B = _linear_inputs()
+    lora_A.requires_grad_(context != "frozen")
+    enter = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "frozen": torch.enable_grad}[context]
+    inputs = [x, x.flip(0) * 3, x[:, :2], x.transpose(0, 1), x.reshape(-1, 24)[::2], x]
+    seed = torch.tensor([7])
+    results = []
+    for xi in inputs:
+        with enter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(ops.linear_with_lora(xi, weight, bias, lora_A, lora_B, None, 1.5, dropout_p, seed))
+    casts = (bias, lora_A.detach(), lora_B)
+    for xi, got in zip(inputs, results):
+        want = ops.linear_with_lora(xi.bfloat16(), weight, *(t.bfloat16() for t in casts), None, 1.5, dropout_p, seed)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_training_under_autocast_keeps_no_rounded_copy_of_the_weight(dropout_p: float) -> None:
     # aten::linear under autocast saves a bfloat16 copy of every frozen weight for backward;

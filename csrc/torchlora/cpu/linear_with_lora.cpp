@@ -38,6 +38,7 @@
 #include "dropped_bits.h"
 #include "lowrank_factor.h"
 #include "masked_lowrank.h"
+#include "thread_scratch.h"
 
 namespace torchlora::cpu {
 namespace {
@@ -270,19 +271,10 @@ bool fold_into_weight(int64_t tokens, int64_t out, int64_t in, int64_t via_featu
   return out * in < tokens * via_features;
 }
 
-// The folded weight lives only for one GEMM. A fresh weight-sized tensor per call costs page
-// faults (the allocator hands large blocks back to the system and takes them again, about 3% of
-// an eval forward at d = 1024), so each thread keeps one buffer, up to 16 MiB, and reuses it
-// while no one else holds it.
+// The folded weight lives only for one GEMM: a per-thread buffer, not a fresh tensor per call.
+struct FoldSlot {};
 at::Tensor fold_scratch(const at::Tensor& weight, at::ScalarType dtype) {
-  constexpr int64_t kMaxCachedElements = int64_t{4} << 20;
-  if (weight.numel() > kMaxCachedElements) return at::empty(weight.sizes(), weight.options().dtype(dtype));
-  static thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.sizes() != weight.sizes() || buffer.scalar_type() != dtype ||
-      buffer.use_count() != 1) {
-    buffer = at::empty(weight.sizes(), weight.options().dtype(dtype));
-  }
-  return buffer;
+  return thread_scratch<FoldSlot>(weight.sizes(), weight.options().dtype(dtype));
 }
 
 // detail::weight_like_x in the per-thread scratch: a float32 weight rounded for one GEMM
