@@ -52,6 +52,7 @@ __attribute__((target("avx512f,bmi2"))) inline void dropped_words_avx512(uint64_
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxMultiplier1));
   __m512i c0[N], c1[N], c2[N], c3[N];
+  TORCHLORA_UNROLLED
   for (int n = 0; n < N; ++n) {
     const uint64_t q0 = 16 * (w + static_cast<uint64_t>(n));
     const __m512i lo_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q0)));
@@ -61,9 +62,11 @@ __attribute__((target("avx512f,bmi2"))) inline void dropped_words_avx512(uint64_
     c2[n] = c3[n] = _mm512_setzero_si512();
   }
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  TORCHLORA_UNROLLED
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
-    for (int n = 0; n < N; ++n) {
+    TORCHLORA_UNROLLED
+  for (int n = 0; n < N; ++n) {
       __m512i hi0, lo0, hi1, lo1;
       mulhilo16(c0[n], m0, hi0, lo0);
       mulhilo16(c2[n], m1, hi1, lo1);
@@ -76,6 +79,7 @@ __attribute__((target("avx512f,bmi2"))) inline void dropped_words_avx512(uint64_
     k1 += kPhiloxWeyl1;
   }
   const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
+  TORCHLORA_UNROLLED
   for (int n = 0; n < N; ++n) {
     out[n] = spread4(_mm512_cmplt_epu32_mask(c0[n], t), 0) | spread4(_mm512_cmplt_epu32_mask(c1[n], t), 1) |
              spread4(_mm512_cmplt_epu32_mask(c2[n], t), 2) | spread4(_mm512_cmplt_epu32_mask(c3[n], t), 3);

@@ -9,10 +9,6 @@
 #include <immintrin.h>
 #define TORCHLORA_MASKED_AVX512 1
 #define TORCHLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-// Loops over a register tile's compile-time extent, unrolled so that the tile stays in registers:
-// left as loops, GCC keeps the accumulators in a stack array and zeroes it with rep stos, which
-// measured 30-40% of the expand kernels' time.
-#define TORCHLORA_TILE_LOOP _Pragma("GCC unroll 32")
 #endif
 
 #include <c10/util/Exception.h>
@@ -374,19 +370,19 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, con
                                                     const Init* init, const float* bias, const Mask& mask,
                                                     float scale, c10::BFloat16* out, int64_t t, int64_t c0) {
   __m512 acc[R * CV];
-  TORCHLORA_TILE_LOOP
+  TORCHLORA_UNROLLED
   for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t rank_pairs = (A.rank + 1) / 2;
   for (int64_t kp = 0; kp < rank_pairs; ++kp) {
     const uint32_t* a = A.pairs + kp * A.stride + 16 * c0;
     const uint32_t* g = gp + kp * ldp;
     __m512bh av[CV];
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int q = 0; q < CV; ++q) av[q] = (__m512bh)_mm512_loadu_si512(a + 16 * q);
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int i = 0; i < R; ++i) {
       const __m512bh gv = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i]));
-      TORCHLORA_TILE_LOOP
+      TORCHLORA_UNROLLED
       for (int q = 0; q < CV; ++q) acc[i * CV + q] = _mm512_dpbf16_ps(acc[i * CV + q], av[q], gv);
     }
   }
@@ -394,9 +390,9 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, con
   // Unmasked whole chunks (the fold's weight rows) take plain loads and stores: the per-lane
   // masks cost a tenth of the fold.
   if (mask.words == nullptr && A.in >= 16 * (c0 + CV)) {
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int i = 0; i < R; ++i) {
-      TORCHLORA_TILE_LOOP
+      TORCHLORA_UNROLLED
       for (int q = 0; q < CV; ++q) {
         const int64_t at = (t + i) * A.in + 16 * (c0 + q);
         __m512 v = _mm512_mul_ps(acc[i * CV + q], sc);
@@ -407,9 +403,9 @@ TORCHLORA_AVX512_BF16 inline void expand_pairs_tile(const RankPairFactor& A, con
     }
     return;
   }
-  TORCHLORA_TILE_LOOP
+  TORCHLORA_UNROLLED
   for (int i = 0; i < R; ++i) {
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int q = 0; q < CV; ++q) {
       const int64_t c = c0 + q, valid = A.in - 16 * c;
       const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
@@ -460,25 +456,25 @@ TORCHLORA_AVX512 inline void expand_tile(const Factor& A, const float* gsT, int6
                                          const float* bias, const Mask& mask, float scale, Row* out, int64_t t,
                                          int64_t c0) {
   __m512 acc[R * CV];
-  TORCHLORA_TILE_LOOP
+  TORCHLORA_UNROLLED
   for (int i = 0; i < R * CV; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < A.rank; ++k) {
     const float* a = A.A_pad + k * A.stride + 16 * c0;
     const float* g = gsT + k * ldg;
     __m512 av[CV];
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int q = 0; q < CV; ++q) av[q] = _mm512_loadu_ps(a + 16 * q);
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int i = 0; i < R; ++i) {
       const __m512 gv = _mm512_set1_ps(g[i]);
-      TORCHLORA_TILE_LOOP
+      TORCHLORA_UNROLLED
       for (int q = 0; q < CV; ++q) acc[i * CV + q] = _mm512_fmadd_ps(gv, av[q], acc[i * CV + q]);
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
-  TORCHLORA_TILE_LOOP
+  TORCHLORA_UNROLLED
   for (int i = 0; i < R; ++i) {
-    TORCHLORA_TILE_LOOP
+    TORCHLORA_UNROLLED
     for (int q = 0; q < CV; ++q) {
       const int64_t c = c0 + q, valid = A.in - 16 * c;
       const __mmask16 lanes = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1u);
