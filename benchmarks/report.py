@@ -69,7 +69,7 @@ def markdown(results: dict) -> str:
         f"{info['date']}, load average {info['load_avg_start']:.1f} at start / {info['load_avg_end']:.1f} at end, "
         f"{info['seconds']:.0f} s in all{' (quick mode: smoke-test sizes, not meaningful)' if results['quick'] else ''}.",
         "",
-        "Times are medians over interleaved rounds; ratios are medians of the per-round ratio to the "
+        f"Times are medians over {info.get('layer_rounds', 'the')} interleaved rounds; ratios are medians of the per-round ratio to the "
         "frozen base layer (eval: `torch.no_grad()` forward; train: forward + backward with the input "
         "requiring grad, i.e. dx only for the base). Saved extra = bytes the layer saves for backward "
         "beyond what the base layer saves (distinct storages; parameters and the layer input excluded).",
