@@ -58,6 +58,26 @@ def test_linear_with_lora_runs_in_the_autocast_dtype(dtype: torch.dtype, dropout
     torch.testing.assert_close(got, all_cast, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(17, 24), (64, 96), (33, 1000)])
+def test_float32_weight_is_rounded_as_aten_rounds_it(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    # with dropout the op rounds the float32 weight itself (cpu/round_float32.cpp): the result is
+    # the one of a weight that ATen rounded, to the bit; sizes with and without a vector tail,
+    # and values at rounding ties and beyond float16's range
+    g = torch.Generator().manual_seed(3)
+    out_features, in_features = shape
+    weight = torch.randn(out_features, in_features, generator=g) / 5
+    flat = weight.view(-1)
+    flat[:8] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-20, 70000.0, -1e-6, 0.0, 1 + 2**-11])
+    x = torch.randn(9, in_features, generator=g).to(dtype)
+    lora_A = (torch.randn(4, in_features, generator=g) / 5).to(dtype)
+    lora_B = torch.randn(out_features, 4, generator=g).to(dtype)
+    seed = torch.tensor([11])
+    got = ops.linear_with_lora(x, weight, None, lora_A, lora_B, None, 1.5, 0.25, seed)
+    want = ops.linear_with_lora(x, weight.to(dtype), None, lora_A, lora_B, None, 1.5, 0.25, seed)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_input_cast_without_autograd_is_private_to_each_call(context: str, dropout_p: float) -> None:
