@@ -38,7 +38,6 @@
 #include "dropped_bits.h"
 #include "lowrank_factor.h"
 #include "masked_lowrank.h"
-#include "round_float32.h"
 #include "thread_scratch.h"
 
 namespace torchlora::cpu {
@@ -284,12 +283,7 @@ at::Tensor fold_scratch(const at::Tensor& weight, at::ScalarType dtype) {
 // page faults of a fresh block, as for the fold's buffer).
 at::Tensor rounded_weight(const at::Tensor& weight, const at::Tensor& x) {
   if (weight.scalar_type() == x.scalar_type()) return weight;
-  at::Tensor rounded = fold_scratch(weight, x.scalar_type());
-  if (weight.scalar_type() == at::kFloat && weight.is_contiguous() && is_16bit(x)) {
-    round_float32(weight, rounded);
-    return rounded;
-  }
-  return rounded.copy_(weight);
+  return fold_scratch(weight, x.scalar_type()).copy_(weight);
 }
 
 // W + scaling * B @ A in the factors' dtype: with the kernels one pass that reads W and writes
