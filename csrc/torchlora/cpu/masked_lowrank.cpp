@@ -304,7 +304,7 @@ TORCHLORA_AVX512 inline void add_unpacked(float* acc, int64_t valid, __m512 lo, 
 }  // namespace
 
 TORCHLORA_AVX512_BF16 void accumulate_bf16_pairs(const Factor& A, const float* gs, const c10::BFloat16* x,
-                                                 const Mask& mask, float* acc, int64_t t0, int64_t t1) {
+                                                 const Mask& mask, float* acc, int64_t t0, int64_t t1, Ahead ahead) {
   constexpr int64_t kRows = 64;
   constexpr int KR = 8;
   const int64_t chunks = (A.in + 31) / 32, ranks = A.rank_pad;
@@ -317,6 +317,8 @@ TORCHLORA_AVX512_BF16 void accumulate_bf16_pairs(const Factor& A, const float* g
     for (int64_t c = 0; c < chunks; ++c) lanes[c] = keep_lanes32(mask, 0, c, A.in);
   }
   std::vector<uint32_t> pairs(static_cast<size_t>(kRows / 2 * ranks));  // [row pair, rank]
+  const char* next_line = static_cast<const char*>(ahead.begin);
+  const char* const ahead_end = static_cast<const char*>(ahead.end);
   for (int64_t tb = t0; tb < t1; tb += kRows) {
     const int64_t te = tb + kRows < t1 ? tb + kRows : t1, rows = te - tb, row_pairs = (rows + 1) / 2;
     for (int64_t i = 0; masked && i < rows; ++i) {
@@ -334,6 +336,10 @@ TORCHLORA_AVX512_BF16 void accumulate_bf16_pairs(const Factor& A, const float* g
         __m512 lo[KR], hi[KR];
         for (int k = 0; k < KR; ++k) lo[k] = hi[k] = _mm512_setzero_ps();
         for (int64_t q = 0; q < row_pairs; ++q) {
+          if (next_line < ahead_end) {
+            _mm_prefetch(next_line, _MM_HINT_T0);
+            next_line += 64;
+          }
           const int64_t i = 2 * q;
           // The first rank pass walks 64 rows at once, too many streams for the hardware
           // prefetcher: fetch each row two chunks ahead (grad_A's x comes from memory; 0.24 ms
@@ -594,7 +600,8 @@ bool bf16_dot_available() {
 void shrink_bf16_pairs(const PairFactor&, const c10::BFloat16*, const Mask&, float, float*, int64_t, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
-void accumulate_bf16_pairs(const Factor&, const float*, const c10::BFloat16*, const Mask&, float*, int64_t, int64_t) {
+void accumulate_bf16_pairs(const Factor&, const float*, const c10::BFloat16*, const Mask&, float*, int64_t, int64_t,
+                           Ahead) {
   TORCH_INTERNAL_ASSERT(false, "torchlora: masked AVX-512 kernels are not built for this CPU");
 }
 template <typename Init>

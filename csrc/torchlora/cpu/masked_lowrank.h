@@ -89,10 +89,19 @@ inline int64_t pair_stride(int64_t in) {
 void shrink_bf16_pairs(const PairFactor& A, const c10::BFloat16* x, const Mask& mask, float scale, float* s,
                        int64_t t0, int64_t t1);
 
+// Memory [begin, end) that a kernel fetches into cache for a later pass, one line per inner
+// step: a pass that computes from cache so hides the next pass's reads behind its arithmetic
+// (the kernels otherwise add the two, as the hardware prefetcher starts too late).
+struct Ahead {
+  const void* begin = nullptr;
+  const void* end = nullptr;
+};
+
 // accumulate<c10::BFloat16> with vdpbf16ps over pairs of rows; the coefficients gs are rounded
-// to bfloat16 (as the bfloat16 [T, r] intermediates of an unfused bfloat16 LoRA are).
+// to bfloat16 (as the bfloat16 [T, r] intermediates of an unfused bfloat16 LoRA are). One line
+// of `ahead` per row pair and chunk.
 void accumulate_bf16_pairs(const Factor& A, const float* gs, const c10::BFloat16* x, const Mask& mask, float* acc,
-                           int64_t t0, int64_t t1);
+                           int64_t t0, int64_t t1, Ahead ahead = {});
 
 // A [rank, in] bfloat16 factor as pairs of ranks: word [kp, j] = (A[2kp, j], A[2kp + 1, j]),
 // [ceil(rank / 2), stride] 32-bit words, zero-padded, stride a multiple of 16.
