@@ -82,8 +82,10 @@ void cast_arguments(const c10::OperatorHandle& op, torch::jit::Stack* stack, Pol
       continue;
     }
     const at::Tensor& t = value.toTensor();
+    // (a contiguous x only: the buffer is contiguous, and a strided x cast as autocast casts it
+    // keeps its strides, which can change a GEMM's order of summation)
     if (scratch_input && args[i].name() == "x" && t.scalar_type() == at::kFloat && dtype != at::kFloat &&
-        holds_data(t)) {
+        t.is_contiguous() && holds_data(t)) {
       value = cast_into_scratch(t, dtype);
       continue;
     }
