@@ -61,7 +61,7 @@ def test_linear_with_lora_runs_in_the_autocast_dtype(dtype: torch.dtype, dropout
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("shape", [(17, 24), (64, 96), (33, 1000)])
 def test_float32_weight_is_rounded_as_aten_rounds_it(dtype: torch.dtype, shape: tuple[int, int]) -> None:
-    # with dropout the op rounds the float32 weight itself (cpu/round_float32.cpp): the result is
+    # with dropout the op rounds the float32 weight itself (into its per-thread buffer): the result is
     # the one of a weight that ATen rounded, to the bit; sizes with and without a vector tail,
     # and values at rounding ties and beyond float16's range
     g = torch.Generator().manual_seed(3)
