@@ -123,3 +123,19 @@ def test_a_bad_isa_setting_is_an_error(tmp_path):
     code = "import torch, torchlora; torchlora.ops.dropout_apply(torch.ones(8), 0.5, torch.tensor([1]))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "TORCHLORA_CPU_ISA must be avx512_bf16, avx512, avx2 or scalar" in done.stderr
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_autocast_tests_pass_on_the_lower_paths(isa):
+    # test_autocast.py compares calls that must round and sum alike (the reused cast buffer of x
+    # against autocast's own cast); without the AVX-512 kernels the generic path's GEMMs run, whose
+    # order of summation follows x's strides
+    if ISA_ORDER.index(best_isa()) <= ISA_ORDER.index(isa):
+        pytest.skip(f"this CPU's best path is {best_isa()}: the plain run of test_autocast.py covers {isa}")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PYTHON_DIR, tests_dir]), "TORCHLORA_CPU_ISA": isa}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(tests_dir, "test_autocast.py")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tests_dir,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
