@@ -130,8 +130,9 @@ def test_autocast_tests_pass_on_the_lower_paths(isa):
     # test_autocast.py compares calls that must round and sum alike (the reused cast buffer of x
     # against autocast's own cast); without the AVX-512 kernels the generic path's GEMMs run, whose
     # order of summation follows x's strides
-    if ISA_ORDER.index(best_isa()) <= ISA_ORDER.index(isa):
-        pytest.skip(f"this CPU's best path is {best_isa()}: the plain run of test_autocast.py covers {isa}")
+    best = best_isa()
+    if ISA_ORDER.index(best) <= ISA_ORDER.index(isa):
+        pytest.skip(f"this CPU's best path is {best}: the plain run of test_autocast.py covers {isa}")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([PYTHON_DIR, tests_dir]), "TORCHLORA_CPU_ISA": isa}
     done = subprocess.run(

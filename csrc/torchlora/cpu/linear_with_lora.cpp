@@ -337,7 +337,7 @@ at::Tensor forward_16bit(const at::Tensor& x2, const at::Tensor& weight, const a
     bits = at::empty({dropped_words(count)}, at::TensorOptions().dtype(at::kLong));
     words = reinterpret_cast<uint64_t*>(bits.mutable_data_ptr<int64_t>());
   }
-  const masked::Mask mask = d ? masked::Mask{words, bits.numel()} : no_mask();
+  const masked::Mask mask = d ? mask_view(bits) : no_mask();
   const float keep_scale = d ? d->scale : 1.0f;
   const at::Tensor xc = x2.contiguous();
   const RowShrink<Row> shrink_by_A(lora_A);
